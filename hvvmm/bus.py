@@ -1,0 +1,139 @@
+"""Port-I/O and MMIO buses: devices claim address ranges, accesses are routed by address.
+
+A device is a plain object with ``read(offset, size) -> int`` and ``write(offset, size, value)``
+(:class:`BusDevice`); ``offset`` is relative to the base it was registered at, so a device never
+needs to know where it sits. The whole access must fit inside one device's range (as vm-device's
+``check_access``); ranges never overlap. An access nobody claims reads as all ones and is logged once
+per address, because the guest decides how often it happens.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+
+log = logging.getLogger(__name__)
+
+
+class BusDevice(Protocol):
+    """What a bus needs from a device. ``size`` is 1, 2, 4 or 8 bytes; values are little-endian."""
+
+    def read(self, offset: int, size: int) -> int: ...
+
+    def write(self, offset: int, size: int, value: int) -> None: ...
+
+
+class IrqLine(Protocol):
+    """An interrupt line a device drives; the VM wires it to the in-kernel PIC/IOAPIC."""
+
+    def set_level(self, level: bool) -> None: ...
+
+
+class NullIrqLine:
+    """An unconnected interrupt line."""
+
+    def set_level(self, level: bool) -> None:
+        pass
+
+
+class BusError(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class BusRange:
+    base: int
+    length: int
+    device: BusDevice
+    name: str
+
+    @property
+    def end(self) -> int:
+        """One past the last address."""
+        return self.base + self.length
+
+
+class Bus:
+    """A set of non-overlapping address ranges, each owned by one device."""
+
+    def __init__(self, name: str, address_limit: int):
+        self.name = name
+        self.address_limit = address_limit
+        self._ranges: list[BusRange] = []
+        self._bases: list[int] = []
+        self._unhandled_logged: set[tuple[str, int]] = set()
+        # Devices are registered from the main thread while vCPU threads may be routing accesses;
+        # the lists are replaced, never mutated in place, so lookups need no lock.
+        self._lock = threading.Lock()
+
+    def register(self, base: int, length: int, device: BusDevice, name: str | None = None) -> None:
+        """Give ``device`` the addresses ``[base, base+length)``; overlaps are refused."""
+        name = name or type(device).__name__
+        if length <= 0 or base < 0 or base + length > self.address_limit:
+            raise BusError(f"{self.name}: bad range {base:#x}+{length:#x} for {name}")
+        with self._lock:
+            for other in self._ranges:
+                if base < other.end and other.base < base + length:
+                    raise BusError(f"{self.name}: {name} at {base:#x}+{length:#x} overlaps "
+                                   f"{other.name} at {other.base:#x}+{other.length:#x}")
+            ranges = list(self._ranges)
+            index = bisect.bisect(self._bases, base)
+            ranges.insert(index, BusRange(base, length, device, name))
+            self._ranges = ranges
+            self._bases = [r.base for r in ranges]
+
+    def unregister(self, base: int) -> None:
+        with self._lock:
+            ranges = [r for r in self._ranges if r.base != base]
+            if len(ranges) == len(self._ranges):
+                raise BusError(f"{self.name}: nothing registered at {base:#x}")
+            self._ranges = ranges
+            self._bases = [r.base for r in ranges]
+
+    @property
+    def ranges(self) -> tuple[BusRange, ...]:
+        return tuple(self._ranges)
+
+    def find(self, address: int, size: int = 1) -> BusRange | None:
+        """The range that holds the whole access ``[address, address+size)``, if any."""
+        ranges, bases = self._ranges, self._bases
+        index = bisect.bisect(bases, address) - 1
+        if index >= 0:
+            entry = ranges[index]
+            if address + size <= entry.end:
+                return entry
+        return None
+
+    def read(self, address: int, size: int) -> int:
+        entry = self.find(address, size)
+        if entry is None:
+            self._log_unhandled("read", address, size)
+            return (1 << (8 * size)) - 1
+        return entry.device.read(address - entry.base, size)
+
+    def write(self, address: int, size: int, value: int) -> None:
+        entry = self.find(address, size)
+        if entry is None:
+            self._log_unhandled("write", address, size, value)
+            return
+        entry.device.write(address - entry.base, size, value)
+
+    def _log_unhandled(self, kind: str, address: int, size: int, value: int | None = None) -> None:
+        key = (kind, address)
+        if key in self._unhandled_logged:
+            return
+        self._unhandled_logged.add(key)
+        detail = "" if value is None else f" value {value:#x}"
+        log.info("%s: unhandled %s of %d byte(s) at %#x%s (logged once per address)",
+                 self.name, kind, size, address, detail)
+
+
+def pio_bus() -> Bus:
+    return Bus("pio", 0x10000)
+
+
+def mmio_bus() -> Bus:
+    return Bus("mmio", 1 << 52)
