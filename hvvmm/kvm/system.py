@@ -1,0 +1,390 @@
+"""Thin wrappers over the KVM file descriptors: :class:`Kvm` (/dev/kvm), :class:`Vm`, :class:`Vcpu`.
+
+Each method is one ioctl with its arguments checked and its failure turned into :class:`KvmError`
+naming the ioctl and the errno. Nothing here knows about devices, guests or Hyper-V.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+from dataclasses import dataclass
+from typing import Iterable, Mapping, Sequence
+
+from ._kvm import ffi, lib
+from .exits import InterruptedExit, VcpuExit, decode_exit
+
+KVM_REQUIRED_API_VERSION = 12
+
+# Kicks a vCPU thread out of KVM_RUN (see hvvmm_install_kick_handler in _build.py).
+KICK_SIGNAL = signal.SIGRTMIN + 7
+
+
+class KvmError(OSError):
+    """An ioctl on a KVM file descriptor failed."""
+
+    def __init__(self, what: str, err: int):
+        super().__init__(err, f"{what} failed: {os.strerror(err)}")
+        self.what = what
+
+
+class KvmUnavailableError(RuntimeError):
+    """/dev/kvm cannot be used; the message says why and what to do."""
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        raise KvmError(what, -result)
+    return result
+
+
+@dataclass(frozen=True)
+class CpuidEntry:
+    """One CPUID leaf/subleaf as KVM exchanges it (``struct kvm_cpuid_entry2``)."""
+
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+@dataclass(frozen=True)
+class MsrFilterRange:
+    """MSRs ``[base, base+count)`` whose ``flags`` (KVM_MSR_FILTER_READ/WRITE) accesses are denied,
+    so they exit to user space. hvvmm only ever denies ranges; everything else stays with KVM."""
+
+    base: int
+    count: int
+    flags: int
+
+
+class Kvm:
+    """The /dev/kvm system file descriptor."""
+
+    def __init__(self, path: str = "/dev/kvm"):
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KvmUnavailableError(
+                f"{path} does not exist: KVM is not available on this host (load the kvm_intel or "
+                "kvm_amd module; inside a VM, enable nested virtualization)") from None
+        except PermissionError:
+            raise KvmUnavailableError(
+                f"permission denied opening {path}: run as a user in the group that owns it "
+                "(usually 'kvm') or as root") from None
+        except OSError as exc:
+            raise KvmUnavailableError(f"cannot open {path}: {exc.strerror}") from None
+        try:
+            self.api_version = _check(lib.hvvmm_ioctl_value(self.fd, lib.KVM_GET_API_VERSION, 0),
+                                      "KVM_GET_API_VERSION")
+            if self.api_version != KVM_REQUIRED_API_VERSION:
+                raise KvmUnavailableError(f"{path} speaks KVM API version {self.api_version}; "
+                                          f"hvvmm needs {KVM_REQUIRED_API_VERSION}")
+            self.vcpu_mmap_size = _check(
+                lib.hvvmm_ioctl_value(self.fd, lib.KVM_GET_VCPU_MMAP_SIZE, 0),
+                "KVM_GET_VCPU_MMAP_SIZE")
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def check_extension(self, cap: int) -> int:
+        """The value KVM reports for capability ``cap`` (0 = absent)."""
+        result = lib.hvvmm_ioctl_value(self.fd, lib.KVM_CHECK_EXTENSION, cap)
+        return max(result, 0)
+
+    def supported_cpuid(self) -> list[CpuidEntry]:
+        """``KVM_GET_SUPPORTED_CPUID``: what the host and KVM can give a guest."""
+        count = 128
+        while True:
+            buf = ffi.new("struct kvm_cpuid2 *", {"nent": count, "entries": count})
+            result = lib.hvvmm_ioctl(self.fd, lib.KVM_GET_SUPPORTED_CPUID, buf)
+            if result == -errno.E2BIG and count < 4096:
+                count *= 2
+                continue
+            _check(result, "KVM_GET_SUPPORTED_CPUID")
+            return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                    for e in (buf.entries[i] for i in range(buf.nent))]
+
+    def create_vm(self) -> "Vm":
+        return Vm(self)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> "Kvm":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class Vm:
+    """A KVM virtual machine file descriptor."""
+
+    def __init__(self, kvm: Kvm):
+        self.kvm = kvm
+        self.fd = _check(lib.hvvmm_ioctl_value(kvm.fd, lib.KVM_CREATE_VM, 0), "KVM_CREATE_VM")
+        os.set_inheritable(self.fd, False)
+        self._msr_filter_keepalive: list = []
+
+    def _ioctl(self, request: int, arg, what: str) -> int:
+        return _check(lib.hvvmm_ioctl(self.fd, request, arg), what)
+
+    def _ioctl_value(self, request: int, arg: int, what: str) -> int:
+        return _check(lib.hvvmm_ioctl_value(self.fd, request, arg), what)
+
+    def check_extension(self, cap: int) -> int:
+        """Per-VM capability check (some capabilities differ per VM type)."""
+        return max(lib.hvvmm_ioctl_value(self.fd, lib.KVM_CHECK_EXTENSION, cap), 0)
+
+    def set_user_memory_region(self, slot: int, gpa: int, size: int, host_address: int,
+                               readonly: bool = False) -> None:
+        """Map ``size`` bytes of host memory at ``host_address`` to guest-physical ``gpa``
+        (size 0 deletes the slot)."""
+        region = ffi.new("struct kvm_userspace_memory_region *", {
+            "slot": slot, "flags": lib.KVM_MEM_READONLY if readonly else 0,
+            "guest_phys_addr": gpa, "memory_size": size, "userspace_addr": host_address})
+        self._ioctl(lib.KVM_SET_USER_MEMORY_REGION, region, "KVM_SET_USER_MEMORY_REGION")
+
+    def set_tss_address(self, address: int) -> None:
+        self._ioctl_value(lib.KVM_SET_TSS_ADDR, address, "KVM_SET_TSS_ADDR")
+
+    def set_identity_map_address(self, address: int) -> None:
+        self._ioctl(lib.KVM_SET_IDENTITY_MAP_ADDR, ffi.new("__u64 *", address),
+                    "KVM_SET_IDENTITY_MAP_ADDR")
+
+    def create_irqchip(self) -> None:
+        """In-kernel PIC, IOAPIC and per-vCPU LAPICs. Must precede vCPU creation."""
+        self._ioctl_value(lib.KVM_CREATE_IRQCHIP, 0, "KVM_CREATE_IRQCHIP")
+
+    def create_pit2(self) -> None:
+        config = ffi.new("struct kvm_pit_config *", {"flags": lib.KVM_PIT_SPEAKER_DUMMY})
+        self._ioctl(lib.KVM_CREATE_PIT2, config, "KVM_CREATE_PIT2")
+
+    def set_irq_line(self, irq: int, level: bool) -> None:
+        """Drive GSI ``irq`` (PIC and IOAPIC pin) to ``level``."""
+        line = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": 1 if level else 0})
+        self._ioctl(lib.KVM_IRQ_LINE, line, "KVM_IRQ_LINE")
+
+    def signal_msi(self, address: int, data: int) -> int:
+        """Inject a message-signalled interrupt; returns >0 if delivered, 0 if blocked."""
+        msi = ffi.new("struct kvm_msi *", {"address_lo": address & 0xFFFF_FFFF,
+                                           "address_hi": address >> 32, "data": data})
+        return self._ioctl(lib.KVM_SIGNAL_MSI, msi, "KVM_SIGNAL_MSI")
+
+    def enable_cap(self, cap: int, *args: int) -> None:
+        request = ffi.new("struct kvm_enable_cap *", {"cap": cap, "args": list(args)})
+        self._ioctl(lib.KVM_ENABLE_CAP, request, f"KVM_ENABLE_CAP({cap})")
+
+    def set_msr_filter(self, denied: Sequence[MsrFilterRange]) -> None:
+        """Allow every MSR except the ``denied`` ranges, whose accesses exit to user space."""
+        if len(denied) > lib.KVM_MSR_FILTER_MAX_RANGES:
+            raise ValueError(f"at most {lib.KVM_MSR_FILTER_MAX_RANGES} MSR filter ranges")
+        msr_filter = ffi.new("struct kvm_msr_filter *")
+        msr_filter.flags = lib.KVM_MSR_FILTER_DEFAULT_ALLOW
+        keepalive = []
+        for i, entry in enumerate(denied):
+            if entry.count <= 0:
+                raise ValueError("an MSR filter range needs at least one MSR")
+            bitmap = ffi.new("__u8[]", (entry.count + 7) // 8)  # all zero: deny
+            keepalive.append(bitmap)
+            msr_filter.ranges[i].flags = entry.flags
+            msr_filter.ranges[i].nmsrs = entry.count
+            msr_filter.ranges[i].base = entry.base
+            msr_filter.ranges[i].bitmap = bitmap
+        self._ioctl(lib.KVM_X86_SET_MSR_FILTER, msr_filter, "KVM_X86_SET_MSR_FILTER")
+        self._msr_filter_keepalive = keepalive  # KVM copies the bitmaps; kept for clarity
+
+    def create_vcpu(self, index: int) -> "Vcpu":
+        return Vcpu(self, index)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class Vcpu:
+    """A vCPU file descriptor and its shared ``kvm_run`` page."""
+
+    def __init__(self, vm: Vm, index: int):
+        self.vm = vm
+        self.index = index
+        self.fd = _check(lib.hvvmm_ioctl_value(vm.fd, lib.KVM_CREATE_VCPU, index),
+                         f"KVM_CREATE_VCPU({index})")
+        os.set_inheritable(self.fd, False)
+        # Mapped in C rather than with Python's mmap: exit data views into this page must never
+        # pin it (a Python mmap refuses to close while any view exists).
+        self._run_size = vm.kvm.vcpu_mmap_size
+        run_page = lib.hvvmm_map_shared(self.fd, self._run_size)
+        if run_page == ffi.NULL:
+            err = ffi.errno
+            os.close(self.fd)
+            raise KvmError("mmap of the kvm_run page", err)
+        self._run_page = run_page
+        self.run_struct = ffi.cast("struct kvm_run *", run_page)
+        self._run_view = memoryview(ffi.buffer(run_page, self._run_size))
+        self._sync = ffi.cast("struct kvm_sync_regs *",
+                              ffi.cast("char *", run_page) + lib.HVVMM_SYNC_REGS_OFFSET)
+
+    # -- running ------------------------------------------------------------------------------
+
+    def run(self) -> VcpuExit:
+        """One ``KVM_RUN`` (the GIL is released while it runs); returns the decoded exit."""
+        result = lib.hvvmm_run(self.fd)
+        while result == -errno.EAGAIN:
+            # An AP leaving wait-for-SIPI (INIT/SIPI processed in the kernel): just run again.
+            result = lib.hvvmm_run(self.fd)
+        if result < 0:
+            if result == -errno.EINTR:
+                self.run_struct.immediate_exit = 0
+                return InterruptedExit()
+            raise KvmError("KVM_RUN", -result)
+        return decode_exit(self.run_struct, self._run_view)
+
+    def request_immediate_exit(self) -> None:
+        """Make the next (or current, together with a kick signal) ``KVM_RUN`` return EINTR."""
+        self.run_struct.immediate_exit = 1
+
+    # -- sync regs: registers in the kvm_run page, saving GET/SET ioctls on hot exits ------------
+
+    def enable_sync_regs(self, mask: int) -> None:
+        """Ask KVM to copy the ``mask`` (KVM_SYNC_X86_*) register sets into kvm_run on each exit."""
+        self.run_struct.kvm_valid_regs = mask
+
+    @property
+    def sync_regs(self):
+        """``struct kvm_sync_regs *`` inside the run page (valid after an exit if enabled)."""
+        return self._sync
+
+    def mark_sync_regs_dirty(self, mask: int) -> None:
+        """Tell KVM to load the ``mask`` register sets from kvm_run on the next ``KVM_RUN``."""
+        self.run_struct.kvm_dirty_regs |= mask
+
+    # -- register state -----------------------------------------------------------------------
+
+    def _ioctl(self, request: int, arg, what: str) -> int:
+        return _check(lib.hvvmm_ioctl(self.fd, request, arg), what)
+
+    def get_regs(self):
+        regs = ffi.new("struct kvm_regs *")
+        self._ioctl(lib.KVM_GET_REGS, regs, "KVM_GET_REGS")
+        return regs
+
+    def set_regs(self, regs) -> None:
+        self._ioctl(lib.KVM_SET_REGS, regs, "KVM_SET_REGS")
+
+    def get_sregs(self):
+        sregs = ffi.new("struct kvm_sregs *")
+        self._ioctl(lib.KVM_GET_SREGS, sregs, "KVM_GET_SREGS")
+        return sregs
+
+    def set_sregs(self, sregs) -> None:
+        self._ioctl(lib.KVM_SET_SREGS, sregs, "KVM_SET_SREGS")
+
+    def get_fpu(self):
+        fpu = ffi.new("struct kvm_fpu *")
+        self._ioctl(lib.KVM_GET_FPU, fpu, "KVM_GET_FPU")
+        return fpu
+
+    def set_fpu(self, fpu) -> None:
+        self._ioctl(lib.KVM_SET_FPU, fpu, "KVM_SET_FPU")
+
+    def get_xmm(self, index: int) -> int:
+        """XMM register ``index`` as a 128-bit integer."""
+        return int.from_bytes(ffi.buffer(self.get_fpu().xmm[index]), "little")
+
+    def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
+        indices = list(indices)
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
+        for i, index in enumerate(indices):
+            msrs.entries[i].index = index
+        done = self._ioctl(lib.KVM_GET_MSRS, msrs, "KVM_GET_MSRS")
+        if done != len(indices):
+            raise KvmError(f"KVM_GET_MSRS(MSR {indices[done]:#x})", errno.EINVAL)
+        return {msrs.entries[i].index: msrs.entries[i].data for i in range(done)}
+
+    def set_msrs(self, values: Mapping[int, int]) -> None:
+        items = list(values.items())
+        msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(items), "entries": len(items)})
+        for i, (index, value) in enumerate(items):
+            msrs.entries[i].index = index
+            msrs.entries[i].data = value
+        done = self._ioctl(lib.KVM_SET_MSRS, msrs, "KVM_SET_MSRS")
+        if done != len(items):
+            raise KvmError(f"KVM_SET_MSRS(MSR {items[done][0]:#x})", errno.EINVAL)
+
+    def set_cpuid(self, entries: Sequence[CpuidEntry]) -> None:
+        table = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
+        for i, entry in enumerate(entries):
+            target = table.entries[i]
+            target.function = entry.function
+            target.index = entry.index
+            target.flags = entry.flags
+            target.eax, target.ebx, target.ecx, target.edx = (entry.eax, entry.ebx, entry.ecx,
+                                                              entry.edx)
+        self._ioctl(lib.KVM_SET_CPUID2, table, "KVM_SET_CPUID2")
+
+    def get_lapic(self) -> bytes:
+        state = ffi.new("struct kvm_lapic_state *")
+        self._ioctl(lib.KVM_GET_LAPIC, state, "KVM_GET_LAPIC")
+        return bytes(ffi.buffer(state))
+
+    def set_lapic(self, registers: bytes) -> None:
+        state = ffi.new("struct kvm_lapic_state *")
+        if len(registers) != ffi.sizeof(state[0]):
+            raise ValueError(f"LAPIC state must be {ffi.sizeof(state[0])} bytes")
+        ffi.buffer(state)[:] = registers
+        self._ioctl(lib.KVM_SET_LAPIC, state, "KVM_SET_LAPIC")
+
+    def get_vcpu_events(self):
+        events = ffi.new("struct kvm_vcpu_events *")
+        self._ioctl(lib.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")
+        return events
+
+    def set_vcpu_events(self, events) -> None:
+        self._ioctl(lib.KVM_SET_VCPU_EVENTS, events, "KVM_SET_VCPU_EVENTS")
+
+    def inject_exception(self, vector: int, error_code: int | None = None) -> None:
+        """Queue exception ``vector`` for delivery on the next entry."""
+        events = self.get_vcpu_events()
+        events.exception.injected = 1
+        events.exception.nr = vector
+        events.exception.has_error_code = 0 if error_code is None else 1
+        events.exception.error_code = error_code or 0
+        events.flags = 0  # do not touch NMI/SIPI/shadow state
+        self.set_vcpu_events(events)
+
+    def get_mp_state(self) -> int:
+        state = ffi.new("struct kvm_mp_state *")
+        self._ioctl(lib.KVM_GET_MP_STATE, state, "KVM_GET_MP_STATE")
+        return state.mp_state
+
+    def set_mp_state(self, mp_state: int) -> None:
+        self._ioctl(lib.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": mp_state}),
+                    "KVM_SET_MP_STATE")
+
+    def tsc_khz(self) -> int | None:
+        """The guest TSC frequency, if KVM reports it."""
+        result = lib.hvvmm_ioctl_value(self.fd, lib.KVM_GET_TSC_KHZ, 0)
+        return result if result > 0 else None
+
+    def close(self) -> None:
+        if self.fd < 0:
+            return
+        self._run_view.release()
+        lib.hvvmm_unmap(self._run_page, self._run_size)
+        self._run_page = self.run_struct = self._sync = None
+        os.close(self.fd)
+        self.fd = -1
+
+
+def install_kick_handler() -> None:
+    """Install the no-op handler for :data:`KICK_SIGNAL` (idempotent)."""
+    _check(lib.hvvmm_install_kick_handler(KICK_SIGNAL), "sigaction")

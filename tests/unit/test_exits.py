@@ -1,0 +1,124 @@
+"""The exit decoder against hand-filled kvm_run pages (no /dev/kvm; needs the built bindings)."""
+
+import pytest
+
+from hvvmm.kvm import (FailEntryExit, HltExit, InternalErrorExit, IoExit, MmioExit, MsrExit,
+                       ShutdownExit, SystemEventExit, UnknownExit, decode_exit)
+from hvvmm.kvm import constants as c
+from hvvmm.kvm._kvm import ffi
+
+PAGE_BYTES = 3 * 4096
+
+
+@pytest.fixture
+def run_page():
+    storage = ffi.new("char[]", PAGE_BYTES)
+    run = ffi.cast("struct kvm_run *", storage)
+    view = memoryview(ffi.buffer(storage))
+    yield run, view, storage
+
+
+def test_io_out_exposes_the_written_bytes(run_page):
+    run, view, _ = run_page
+    run.exit_reason = c.KVM_EXIT_IO
+    run.io.direction, run.io.size, run.io.port, run.io.count = c.KVM_EXIT_IO_OUT, 2, 0x3F8, 1
+    run.io.data_offset = 4096
+    view[4096:4098] = b"\x34\x12"
+    exit = decode_exit(run, view)
+    assert isinstance(exit, IoExit)
+    assert (exit.port, exit.size, exit.count, exit.is_write) == (0x3F8, 2, 1, True)
+    assert int.from_bytes(exit.data, "little") == 0x1234
+
+
+def test_io_in_data_is_written_into_the_run_page(run_page):
+    run, view, _ = run_page
+    run.exit_reason = c.KVM_EXIT_IO
+    run.io.direction, run.io.size, run.io.port, run.io.count = c.KVM_EXIT_IO_IN, 1, 0x60, 3
+    run.io.data_offset = 4096
+    exit = decode_exit(run, view)
+    assert not exit.is_write and len(exit.data) == 3
+    exit.data[:] = b"abc"
+    assert bytes(view[4096:4099]) == b"abc"
+
+
+def test_io_with_an_offset_outside_the_page_is_not_trusted(run_page):
+    run, view, _ = run_page
+    run.exit_reason = c.KVM_EXIT_IO
+    run.io.size, run.io.count, run.io.data_offset = 4, 3000, 4096  # 4096 + 12000 > 3 pages
+    assert isinstance(decode_exit(run, view), UnknownExit)
+
+
+def test_mmio_read_and_write(run_page):
+    run, view, _ = run_page
+    run.exit_reason = c.KVM_EXIT_MMIO
+    run.mmio.phys_addr, run.mmio.len, run.mmio.is_write = 0xFEC00010, 4, 1
+    for i, b in enumerate(b"\x01\x02\x03\x04"):
+        run.mmio.data[i] = b
+    exit = decode_exit(run, view)
+    assert isinstance(exit, MmioExit) and exit.is_write
+    assert (exit.address, exit.size, bytes(exit.data)) == (0xFEC00010, 4, b"\x01\x02\x03\x04")
+    run.mmio.is_write = 0
+    exit = decode_exit(run, view)
+    exit.data[:] = b"\xaa\xbb\xcc\xdd"
+    assert bytes(run.mmio.data[0:4]) == b"\xaa\xbb\xcc\xdd"
+
+
+def test_msr_exits_complete_and_fail(run_page):
+    run, view, _ = run_page
+    run.exit_reason = c.KVM_EXIT_X86_RDMSR
+    run.msr.index, run.msr.reason = 0x40000000, c.KVM_MSR_EXIT_REASON_FILTER
+    exit = decode_exit(run, view)
+    assert isinstance(exit, MsrExit) and not exit.is_write and exit.index == 0x40000000
+    exit.complete(0x1234_5678_9ABC)
+    assert run.msr.data == 0x1234_5678_9ABC and run.msr.error == 0
+    run.exit_reason = c.KVM_EXIT_X86_WRMSR
+    run.msr.data = 77
+    exit = decode_exit(run, view)
+    assert exit.is_write and exit.value == 77
+    exit.fail()
+    assert run.msr.error == 1
+
+
+def test_internal_error_is_readable(run_page):
+    run, view, _ = run_page
+    run.exit_reason = c.KVM_EXIT_INTERNAL_ERROR
+    run.internal.suberror = c.KVM_INTERNAL_ERROR_EMULATION
+    run.internal.ndata = 2
+    run.internal.data[0], run.internal.data[1] = 0x0F, 0xC7
+    exit = decode_exit(run, view)
+    assert isinstance(exit, InternalErrorExit)
+    assert exit.describe() == "KVM internal error: instruction emulation failed (data 0xf 0xc7)"
+
+
+def test_internal_error_ndata_is_bounded(run_page):
+    run, view, _ = run_page
+    run.exit_reason = c.KVM_EXIT_INTERNAL_ERROR
+    run.internal.ndata = 0xFFFF_FFFF
+    assert len(decode_exit(run, view).data) == 16
+
+
+@pytest.mark.parametrize("reason,cls", [
+    ("KVM_EXIT_HLT", HltExit), ("KVM_EXIT_SHUTDOWN", ShutdownExit),
+    ("KVM_EXIT_FAIL_ENTRY", FailEntryExit), ("KVM_EXIT_SYSTEM_EVENT", SystemEventExit),
+])
+def test_simple_exits(run_page, reason, cls):
+    run, view, _ = run_page
+    run.exit_reason = getattr(c, reason)
+    assert isinstance(decode_exit(run, view), cls)
+
+
+def test_system_event_names_its_type(run_page):
+    run, view, _ = run_page
+    run.exit_reason = c.KVM_EXIT_SYSTEM_EVENT
+    run.system_event.type = c.KVM_SYSTEM_EVENT_RESET
+    assert decode_exit(run, view).type_name == "reset"
+
+
+def test_unknown_exit_is_a_value_not_an_exception(run_page):
+    run, view, _ = run_page
+    run.exit_reason = c.KVM_EXIT_DEBUG
+    exit = decode_exit(run, view)
+    assert isinstance(exit, UnknownExit)
+    assert "debug" in exit.describe()
+    run.exit_reason = 0xDEAD
+    assert "not known" in decode_exit(run, view).describe()
