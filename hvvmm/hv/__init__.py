@@ -1,0 +1,16 @@
+"""The Microsoft hypervisor interface ("HV#1", TLFS) implemented in user space.
+
+Layout (after OpenVMM's ``vm/hv1`` split):
+
+* :mod:`hvvmm.hv.hvdef` -- TLFS definitions only: CPUID leaves and bits, synthetic MSR indices,
+  hypercall codes, ``HV_STATUS`` values, hypercall input/result value fields, GuestOsId decoding.
+* :mod:`hvvmm.hv.hypercall` -- the hypercall ABI (register conventions, validation, continuation)
+  and a table-driven dispatcher. It sees the calling vCPU only through the
+  :class:`~hvvmm.hv.hypercall.HypercallRegisters` protocol and guest RAM only through
+  :class:`hvvmm.memory.GuestMemory`.
+
+Nothing in this package imports the KVM layer; it is unit-tested with a fake register file and
+``bytearray`` guest memory. The enlightenments themselves (VP index, clocks, SynIC, ...) live in
+``hvvmm.enlightenments`` and register their hypercalls in a
+:class:`~hvvmm.hv.hypercall.HypercallTable`.
+"""

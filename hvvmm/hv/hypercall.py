@@ -1,0 +1,912 @@
+"""The hypercall ABI and a table-driven dispatcher (OpenVMM ``hv1_hypercall`` in Python).
+
+How the call trapped is not this module's business: the vCPU layer wraps the calling vCPU in a
+:class:`HypercallRegisters` and calls :meth:`HypercallDispatcher.dispatch`. The dispatcher decodes
+the calling convention (TLFS ``hypercall-interface.md``), validates the input value and the
+parameter lists, reads the input from guest memory or registers, calls the handler registered for
+the code in a :class:`HypercallTable`, writes the output, and composes the result value. A handler
+never sees registers or guest memory: it gets a :class:`HypercallRequest` and returns a
+:class:`HypercallResult` (or raises :class:`HypercallError`).
+
+Validation order (``hyperv-interface.md`` §5.4; the TLFS itself says the order of error conditions
+is undefined, apart from preferring ACCESS_DENIED to status that reveals state):
+
+1. Real mode, or CPL != 0 -> inject #UD, no register changes (TLFS "Legal Hypercall Environments").
+2. Code not in the table, or its ``available`` is false -> INVALID_HYPERCALL_CODE (TLFS common
+   status codes: "The hypercall code is not recognized").
+3. ``access_allowed`` false (privilege not granted) -> ACCESS_DENIED (TLFS "Ordering of Error
+   Conditions": ACCESS_DENIED is preferred over other errors).
+4. A reserved bit of the input value set (31:27 including IsNested, 47:44, 63:60) ->
+   INVALID_HYPERCALL_INPUT (TLFS common status codes; Linux ``HV_HYPERCALL_RSVD_MASK``).
+5. Shape: rep count or rep start on a simple call, rep count 0 on a rep call, rep start >= rep
+   count, a variable header on a call that takes none -> INVALID_HYPERCALL_INPUT (TLFS common status
+   codes; TLFS "Variable Sized Hypercall Input Headers").
+6. Fast bit on a call without a register form -> INVALID_HYPERCALL_INPUT (TLFS gives no status;
+   see :meth:`HypercallDispatcher._check_fast`). Fast input needing XMM registers without
+   CPUID 0x40000003 EDX bit 4, or fast output without EDX bit 15 -> #UD (TLFS "XMM Fast Hypercall
+   Input/Output"). Then a block larger than the registers -> INVALID_HYPERCALL_INPUT.
+7. Memory lists: GPA not 8-byte aligned, list crossing a page boundary, or list not inside guest
+   RAM -> INVALID_ALIGNMENT (TLFS common status codes, all three rows). A GPA is ignored when its
+   list is empty (TLFS "Alignment Requirements").
+8. The handler.
+
+Continuation (TLFS "Hypercall Continuation", ``hypercall-trap.md`` §6.2): a rep call that made
+progress but did not finish (per-entry rep budget, time budget, or the handler stopping early), or a
+handler returning ``HV_STATUS_TIME_OUT``, does not complete: the dispatcher writes the input value
+with the new rep start index back (RCX, or EDX:EAX in 32-bit mode), leaves the result register
+alone and calls :meth:`HypercallRegisters.retry`, so the guest re-executes the call.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Union
+
+from hvvmm.hv.hvdef import (
+    HV_HYPERCALL_CODE_MASK,
+    HV_HYPERCALL_FAST_BIT,
+    HV_HYPERCALL_FAST_PAIR_SIZE,
+    HV_HYPERCALL_MAX_FAST_PAIRS,
+    HV_HYPERCALL_MAX_REP_COUNT,
+    HV_HYPERCALL_MAX_VARHEAD_QWORDS,
+    HV_HYPERCALL_NESTED,
+    HV_HYPERCALL_PARAM_ALIGN,
+    HV_HYPERCALL_REP_COMP_MASK,
+    HV_HYPERCALL_REP_COMP_OFFSET,
+    HV_HYPERCALL_REP_START_MASK,
+    HV_HYPERCALL_REP_START_OFFSET,
+    HV_HYPERCALL_RESULT_MASK,
+    HV_HYPERCALL_RSVD_MASK,
+    HV_HYPERCALL_VARHEAD_MASK,
+    HV_HYPERCALL_VARHEAD_OFFSET,
+    HV_PAGE_SIZE,
+    HV_U64_MASK,
+    HvStatus,
+    hypercall_name,
+    status_name,
+)
+from hvvmm.memory import GuestMemoryError
+
+if TYPE_CHECKING:
+    from hvvmm.memory import GuestMemory
+
+log = logging.getLogger(__name__)
+
+_U32 = 0xFFFF_FFFF
+_XMM_MASK = (1 << 128) - 1
+
+# --------------------------------------------------------------------------------------------
+# Input value and result value
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HypercallInput:
+    """The 64-bit hypercall input value ("control"), TLFS "Hypercall Inputs".
+
+    ``reserved`` holds the raw bits of :data:`HV_HYPERCALL_RSVD_MASK` (which includes IsNested,
+    bit 31) so that ``HypercallInput.from_value(v).to_value() == v`` for every 64-bit ``v``.
+    """
+
+    code: int
+    fast: bool = False
+    variable_header_size: int = 0  # QWORDs
+    rep_count: int = 0
+    rep_start: int = 0
+    reserved: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.code <= HV_HYPERCALL_CODE_MASK:
+            raise ValueError(f"hypercall code {self.code!r} out of range")
+        if not 0 <= self.variable_header_size <= HV_HYPERCALL_MAX_VARHEAD_QWORDS:
+            raise ValueError(f"variable header size {self.variable_header_size!r} out of range")
+        if not 0 <= self.rep_count <= HV_HYPERCALL_MAX_REP_COUNT:
+            raise ValueError(f"rep count {self.rep_count!r} out of range")
+        if not 0 <= self.rep_start <= HV_HYPERCALL_MAX_REP_COUNT:
+            raise ValueError(f"rep start {self.rep_start!r} out of range")
+        if self.reserved & ~HV_HYPERCALL_RSVD_MASK:
+            raise ValueError(f"reserved {self.reserved:#x} has non-reserved bits")
+
+    @classmethod
+    def from_value(cls, value: int) -> "HypercallInput":
+        """Decode any int (masked to 64 bits); never raises."""
+        value &= HV_U64_MASK
+        return cls(
+            code=value & HV_HYPERCALL_CODE_MASK,
+            fast=bool(value & HV_HYPERCALL_FAST_BIT),
+            variable_header_size=(value & HV_HYPERCALL_VARHEAD_MASK) >> HV_HYPERCALL_VARHEAD_OFFSET,
+            rep_count=(value & HV_HYPERCALL_REP_COMP_MASK) >> HV_HYPERCALL_REP_COMP_OFFSET,
+            rep_start=(value & HV_HYPERCALL_REP_START_MASK) >> HV_HYPERCALL_REP_START_OFFSET,
+            reserved=value & HV_HYPERCALL_RSVD_MASK,
+        )
+
+    def to_value(self) -> int:
+        """Compose the 64-bit input value."""
+        return (self.code
+                | (HV_HYPERCALL_FAST_BIT if self.fast else 0)
+                | (self.variable_header_size << HV_HYPERCALL_VARHEAD_OFFSET)
+                | (self.rep_count << HV_HYPERCALL_REP_COMP_OFFSET)
+                | (self.rep_start << HV_HYPERCALL_REP_START_OFFSET)
+                | self.reserved)
+
+    @property
+    def is_nested(self) -> bool:
+        """Bit 31 (TLFS "Is Nested"). hvvmm is not a nested hypervisor: treated as reserved."""
+        return bool(self.reserved & HV_HYPERCALL_NESTED)
+
+    @property
+    def has_reserved_bits(self) -> bool:
+        return self.reserved != 0
+
+    def with_rep_start(self, rep_start: int) -> "HypercallInput":
+        return replace(self, rep_start=rep_start)
+
+
+def compose_result(status: int, reps_completed: int = 0) -> int:
+    """The 64-bit hypercall result value: status in 15:0, total reps completed in 43:32."""
+    return ((status & HV_HYPERCALL_RESULT_MASK)
+            | ((reps_completed << HV_HYPERCALL_REP_COMP_OFFSET) & HV_HYPERCALL_REP_COMP_MASK))
+
+
+def decode_result(value: int) -> tuple[int, int]:
+    """``(status, reps_completed)`` of a result value; the ignored bits are dropped."""
+    return (value & HV_HYPERCALL_RESULT_MASK,
+            (value & HV_HYPERCALL_REP_COMP_MASK) >> HV_HYPERCALL_REP_COMP_OFFSET)
+
+
+# --------------------------------------------------------------------------------------------
+# The caller, as the dispatcher sees it
+# --------------------------------------------------------------------------------------------
+
+
+class HypercallRegisters(Protocol):
+    """The calling vCPU. Implemented by the vCPU layer over KVM_GET/SET_REGS, SREGS and XSAVE.
+
+    GPR names are the 64-bit ones the conventions use: ``"rax"``, ``"rbx"``, ``"rcx"``,
+    ``"rdx"``, ``"rsi"``, ``"rdi"``, ``"r8"``. In the 32-bit convention the dispatcher reads the
+    low 32 bits and writes zero-extended 32-bit values. The 64-bit convention applies iff
+    :meth:`is_long_mode` (EFER.LMA && CS.L); otherwise the 32-bit one (TLFS).
+
+    ``get_xmm``/``set_xmm`` (128-bit ints, XMM0 = 0 .. XMM5 = 5) are called only for XMM fast
+    input/output, so an ordinary call never needs the XSAVE area.
+
+    :meth:`retry` means "return to the guest with RIP at the start of the hypercall page so it
+    re-executes the call" (continuation, ``hypercall-trap.md`` §6.2). On completion the dispatcher
+    never touches RIP.
+    """
+
+    def is_long_mode(self) -> bool: ...
+
+    def is_protected_mode(self) -> bool: ...
+
+    def cpl(self) -> int: ...
+
+    def get_gpr(self, name: str) -> int: ...
+
+    def set_gpr(self, name: str, value: int) -> None: ...
+
+    def get_xmm(self, index: int) -> int: ...
+
+    def set_xmm(self, index: int, value: int) -> None: ...
+
+    def retry(self) -> None: ...
+
+
+# --------------------------------------------------------------------------------------------
+# Handler interface
+# --------------------------------------------------------------------------------------------
+
+
+class HypercallError(Exception):
+    """Raised by a handler to return ``status``. For rep calls, ``reps_completed`` and ``output``
+    mean what they mean in :class:`HypercallResult` (the output elements of the reps completed
+    before the error are still written)."""
+
+    def __init__(self, status: int, reps_completed: int | None = None, output: bytes = b"",
+                 message: str = ""):
+        self.status = int(status)
+        self.reps_completed = reps_completed
+        self.output = output
+        super().__init__(message or status_name(self.status))
+
+
+@dataclass(frozen=True)
+class HypercallResult:
+    """What a handler returns.
+
+    * Simple call: ``output`` is at most ``output_size`` bytes (zero-padded); written only on
+      success. ``status = HV_STATUS_TIME_OUT`` asks for a continuation (the call is re-executed).
+    * Rep call: ``reps_completed`` is absolute (from the start of the list, as in the result value);
+      ``None`` means "what :meth:`HypercallRequest.rep_inputs` handed out and got back".
+      ``output`` is the concatenated output elements ``rep_start .. reps_completed - 1``; they are
+      written whatever the status. SUCCESS with ``reps_completed < rep_count`` continues the call.
+    """
+
+    status: int = HvStatus.HV_STATUS_SUCCESS
+    output: bytes = b""
+    reps_completed: int | None = None
+
+
+HandlerReturn = Union[HypercallResult, None]
+Handler = Callable[["HypercallRequest"], HandlerReturn]
+
+
+class HypercallRequest:
+    """One entry into a handler. Input only; the handler returns its output.
+
+    ``header`` is the fixed header (``spec.input_size`` bytes), ``variable_header`` the
+    variable header (8 x variable-header-size bytes). For rep calls the elements
+    ``0 .. rep_count - 1`` are readable with :meth:`rep_input`; this entry should process
+    ``rep_start .. rep_end - 1`` (``rep_end`` applies the dispatcher's per-entry rep budget) and
+    may stop earlier once :meth:`budget_exhausted` is true. :meth:`rep_inputs` does both.
+    """
+
+    __slots__ = ("vp_index", "code", "name", "fast", "long_mode", "header", "variable_header",
+                 "rep_count", "rep_start", "rep_end", "rep_input_size", "rep_output_size",
+                 "deadline", "progress", "_rep_data", "_clock")
+
+    def __init__(self, *, vp_index: int, code: int, name: str, fast: bool, long_mode: bool,
+                 header: bytes, variable_header: bytes = b"", rep_count: int = 0,
+                 rep_start: int = 0, rep_end: int = 0, rep_input_size: int = 0,
+                 rep_output_size: int = 0, rep_data: bytes = b"", deadline: float | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        self.vp_index = vp_index
+        self.code = code
+        self.name = name
+        self.fast = fast
+        self.long_mode = long_mode
+        self.header = header
+        self.variable_header = variable_header
+        self.rep_count = rep_count
+        self.rep_start = rep_start
+        self.rep_end = rep_end
+        self.rep_input_size = rep_input_size
+        self.rep_output_size = rep_output_size
+        self.deadline = deadline
+        self.progress = rep_start  # absolute index of the next rep not yet completed
+        self._rep_data = rep_data
+        self._clock = clock
+
+    @property
+    def input(self) -> bytes:
+        """Fixed header followed by the variable header."""
+        return self.header + self.variable_header
+
+    def rep_input(self, index: int) -> bytes:
+        """Input element ``index`` (0 .. rep_count - 1); empty for calls without input elements."""
+        if not 0 <= index < self.rep_count:
+            raise IndexError(f"rep index {index} outside 0..{self.rep_count - 1}")
+        size = self.rep_input_size
+        return self._rep_data[index * size:(index + 1) * size]
+
+    def budget_exhausted(self) -> bool:
+        """True once this entry's time budget is spent (never without a budget)."""
+        return self.deadline is not None and self._clock() >= self.deadline
+
+    def rep_inputs(self) -> Iterator[tuple[int, bytes]]:
+        """Yield ``(index, element)`` from ``progress`` up to ``rep_end``; stop early when the
+        time budget is spent (after at least one element: TLFS guarantees at least one rep
+        attempt). An element counts as completed when the handler asks for the next one, so a
+        handler that returns or raises inside the loop has completed the elements before it."""
+        first = True
+        while self.progress < self.rep_end:
+            if not first and self.budget_exhausted():
+                return
+            first = False
+            index = self.progress
+            yield index, self.rep_input(index)
+            self.progress = index + 1
+
+    def __repr__(self) -> str:
+        reps = f" reps {self.rep_start}..{self.rep_end}/{self.rep_count}" if self.rep_count else ""
+        return (f"<HypercallRequest vp{self.vp_index} {self.name}({self.code:#06x})"
+                f"{' fast' if self.fast else ''}{reps} header={len(self.header)}B"
+                f" var={len(self.variable_header)}B>")
+
+
+class HypercallKind(enum.Enum):
+    SIMPLE = "simple"
+    REP = "rep"
+
+
+def _flag(value: bool | Callable[[], bool]) -> bool:
+    return bool(value()) if callable(value) else bool(value)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HypercallSpec:
+    """Declarative description of one hypercall (OpenVMM ``HypercallData`` plus policy).
+
+    Sizes are in bytes. ``input_size`` is the fixed input header; a variable header, when
+    ``variable_header_allowed``, follows it; rep input elements follow the headers. Simple calls
+    have ``output_size`` bytes of output; rep calls have ``rep_output_size`` bytes per element.
+
+    ``fast_allowed``: the register ("fast") form is accepted. ``xmm_fast_allowed``: with it, a fast
+    input larger than 16 bytes may use XMM0-5 (needs the dispatcher's ``xmm_fast_input``).
+    ``available`` (flag or callable): the call exists for this VM; false -> INVALID_HYPERCALL_CODE.
+    ``access_allowed`` (flag or callable): the privilege is granted; false -> ACCESS_DENIED.
+    """
+
+    code: int
+    handler: Handler
+    name: str = ""
+    kind: HypercallKind = HypercallKind.SIMPLE
+    input_size: int = 0
+    output_size: int = 0
+    rep_input_size: int = 0
+    rep_output_size: int = 0
+    fast_allowed: bool = False
+    xmm_fast_allowed: bool = True
+    variable_header_allowed: bool = False
+    available: bool | Callable[[], bool] = True
+    access_allowed: bool | Callable[[], bool] = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.code <= HV_HYPERCALL_CODE_MASK:
+            raise ValueError(f"hypercall code {self.code!r} out of range")
+        if not self.name:
+            object.__setattr__(self, "name", hypercall_name(self.code))
+        if min(self.input_size, self.output_size, self.rep_input_size, self.rep_output_size) < 0:
+            raise ValueError(f"{self.name}: negative size")
+        if self.input_size % 8 or self.output_size % 8:
+            # TLFS: input and output structures are padded to a multiple of 8 bytes.
+            raise ValueError(f"{self.name}: header sizes must be multiples of 8")
+        if self.input_size > HV_PAGE_SIZE or self.output_size > HV_PAGE_SIZE:
+            raise ValueError(f"{self.name}: a header larger than a page")
+        if self.kind is HypercallKind.SIMPLE:
+            if self.rep_input_size or self.rep_output_size:
+                raise ValueError(f"{self.name}: a simple call has no rep elements")
+        elif self.kind is HypercallKind.REP:
+            if self.output_size:
+                raise ValueError(f"{self.name}: a rep call has no fixed output (TLFS)")
+            if not (self.rep_input_size or self.rep_output_size):
+                raise ValueError(f"{self.name}: a rep call needs input or output elements")
+        else:
+            raise ValueError(f"{self.name}: bad kind {self.kind!r}")
+        if not callable(self.handler):
+            raise ValueError(f"{self.name}: handler is not callable")
+
+    @property
+    def is_rep(self) -> bool:
+        return self.kind is HypercallKind.REP
+
+    def is_available(self) -> bool:
+        return _flag(self.available)
+
+    def is_access_allowed(self) -> bool:
+        return _flag(self.access_allowed)
+
+
+class HypercallTableError(ValueError):
+    pass
+
+
+class HypercallTable:
+    """Call code -> :class:`HypercallSpec`. Each code is registered once."""
+
+    def __init__(self, specs: tuple[HypercallSpec, ...] | list[HypercallSpec] = ()):
+        self._specs: dict[int, HypercallSpec] = {}
+        for spec in specs:
+            self.register(spec)
+
+    def register(self, spec: HypercallSpec) -> HypercallSpec:
+        other = self._specs.get(spec.code)
+        if other is not None:
+            raise HypercallTableError(f"hypercall {spec.code:#06x} ({spec.name}) is already "
+                                      f"registered as {other.name}")
+        self._specs[spec.code] = spec
+        return spec
+
+    def get(self, code: int) -> HypercallSpec | None:
+        return self._specs.get(code)
+
+    def __contains__(self, code: object) -> bool:
+        return code in self._specs
+
+    def __iter__(self) -> Iterator[HypercallSpec]:
+        return iter(sorted(self._specs.values(), key=lambda spec: spec.code))
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
+# --------------------------------------------------------------------------------------------
+# Outcome
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HypercallOutcome:
+    """What one :meth:`HypercallDispatcher.dispatch` did, for the vCPU layer and ``--trace``.
+
+    ``inject_ud``: the caller must inject #UD (no register was changed). ``retried``: the call was
+    continued (input value rewritten, :meth:`HypercallRegisters.retry` called, no result written).
+    Otherwise ``status``/``result_value`` were written to RAX (EDX:EAX).
+    """
+
+    vp_index: int
+    control: int
+    code: int
+    name: str
+    long_mode: bool
+    fast: bool = False
+    rep_count: int = 0
+    rep_start: int = 0
+    input_gpa: int | None = None
+    output_gpa: int | None = None
+    status: int | None = None
+    reps_completed: int = 0
+    result_value: int | None = None
+    retried: bool = False
+    inject_ud: bool = False
+    reason: str = ""  # why the call was rejected (empty when the handler ran and succeeded)
+
+    @property
+    def completed(self) -> bool:
+        """A result value was written (neither #UD nor continuation)."""
+        return self.status is not None
+
+    @property
+    def status_name(self) -> str:
+        return "-" if self.status is None else status_name(self.status)
+
+    def __str__(self) -> str:
+        parts = [f"vp{self.vp_index} {self.name}({self.code:#06x})",
+                 "x64" if self.long_mode else "x86"]
+        if self.fast:
+            parts.append("fast")
+        var = (self.control & HV_HYPERCALL_VARHEAD_MASK) >> HV_HYPERCALL_VARHEAD_OFFSET
+        if var:
+            parts.append(f"var={var}")
+        if self.rep_count or self.rep_start:
+            parts.append(f"rep {self.rep_start}/{self.rep_count}")
+        if self.input_gpa is not None:
+            parts.append(f"in={self.input_gpa:#x}")
+        if self.output_gpa is not None:
+            parts.append(f"out={self.output_gpa:#x}")
+        if self.inject_ud:
+            parts.append("-> #UD")
+        elif self.retried:
+            parts.append(f"-> continue at rep {self.reps_completed}")
+        else:
+            parts.append(f"-> {self.status_name}")
+            if self.rep_count:
+                parts.append(f"reps={self.reps_completed}")
+        if self.reason:
+            parts.append(f"({self.reason})")
+        return " ".join(parts)
+
+
+OnHypercall = Callable[[int, int, "int | None", int], None]
+
+
+# --------------------------------------------------------------------------------------------
+# Dispatcher
+# --------------------------------------------------------------------------------------------
+
+
+class _Reject(Exception):
+    """Internal: stop validation with ``status`` (or #UD when ``status`` is None)."""
+
+    def __init__(self, status: int | None, reason: str):
+        self.status = status
+        self.reason = reason
+        super().__init__(reason)
+
+
+class _HandlerBug(Exception):
+    """Internal: a handler returned something inconsistent with its spec."""
+
+
+@dataclass
+class _Call:
+    """Decoded state of one dispatch (internal)."""
+
+    io: HypercallRegisters
+    vp_index: int
+    long_mode: bool
+    control: int
+    hc: HypercallInput
+    spec: HypercallSpec | None = None
+    input_gpa: int | None = None
+    output_gpa: int | None = None
+    input_len: int = 0
+    output_len: int = 0
+    input_pairs: int = 0
+
+
+class HypercallDispatcher:
+    """Decode, validate and dispatch one hypercall per :meth:`dispatch` call.
+
+    ``xmm_fast_input`` / ``xmm_fast_output`` mirror CPUID 0x40000003 EDX bits 4 / 15.
+    ``max_reps_per_entry`` and ``time_budget`` (seconds) bound one entry of a rep call; when a
+    call makes progress but does not finish, it is continued (TLFS: "the hypervisor attempts to
+    limit hypercall execution to 50us"). ``None`` means unbounded. ``on_hypercall(vp_index, code,
+    status, reps)`` is called after every dispatch; ``status`` is None when no result was written
+    (#UD or continuation).
+    """
+
+    def __init__(self, table: HypercallTable, memory: "GuestMemory", *,
+                 xmm_fast_input: bool = False, xmm_fast_output: bool = False,
+                 max_reps_per_entry: int | None = None, time_budget: float | None = None,
+                 on_hypercall: OnHypercall | None = None,
+                 clock: Callable[[], float] = time.monotonic):
+        if max_reps_per_entry is not None and max_reps_per_entry < 1:
+            raise ValueError("max_reps_per_entry must be at least 1")
+        if time_budget is not None and time_budget <= 0:
+            raise ValueError("time_budget must be positive")
+        self.table = table
+        self.memory = memory
+        self.xmm_fast_input = xmm_fast_input
+        self.xmm_fast_output = xmm_fast_output
+        self.max_reps_per_entry = max_reps_per_entry
+        self.time_budget = time_budget
+        self.on_hypercall = on_hypercall
+        self._clock = clock
+        self._unknown_logged: set[int] = set()
+        self._failed_logged: set[int] = set()
+        self._callback_failed = False
+
+    # -- public -------------------------------------------------------------------------------
+
+    def dispatch(self, io: HypercallRegisters, vp_index: int) -> HypercallOutcome:
+        """Handle the hypercall the vCPU behind ``io`` is making. Never raises for guest input."""
+        long_mode = bool(io.is_long_mode())
+        control = self._read_control(io, long_mode)
+        call = _Call(io=io, vp_index=vp_index, long_mode=long_mode, control=control,
+                     hc=HypercallInput.from_value(control))
+        try:
+            if not io.is_protected_mode():
+                raise _Reject(None, "real mode")
+            cpl = io.cpl()
+            if cpl != 0:
+                raise _Reject(None, f"CPL {cpl}")
+            outcome = self._dispatch_checked(call)
+        except _Reject as reject:
+            if reject.status is None:
+                log.debug("vp%d %s: #UD (%s)", vp_index, hypercall_name(call.hc.code),
+                          reject.reason)
+                outcome = self._outcome(call, inject_ud=True, reason=reject.reason)
+            else:
+                log.debug("vp%d %s: %s (%s)", vp_index, hypercall_name(call.hc.code),
+                          status_name(reject.status), reject.reason)
+                # Nothing ran: reps completed 0, as KVM and OpenVMM report for rejected calls.
+                outcome = self._complete(call, reject.status, 0, reject.reason)
+        self._notify(outcome)
+        return outcome
+
+    # -- decoding -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _read_control(io: HypercallRegisters, long_mode: bool) -> int:
+        if long_mode:
+            return io.get_gpr("rcx") & HV_U64_MASK
+        return ((io.get_gpr("rdx") & _U32) << 32) | (io.get_gpr("rax") & _U32)
+
+    @staticmethod
+    def _read_gpas(io: HypercallRegisters, long_mode: bool) -> tuple[int, int]:
+        if long_mode:
+            return io.get_gpr("rdx") & HV_U64_MASK, io.get_gpr("r8") & HV_U64_MASK
+        return (((io.get_gpr("rbx") & _U32) << 32) | (io.get_gpr("rcx") & _U32),
+                ((io.get_gpr("rdi") & _U32) << 32) | (io.get_gpr("rsi") & _U32))
+
+    @staticmethod
+    def _write_pair64(io: HypercallRegisters, long_mode: bool, high: str, low: str,
+                      name64: str, value: int) -> None:
+        if long_mode:
+            io.set_gpr(name64, value & HV_U64_MASK)
+        else:
+            io.set_gpr(high, (value >> 32) & _U32)
+            io.set_gpr(low, value & _U32)
+
+    def _write_result(self, call: _Call, value: int) -> None:
+        # x64: RAX; x86: EDX:EAX (TLFS "Hypercall Outputs").
+        self._write_pair64(call.io, call.long_mode, "rdx", "rax", "rax", value)
+
+    def _write_control(self, call: _Call, value: int) -> None:
+        # x64: RCX; x86: EDX:EAX (TLFS "Volatile Registers": rep calls rewrite the input value).
+        self._write_pair64(call.io, call.long_mode, "rdx", "rax", "rcx", value)
+
+    # Fast register block: pair 0 = (RDX, R8) or (EBX:ECX, EDI:ESI); pair k = XMM(k-1).
+    @staticmethod
+    def _read_pair(io: HypercallRegisters, long_mode: bool, index: int) -> bytes:
+        if index == 0:
+            if long_mode:
+                lo, hi = io.get_gpr("rdx"), io.get_gpr("r8")
+            else:
+                lo = ((io.get_gpr("rbx") & _U32) << 32) | (io.get_gpr("rcx") & _U32)
+                hi = ((io.get_gpr("rdi") & _U32) << 32) | (io.get_gpr("rsi") & _U32)
+            return ((lo & HV_U64_MASK).to_bytes(8, "little")
+                    + (hi & HV_U64_MASK).to_bytes(8, "little"))
+        return (io.get_xmm(index - 1) & _XMM_MASK).to_bytes(16, "little")
+
+    @staticmethod
+    def _write_pair(io: HypercallRegisters, long_mode: bool, index: int, data: bytes) -> None:
+        if index == 0:
+            assert long_mode, "fast output is x64 only (checked in _check_fast)"
+            io.set_gpr("rdx", int.from_bytes(data[:8], "little"))
+            io.set_gpr("r8", int.from_bytes(data[8:16], "little"))
+        else:
+            io.set_xmm(index - 1, int.from_bytes(data[:16], "little"))
+
+    # -- validation and dispatch --------------------------------------------------------------
+
+    def _dispatch_checked(self, call: _Call) -> HypercallOutcome:
+        hc = call.hc
+        spec = self.table.get(hc.code)
+        # 2. unknown or unavailable code
+        if spec is None or not spec.is_available():
+            if hc.code not in self._unknown_logged:
+                self._unknown_logged.add(hc.code)
+                log.warning("vp%d: hypercall %s not implemented or not available "
+                            "(logged once per code)", call.vp_index, hypercall_name(hc.code))
+            raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE,
+                          "unknown code" if spec is None else "not available")
+        call.spec = spec
+        # 3. privilege
+        if not spec.is_access_allowed():
+            raise _Reject(HvStatus.HV_STATUS_ACCESS_DENIED, "privilege not granted")
+        # 4. reserved bits (bit 31, IsNested, included: hvvmm is not nested; KVM does the same)
+        if hc.has_reserved_bits:
+            raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT,
+                          f"reserved bits {hc.reserved:#x}")
+        # 5. shape
+        self._check_shape(call)
+        var_len = hc.variable_header_size * 8
+        if spec.is_rep:
+            call.input_len = spec.input_size + var_len + spec.rep_input_size * hc.rep_count
+            call.output_len = spec.rep_output_size * hc.rep_count
+        else:
+            call.input_len = spec.input_size + var_len
+            call.output_len = spec.output_size
+        # 6./7. convention-specific checks and input
+        if hc.fast:
+            self._check_fast(call)
+            block = b"".join(self._read_pair(call.io, call.long_mode, i)
+                             for i in range(call.input_pairs))
+            data = block[:call.input_len]
+        else:
+            call.input_gpa, call.output_gpa = self._read_gpas(call.io, call.long_mode)
+            self._check_list(call.input_gpa, call.input_len, "input")
+            self._check_list(call.output_gpa, call.output_len, "output")
+            data = self.memory.read(call.input_gpa, call.input_len) if call.input_len else b""
+        return self._run_handler(call, data)
+
+    @staticmethod
+    def _check_shape(call: _Call) -> None:
+        hc, spec = call.hc, call.spec
+        assert spec is not None
+        if spec.is_rep:
+            if hc.rep_count == 0:
+                raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT,
+                              "rep call with rep count 0")
+            if hc.rep_start >= hc.rep_count:
+                raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT,
+                              f"rep start {hc.rep_start} >= rep count {hc.rep_count}")
+        elif hc.rep_count or hc.rep_start:
+            raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT, "rep fields on a simple call")
+        if hc.variable_header_size and not spec.variable_header_allowed:
+            raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT,
+                          "variable header on a call without one")
+
+    def _check_fast(self, call: _Call) -> None:
+        """Fast-convention checks.
+
+        The TLFS names no status for the fast bit on a call that has no register form. hvvmm
+        answers INVALID_HYPERCALL_INPUT: the input value is malformed for this call, and that is
+        the common status for a malformed input value. QEMU answers INVALID_HYPERCALL_CODE for a
+        fast HvCallPostMessage and KVM INVALID_PARAMETER for a fast extended call; OpenVMM accepts
+        the fast form for every call whose input fits.
+        """
+        spec = call.spec
+        assert spec is not None
+        pair = HV_HYPERCALL_FAST_PAIR_SIZE
+        if not spec.fast_allowed:
+            raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT, "no fast form")
+        input_pairs = -(-call.input_len // pair)
+        output_pairs = -(-call.output_len // pair)
+        # TLFS: using XMM input (a block beyond RDX/R8) without CPUID 0x40000003 EDX bit 4 -> #UD.
+        # The TLFS register table gives XMM0-5 for x86 callers as well, so 32-bit callers get
+        # them too (OpenVMM allows one register pair in 32-bit mode).
+        if input_pairs > 1 and not self.xmm_fast_input:
+            raise _Reject(None, "XMM fast input not available")
+        if output_pairs:
+            # TLFS: fast output is "only supported on x64 platforms"; without EDX bit 15 -> #UD.
+            if not self.xmm_fast_output:
+                raise _Reject(None, "XMM fast output not available")
+            if not call.long_mode:
+                raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT,
+                              "fast output from 32-bit mode")
+        if input_pairs > 1 and not spec.xmm_fast_allowed:
+            raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT, "no XMM fast form")
+        if input_pairs + output_pairs > HV_HYPERCALL_MAX_FAST_PAIRS:
+            raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT,
+                          f"{call.input_len}B in + {call.output_len}B out exceed the fast "
+                          "registers")
+        call.input_pairs = input_pairs
+
+    def _check_list(self, gpa: int, length: int, what: str) -> None:
+        """TLFS "Alignment Requirements" and common status codes: every failure here is
+        INVALID_ALIGNMENT. (OpenVMM answers INVALID_HYPERCALL_INPUT for a straddling or
+        inaccessible list; the TLFS table lists both under INVALID_ALIGNMENT.)"""
+        if not length:
+            return  # "the hypervisor ignores the corresponding GPA pointer"
+        if gpa % HV_HYPERCALL_PARAM_ALIGN:
+            raise _Reject(HvStatus.HV_STATUS_INVALID_ALIGNMENT,
+                          f"{what} GPA {gpa:#x} not 8-aligned")
+        if gpa % HV_PAGE_SIZE + length > HV_PAGE_SIZE:
+            raise _Reject(HvStatus.HV_STATUS_INVALID_ALIGNMENT,
+                          f"{what} list {gpa:#x}+{length:#x} crosses a page")
+        if not self.memory.contains(gpa, length):
+            raise _Reject(HvStatus.HV_STATUS_INVALID_ALIGNMENT,
+                          f"{what} list {gpa:#x}+{length:#x} not in guest RAM")
+
+    def _run_handler(self, call: _Call, data: bytes) -> HypercallOutcome:
+        spec, hc = call.spec, call.hc
+        assert spec is not None
+        var_len = hc.variable_header_size * 8
+        if spec.is_rep:
+            rep_end = hc.rep_count
+            if self.max_reps_per_entry is not None:
+                rep_end = min(rep_end, hc.rep_start + self.max_reps_per_entry)
+        else:
+            rep_end = 0
+        deadline = self._clock() + self.time_budget if self.time_budget is not None else None
+        request = HypercallRequest(
+            vp_index=call.vp_index, code=hc.code, name=spec.name, fast=hc.fast,
+            long_mode=call.long_mode, header=bytes(data[:spec.input_size]),
+            variable_header=bytes(data[spec.input_size:spec.input_size + var_len]),
+            rep_count=hc.rep_count, rep_start=hc.rep_start, rep_end=rep_end,
+            rep_input_size=spec.rep_input_size, rep_output_size=spec.rep_output_size,
+            rep_data=bytes(data[spec.input_size + var_len:]), deadline=deadline, clock=self._clock)
+        try:
+            try:
+                result = spec.handler(request)
+            except HypercallError as error:
+                result = HypercallResult(status=error.status, output=error.output,
+                                         reps_completed=error.reps_completed)
+            if result is None:
+                result = HypercallResult()
+            if not isinstance(result, HypercallResult):
+                raise _HandlerBug(f"returned {type(result).__name__}, not HypercallResult")
+            status = int(result.status)
+            if not 0 <= status <= HV_HYPERCALL_RESULT_MASK:
+                raise _HandlerBug(f"status {status!r} out of range")
+            if spec.is_rep:
+                return self._finish_rep(call, request, result, status)
+            return self._finish_simple(call, result, status)
+        except _Reject:
+            raise
+        except Exception:  # noqa: BLE001 -- a handler bug must not take the VMM down
+            return self._handler_failed(call)
+
+    def _finish_simple(self, call: _Call, result: HypercallResult, status: int) -> HypercallOutcome:
+        spec = call.spec
+        assert spec is not None
+        output = bytes(result.output)
+        if len(output) > spec.output_size:
+            raise _HandlerBug(f"{len(output)}B of output for a {spec.output_size}B output")
+        if result.reps_completed:
+            raise _HandlerBug("reps completed on a simple call")
+        if status == HvStatus.HV_STATUS_TIME_OUT:
+            # A simple call that needs more time (TLFS continuation of multi-state simple calls).
+            return self._continue(call, 0)
+        if status == HvStatus.HV_STATUS_SUCCESS and spec.output_size:
+            # TLFS: output is valid only on success; padding may be overwritten with zeros.
+            self._write_output(call, 0, output.ljust(spec.output_size, b"\0"))
+        return self._complete(call, status, 0)
+
+    def _finish_rep(self, call: _Call, request: HypercallRequest, result: HypercallResult,
+                    status: int) -> HypercallOutcome:
+        spec, hc = call.spec, call.hc
+        assert spec is not None
+        done = request.progress if result.reps_completed is None else int(result.reps_completed)
+        if not hc.rep_start <= done <= hc.rep_count:
+            raise _HandlerBug(f"reps completed {done} outside {hc.rep_start}..{hc.rep_count}")
+        output = bytes(result.output)
+        expected = (done - hc.rep_start) * spec.rep_output_size
+        if len(output) != expected:
+            raise _HandlerBug(f"{len(output)}B of rep output for {done - hc.rep_start} reps "
+                              f"({expected}B expected)")
+        if status == HvStatus.HV_STATUS_SUCCESS and done < hc.rep_count and done == hc.rep_start:
+            # Linux loops forever on SUCCESS without progress (ref. §5.5); TIME_OUT is the way
+            # to ask for a retry without progress.
+            raise _HandlerBug("SUCCESS without progress")
+        # OpenVMM: "for rep hypercalls, always write back the completed number of reps".
+        if output:
+            self._write_output(call, hc.rep_start * spec.rep_output_size, output)
+        if status == HvStatus.HV_STATUS_TIME_OUT:
+            if done == hc.rep_count:  # nothing left to continue with
+                return self._complete(call, HvStatus.HV_STATUS_SUCCESS, done)
+            return self._continue(call, done)
+        if status == HvStatus.HV_STATUS_SUCCESS and done < hc.rep_count:
+            return self._continue(call, done)
+        return self._complete(call, status, done)
+
+    def _write_output(self, call: _Call, offset: int, data: bytes) -> None:
+        if not data:
+            return
+        if call.hc.fast:
+            self._write_fast_output(call, offset, data)
+            return
+        assert call.output_gpa is not None
+        try:
+            self.memory.write(call.output_gpa + offset, data)
+        except GuestMemoryError as error:  # validated before the handler ran; RAM went away?
+            raise _Reject(HvStatus.HV_STATUS_INVALID_ALIGNMENT, str(error)) from error
+
+    def _write_fast_output(self, call: _Call, offset: int, data: bytes) -> None:
+        """Write ``data`` at byte ``offset`` of the output block, which starts at the register
+        pair after the input (TLFS "XMM Fast Hypercall Output"). A partly covered first pair is
+        merged with its current value so earlier completed rep elements survive."""
+        pair = HV_HYPERCALL_FAST_PAIR_SIZE
+        first = offset // pair
+        last = -(-(offset + len(data)) // pair)
+        buf = bytearray((last - first) * pair)
+        if offset % pair:
+            buf[:pair] = self._read_pair(call.io, call.long_mode, call.input_pairs + first)
+        start = offset - first * pair
+        buf[start:start + len(data)] = data
+        for i in range(last - first):
+            self._write_pair(call.io, call.long_mode, call.input_pairs + first + i,
+                             bytes(buf[i * pair:(i + 1) * pair]))
+
+    def _handler_failed(self, call: _Call) -> HypercallOutcome:
+        """A handler raised (other than :class:`HypercallError`) or broke its contract.
+
+        The TLFS has no "internal error" status. hvvmm returns INVALID_HYPERCALL_INPUT: it is one
+        of the common status codes every hypercall may return (TLFS "Common Hypercall Status
+        Codes"), so no guest sees a status its documentation does not allow for the call; outputs
+        are indeterminate on failure (TLFS "Output Parameter Validity on Failed Hypercalls"), so
+        nothing more is written, and rep calls report the rep start index as completed.
+        INVALID_HYPERCALL_CODE was rejected because guests read it as "not implemented" and turn
+        the feature off for good, hiding the bug. Logged with the traceback once per code.
+        """
+        code = call.hc.code
+        if code not in self._failed_logged:
+            self._failed_logged.add(code)
+            log.exception("vp%d: handler for %s failed; returning "
+                          "HV_STATUS_INVALID_HYPERCALL_INPUT (logged once per code)",
+                          call.vp_index, hypercall_name(code))
+        else:
+            log.debug("vp%d: handler for %s failed again", call.vp_index, hypercall_name(code),
+                      exc_info=True)
+        return self._complete(call, HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT, call.hc.rep_start,
+                              "handler failed")
+
+    # -- completion ---------------------------------------------------------------------------
+
+    def _complete(self, call: _Call, status: int, reps: int, reason: str = "") -> HypercallOutcome:
+        value = compose_result(status, reps)
+        self._write_result(call, value)
+        return self._outcome(call, status=int(status), reps_completed=reps, result_value=value,
+                             reason=reason)
+
+    def _continue(self, call: _Call, reps: int) -> HypercallOutcome:
+        control = call.hc.with_rep_start(reps).to_value() if call.hc.rep_count else call.control
+        self._write_control(call, control)
+        call.io.retry()
+        return self._outcome(call, reps_completed=reps, retried=True)
+
+    def _outcome(self, call: _Call, **kwargs) -> HypercallOutcome:
+        hc = call.hc
+        spec = call.spec
+        return HypercallOutcome(
+            vp_index=call.vp_index, control=call.control, code=hc.code,
+            name=spec.name if spec is not None else hypercall_name(hc.code),
+            long_mode=call.long_mode, fast=hc.fast, rep_count=hc.rep_count, rep_start=hc.rep_start,
+            input_gpa=call.input_gpa, output_gpa=call.output_gpa, **kwargs)
+
+    def _notify(self, outcome: HypercallOutcome) -> None:
+        if self.on_hypercall is None:
+            return
+        try:
+            self.on_hypercall(outcome.vp_index, outcome.code, outcome.status,
+                              outcome.reps_completed)
+        except Exception:  # noqa: BLE001 -- an observer must not break the guest's call
+            if not self._callback_failed:
+                self._callback_failed = True
+                log.exception("on_hypercall callback failed (logged once)")
