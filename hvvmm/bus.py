@@ -65,6 +65,9 @@ class Bus:
         self._ranges: list[BusRange] = []
         self._bases: list[int] = []
         self._unhandled_logged: set[tuple[str, int]] = set()
+        # address -> range, filled on first use: a guest hits few distinct addresses, so most
+        # accesses cost one dict lookup instead of a bisect.
+        self._cache: dict[int, BusRange | None] = {}
         # Devices are registered from the main thread while vCPU threads may be routing accesses;
         # the lists are replaced, never mutated in place, so lookups need no lock.
         self._lock = threading.Lock()
@@ -84,6 +87,7 @@ class Bus:
             ranges.insert(index, BusRange(base, length, device, name))
             self._ranges = ranges
             self._bases = [r.base for r in ranges]
+            self._cache = {}
 
     def unregister(self, base: int) -> None:
         with self._lock:
@@ -92,6 +96,7 @@ class Bus:
                 raise BusError(f"{self.name}: nothing registered at {base:#x}")
             self._ranges = ranges
             self._bases = [r.base for r in ranges]
+            self._cache = {}
 
     @property
     def ranges(self) -> tuple[BusRange, ...]:
@@ -99,12 +104,21 @@ class Bus:
 
     def find(self, address: int, size: int = 1) -> BusRange | None:
         """The range that holds the whole access ``[address, address+size)``, if any."""
-        ranges, bases = self._ranges, self._bases
-        index = bisect.bisect(bases, address) - 1
-        if index >= 0:
-            entry = ranges[index]
-            if address + size <= entry.end:
-                return entry
+        cache = self._cache
+        try:
+            entry = cache[address]
+        except KeyError:
+            entry = self._lookup(address)
+            if len(cache) < 4096:  # bounded: the guest chooses the addresses
+                cache[address] = entry
+        if entry is not None and address + size <= entry.end:
+            return entry
+        return None
+
+    def _lookup(self, address: int) -> BusRange | None:
+        index = bisect.bisect(self._bases, address) - 1
+        if index >= 0 and address < self._ranges[index].end:
+            return self._ranges[index]
         return None
 
     def read(self, address: int, size: int) -> int:

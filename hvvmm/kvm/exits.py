@@ -9,6 +9,8 @@ answered in the wrong place.
 
 from __future__ import annotations
 
+import struct
+
 from ._kvm import ffi, lib
 
 # Internal-error suberrors, named for the readable message (linux/kvm.h).
@@ -187,18 +189,24 @@ _EXIT_IRQ_WINDOW_OPEN = lib.KVM_EXIT_IRQ_WINDOW_OPEN
 _EXIT_INTR = lib.KVM_EXIT_INTR
 
 
+# Port I/O is the hot exit: its fields are read with one unpack at the compiler's offsets rather
+# than through cffi's nested-struct proxies (about 1.5 us less per exit).
+_IO_FIELDS = struct.Struct("<BBHIQ")  # direction, size, port, count, data_offset
+_IO_OFFSET = ffi.offsetof("struct kvm_run", "io")
+if tuple(ffi.offsetof("struct kvm_run", "io", name) - _IO_OFFSET
+         for name in ("direction", "size", "port", "count", "data_offset")) != (0, 1, 2, 4, 8):
+    raise ImportError("struct kvm_run.io does not have the layout hvvmm reads")
+
+
 def decode_exit(run, run_view: memoryview) -> VcpuExit:
     """Decode the exit in ``run`` (a ``struct kvm_run *``) whose page is ``run_view``."""
     reason = run.exit_reason
     if reason == _EXIT_IO:
-        io = run.io
-        size = io.size
-        count = io.count
-        offset = io.data_offset
+        direction, size, port, count, offset = _IO_FIELDS.unpack_from(run_view, _IO_OFFSET)
         end = offset + size * count
         if end > len(run_view):  # never trust an offset, even the kernel's
             return UnknownExit(reason)
-        return IoExit(io.port, size, count, io.direction == _EXIT_IO_OUT, run_view[offset:end])
+        return IoExit(port, size, count, direction == _EXIT_IO_OUT, run_view[offset:end])
     if reason == _EXIT_MMIO:
         mmio = run.mmio
         size = min(mmio.len, 8)

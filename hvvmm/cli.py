@@ -1,0 +1,260 @@
+"""The ``hvvmm`` command line: ``hvvmm run``, ``hvvmm info``.
+
+Every error is one line on stderr and a distinct exit status (see ``hvvmm run --help``); a
+traceback only with ``--debug``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import signal
+import sys
+from typing import BinaryIO, Sequence
+
+from . import __version__
+from .machine import (DEFAULT_MEMORY, STATUS_BAD_IMAGE, STATUS_KVM_UNAVAILABLE, STATUS_USAGE,
+                      STATUS_VM_ERROR, ConfigError, ExitKind, ImageError, MiB)
+
+log = logging.getLogger("hvvmm")
+
+EXIT_STATUS_HELP = """\
+exit status:
+  0          the guest powered off (ACPI PM1a control, port 0x604)
+  odd N      the guest wrote v to isa-debug-exit (port 0xf4): N = (v << 1) | 1, as QEMU
+  2          bad command line (unknown flag, --smp 0, bad size, ...)
+  4          bad kernel or initrd (missing, unreadable, not Multiboot, larger than RAM)
+  6          /dev/kvm missing or not usable
+  8          the guest triple-faulted
+  10         the guest asked for a reset
+  12         the VM failed (KVM error, unhandled exit, internal error)
+  124        --timeout expired
+  128+SIG    stopped by a signal (130 for Ctrl-C, 143 for SIGTERM)
+
+environment:
+  HVVMM_KVM_DEVICE   the KVM device to open (default /dev/kvm)
+"""
+
+_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": MiB, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> int:
+    """``256M``, ``1G``, ``512MiB``, ``2048K``; a plain number is MiB (as QEMU's ``-m``)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ValueError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix "
+                         "(a plain number is MiB)")
+    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
+
+
+class UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and raises instead of exiting."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        return int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _size(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="hvvmm", description="A KVM virtual machine monitor that implements "
+                     "the Microsoft Hyper-V guest interface.")
+    parser.add_argument("--version", action="version", version=f"hvvmm {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    run = commands.add_parser(
+        "run", help="boot a Multiboot kernel (or the built-in default guest)",
+        description="Boot a Multiboot v1 kernel; with no --kernel, a built-in guest that prints "
+                    "what it sees (vCPUs, memory, CPUID hypervisor leaves) and powers off.",
+        epilog=EXIT_STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("--kernel", metavar="FILE", help="Multiboot v1 kernel (ELF or a.out kludge)")
+    run.add_argument("--initrd", metavar="'FILE [ARGS]'", action="append", default=[],
+                     help="a Multiboot module with its command line; repeat for more modules")
+    run.add_argument("--append", metavar="STR", default="",
+                     help="kernel command line (after the kernel's name)")
+    run.add_argument("--smp", metavar="N", type=_positive_int, default=1,
+                     help="number of vCPUs (default 1)")
+    run.add_argument("--memory", "-m", metavar="SIZE", type=_size, default=DEFAULT_MEMORY,
+                     help=f"guest RAM, e.g. 512M or 2G (default {DEFAULT_MEMORY // MiB}M)")
+    run.add_argument("--serial", metavar="stdio|none|file:PATH", default="stdio",
+                     help="where the guest's COM1 output goes (default stdio; stdin feeds it)")
+    run.add_argument("--timeout", metavar="SECONDS", type=_seconds,
+                     help="stop the guest after this long (exit status 124)")
+    _add_common(run)
+
+    info = commands.add_parser("info", help="report the host: KVM, capabilities, virtualization")
+    _add_common(info)
+    return parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", "-v", action="store_true", help="log what the VMM does")
+    parser.add_argument("--debug", action="store_true",
+                        help="debug logging, and tracebacks for errors")
+
+
+def _setup_logging(args) -> None:
+    level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("hvvmm: %(name)s: %(message)s" if args.debug
+                                           else "hvvmm: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+
+
+def _console_streams(spec: str) -> tuple[BinaryIO | None, BinaryIO | int | None, BinaryIO | None]:
+    """(output stream, input source, file to close) for ``--serial``."""
+    if spec == "stdio":
+        try:
+            os.fstat(0)
+            stdin: int | None = 0
+        except OSError:
+            stdin = None  # no standard input at all (e.g. closed by the caller)
+        return sys.stdout.buffer, stdin, None
+    if spec == "none":
+        return None, None, None
+    if spec.startswith("file:") and len(spec) > 5:
+        try:
+            stream = open(spec[5:], "wb")
+        except OSError as exc:
+            raise UsageError(f"hvvmm run: cannot open serial output {spec[5:]}: {exc.strerror}")
+        return stream, None, stream
+    raise UsageError(f"hvvmm run: bad --serial {spec!r}: use stdio, none or file:PATH")
+
+
+def cmd_run(args) -> int:
+    from .kvm import KvmUnavailableError
+    from .machine import Machine, MachineConfig
+
+    output, console_input, to_close = _console_streams(args.serial)
+    config = MachineConfig(kernel=args.kernel, initrd=tuple(args.initrd), append=args.append,
+                           smp=args.smp, memory=args.memory, console=output,
+                           console_input=console_input, timeout=args.timeout,
+                           kvm_device=os.environ.get("HVVMM_KVM_DEVICE", "/dev/kvm"))
+    try:
+        try:
+            machine = Machine(config)
+        except ConfigError as exc:
+            raise UsageError(f"hvvmm run: {exc}") from None
+        except ImageError as exc:
+            print(f"hvvmm: {exc}", file=sys.stderr)
+            return STATUS_BAD_IMAGE
+        except KvmUnavailableError as exc:
+            print(f"hvvmm: {exc}", file=sys.stderr)
+            return STATUS_KVM_UNAVAILABLE
+        with machine:
+            previous = {sig: signal.signal(sig, lambda signum, _frame: machine.stop(signum))
+                        for sig in (signal.SIGINT, signal.SIGTERM)}
+            try:
+                result = machine.run()
+            finally:
+                for sig, handler in previous.items():
+                    signal.signal(sig, handler)
+    finally:
+        if to_close is not None:
+            to_close.close()
+    if result.kind not in (ExitKind.DEBUG_EXIT, ExitKind.POWEROFF):
+        detail = result.message
+        if result.kind is ExitKind.STOPPED and result.signal:
+            detail = f"stopped by {signal.Signals(result.signal).name}"
+        print(f"hvvmm: {result.kind.value}: {detail}", file=sys.stderr)
+    return result.status
+
+
+def cmd_info(args) -> int:
+    from .host import host_virtualization
+    from .kvm import Kvm, KvmUnavailableError
+    from .kvm import constants as kvmc
+
+    virt = host_virtualization()
+    print(f"hvvmm {__version__}")
+    print(f"hardware virtualization: {virt.describe()}")
+    print(f"KVM modules: {', '.join(virt.kvm_modules) or 'none found'}")
+    try:
+        kvm = Kvm(os.environ.get("HVVMM_KVM_DEVICE", "/dev/kvm"))
+    except KvmUnavailableError as exc:
+        print(f"hvvmm: {exc}", file=sys.stderr)
+        return STATUS_KVM_UNAVAILABLE
+    with kvm:
+        print(f"KVM API version: {kvm.api_version}")
+        print("capabilities hvvmm uses:")
+        for name, needed in CAPABILITIES:
+            value = kvm.check_extension(getattr(kvmc, name))
+            state = "absent" if not value else "present" if value == 1 else f"present ({value})"
+            print(f"  {name:<32} {state:<18} {needed}")
+    return 0
+
+
+CAPABILITIES = (
+    ("KVM_CAP_IRQCHIP", "required: in-kernel PIC/IOAPIC/LAPIC"),
+    ("KVM_CAP_USER_MEMORY", "required: guest RAM"),
+    ("KVM_CAP_IMMEDIATE_EXIT", "required: stopping vCPUs"),
+    ("KVM_CAP_SET_TSS_ADDR", "required on Intel"),
+    ("KVM_CAP_PIT2", "in-kernel PIT"),
+    ("KVM_CAP_MAX_VCPUS", "limit for --smp"),
+    ("KVM_CAP_NR_VCPUS", "recommended vCPU count"),
+    ("KVM_CAP_SIGNAL_MSI", "SynIC interrupts"),
+    ("KVM_CAP_X86_USER_SPACE_MSR", "Hyper-V synthetic MSRs in user space"),
+    ("KVM_CAP_X86_MSR_FILTER", "Hyper-V synthetic MSRs in user space"),
+    ("KVM_CAP_SYNC_REGS", "fewer ioctls per hypercall"),
+    ("KVM_CAP_READONLY_MEM", "hypercall and TSC overlay pages"),
+    ("KVM_CAP_VCPU_EVENTS", "exception injection"),
+    ("KVM_CAP_MP_STATE", "SMP state"),
+    ("KVM_CAP_GET_TSC_KHZ", "reference TSC page"),
+    ("KVM_CAP_TSC_DEADLINE_TIMER", "guest timers"),
+    ("KVM_CAP_X2APIC_API", "x2APIC"),
+    ("KVM_CAP_HYPERV", "never used: hvvmm implements Hyper-V itself"),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = None
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return STATUS_USAGE
+        _setup_logging(args)
+        return {"run": cmd_run, "info": cmd_info}[args.command](args)
+    except UsageError as exc:
+        print(exc, file=sys.stderr)
+        return STATUS_USAGE
+    except KeyboardInterrupt:  # Ctrl-C before the guest started
+        print("hvvmm: interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except Exception as exc:  # the last line of defence: one line unless --debug
+        if args is not None and getattr(args, "debug", False):
+            raise
+        print(f"hvvmm: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return STATUS_VM_ERROR

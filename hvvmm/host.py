@@ -1,0 +1,68 @@
+"""Facts about the host: hardware virtualization, the KVM flavour, /dev/kvm access."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class HostVirtualization:
+    hardware: str | None   # "vmx" (Intel VT-x), "svm" (AMD-V) or None
+    kvm_modules: tuple[str, ...]
+
+    @property
+    def can_boot_stock_kernels(self) -> bool:
+        """Stock Linux/Windows kernels need KVM on VT-x/AMD-V. Emulating KVMs (e.g. the PVM-based
+        one of some cloud sandboxes) run ring-0 guest code through the instruction emulator, too
+        slowly and with too many unsupported instructions for a real kernel."""
+        return self.hardware is not None and "kvm_pvm" not in self.kvm_modules
+
+    def describe(self) -> str:
+        if self.hardware:
+            kind = {"vmx": "Intel VT-x", "svm": "AMD-V"}[self.hardware]
+            if "kvm_pvm" in self.kvm_modules:
+                return f"{kind} present, but KVM is PVM-based (emulating): stock kernels cannot boot"
+            return f"{kind}: stock kernels can boot"
+        if "kvm_pvm" in self.kvm_modules:
+            return ("none: KVM is PVM-based and emulates guest ring-0 code; only small test "
+                    "guests run, stock kernels cannot boot")
+        return "none visible (no vmx/svm CPU flag): stock kernels cannot boot"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _kvm_modules() -> tuple[str, ...]:
+    try:
+        lines = Path("/proc/modules").read_text().splitlines()
+    except OSError:
+        lines = []
+    names = {line.split()[0] for line in lines if line.startswith("kvm")}
+    names |= {p.name for p in Path("/sys/module").glob("kvm*")} if Path("/sys/module").is_dir() \
+        else set()
+    return tuple(sorted(names))
+
+
+def host_virtualization() -> HostVirtualization:
+    flags = _cpu_flags()
+    hardware = "vmx" if "vmx" in flags else "svm" if "svm" in flags else None
+    return HostVirtualization(hardware, _kvm_modules())
+
+
+def kvm_access_problem(path: str = "/dev/kvm") -> str | None:
+    """Why /dev/kvm cannot be opened read-write, or None if it can."""
+    if not os.path.exists(path):
+        return f"{path} does not exist"
+    if not os.access(path, os.R_OK | os.W_OK):
+        return f"no read-write permission on {path}"
+    return None

@@ -1,0 +1,545 @@
+"""``Machine``: one VM, assembled from the KVM layer, guest memory, buses, devices and a loader.
+
+Library use (the shape a test harness wants)::
+
+    with Machine(MachineConfig(kernel="guest.elf", smp=2)) as machine:
+        result = machine.run(timeout=10)
+    assert result.kind is ExitKind.DEBUG_EXIT and result.code == 0
+    print(machine.console_text)
+
+The machine owns every resource it creates (fds, guest RAM, threads) and frees them in
+:meth:`Machine.close`, also after errors; 50 create/run/destroy cycles leak nothing.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import select
+import threading
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import BinaryIO, Callable, Sequence
+
+from . import multiboot
+from .bus import Bus, BusDevice, mmio_bus, pio_bus
+from .devices.acpi_pm import ACPI_PM1A_CNT_LENGTH, ACPI_PM1A_CNT_PORT, AcpiPm
+from .devices.cmos import CMOS_BASE, CMOS_PORT_COUNT, Cmos
+from .devices.debug_exit import DEBUG_EXIT_BASE, DEBUG_EXIT_PORT_COUNT, DebugExit, exit_status
+from .devices.fw_cfg import FW_CFG_IO_BASE, FW_CFG_PORT_COUNT, FwCfg
+from .devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_PORT_COUNT
+from .devices.port80 import POST_CODE_PORT, POST_CODE_PORT_COUNT, PostCodePort
+from .devices.serial import COM1_IRQ, SERIAL_COM1_BASE, SERIAL_PORT_COUNT, Serial
+from .kvm import KICK_SIGNAL, CpuidEntry, Kvm, Vm, install_kick_handler
+from .kvm import constants as kvmc
+from .memory import GuestMemory
+from .vcpu import ExitObserver, StopRequest, VcpuThread
+
+log = logging.getLogger(__name__)
+
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
+
+# Guest-physical layout (a PC's): RAM from 0 up to the 32-bit hole, the rest above 4 GiB. The hole
+# holds the IOAPIC (0xFEC00000), the LAPIC (0xFEE00000) and the pages KVM needs on Intel hosts.
+LOW_RAM_LIMIT = 3 * GiB
+HIGH_RAM_BASE = 4 * GiB
+KVM_IDENTITY_MAP_ADDRESS = 0xFFFB_C000  # one page, below the TSS (QEMU's choice)
+KVM_TSS_ADDRESS = 0xFFFB_D000  # three pages
+EBDA_START = 0x9_FC00
+BIOS_AREA = (0xF_0000, 0x10_0000)
+MIN_MEMORY = 4 * MiB
+MAX_VCPUS_XAPIC = 255  # APIC ID 0xFF is the xAPIC broadcast ID
+
+DEFAULT_MEMORY = 256 * MiB
+
+
+class ExitKind(str, enum.Enum):
+    """How a guest run ended."""
+
+    DEBUG_EXIT = "debug-exit"  # isa-debug-exit write; ``code`` holds the value
+    POWEROFF = "poweroff"      # ACPI soft-off
+    SHUTDOWN = "shutdown"      # triple fault
+    RESET = "reset"            # the guest asked for a reset (i8042, system event)
+    ERROR = "error"            # KVM error, unhandled exit, VMM exception
+    TIMEOUT = "timeout"
+    STOPPED = "stopped"        # stopped by the host (Machine.stop, a signal)
+
+
+# Process exit statuses of ``hvvmm run``. A debug-exit gives QEMU's (v << 1) | 1, always odd; the
+# other outcomes use even numbers so the two never collide.
+STATUS_POWEROFF = 0
+STATUS_USAGE = 2
+STATUS_BAD_IMAGE = 4
+STATUS_KVM_UNAVAILABLE = 6
+STATUS_SHUTDOWN = 8
+STATUS_RESET = 10
+STATUS_VM_ERROR = 12
+STATUS_TIMEOUT = 124  # as coreutils timeout(1)
+_SIGNAL_STATUS_BASE = 128
+
+
+@dataclass(frozen=True)
+class MachineResult:
+    kind: ExitKind
+    message: str
+    code: int | None = None        # debug-exit value
+    signal: int | None = None      # for STOPPED by a signal
+    vcpu: int | None = None
+    rip: int | None = None
+    exit_reason: str | None = None
+
+    @property
+    def status(self) -> int:
+        """The process exit status ``hvvmm run`` uses for this outcome."""
+        if self.kind is ExitKind.DEBUG_EXIT:
+            return exit_status(self.code or 0) & 0xFF
+        if self.kind is ExitKind.STOPPED:
+            return _SIGNAL_STATUS_BASE + self.signal if self.signal else STATUS_POWEROFF
+        return {ExitKind.POWEROFF: STATUS_POWEROFF, ExitKind.SHUTDOWN: STATUS_SHUTDOWN,
+                ExitKind.RESET: STATUS_RESET, ExitKind.ERROR: STATUS_VM_ERROR,
+                ExitKind.TIMEOUT: STATUS_TIMEOUT}[self.kind]
+
+
+class ConfigError(ValueError):
+    """A machine configuration that cannot work (bad size, vCPU count, ...)."""
+
+
+class ImageError(ValueError):
+    """A kernel or module that cannot be read or loaded."""
+
+
+@dataclass(frozen=True)
+class MachineConfig:
+    """Everything that defines a machine. ``kernel=None`` boots the built-in default guest."""
+
+    kernel: str | os.PathLike | None = None
+    initrd: Sequence[str] = ()      # Multiboot modules: "PATH" or "PATH args..."
+    append: str = ""
+    smp: int = 1
+    memory: int = DEFAULT_MEMORY    # bytes
+    console: BinaryIO | None = None  # where guest serial output also goes (captured anyway)
+    console_input: BinaryIO | int | None = None  # a readable file (or fd) fed to the UART
+    console_capture_limit: int = 16 * MiB
+    timeout: float | None = None
+    kvm_device: str = "/dev/kvm"
+
+    def validated(self, max_vcpus: int | None = None) -> "MachineConfig":
+        if not isinstance(self.smp, int) or self.smp < 1:
+            raise ConfigError(f"--smp must be at least 1 (got {self.smp})")
+        limit = min(max_vcpus or MAX_VCPUS_XAPIC, MAX_VCPUS_XAPIC)
+        if self.smp > limit:
+            raise ConfigError(f"--smp {self.smp} is more than this host allows ({limit})")
+        if self.memory < MIN_MEMORY:
+            raise ConfigError(f"memory size {self.memory} bytes is below the minimum of "
+                              f"{MIN_MEMORY // MiB} MiB")
+        if self.memory % (4 * KiB):
+            raise ConfigError("memory size must be a multiple of 4 KiB")
+        if self.timeout is not None and not self.timeout > 0:
+            raise ConfigError(f"timeout must be positive (got {self.timeout})")
+        return self
+
+
+def memory_layout(size: int) -> list[tuple[int, int]]:
+    """The RAM regions ``(gpa, size)`` for ``size`` bytes of guest memory."""
+    low = min(size, LOW_RAM_LIMIT)
+    layout = [(0, low)]
+    if size > low:
+        layout.append((HIGH_RAM_BASE, size - low))
+    return layout
+
+
+def memory_map(size: int) -> list[multiboot.MemoryMapEntry]:
+    """The firmware memory map a PC reports for ``size`` bytes of RAM (E820 types)."""
+    available, reserved = 1, 2
+    low = min(size, LOW_RAM_LIMIT)
+    entries = [
+        multiboot.MemoryMapEntry(0, EBDA_START, available),
+        multiboot.MemoryMapEntry(EBDA_START, 0xA_0000 - EBDA_START, reserved),
+        multiboot.MemoryMapEntry(BIOS_AREA[0], BIOS_AREA[1] - BIOS_AREA[0], reserved),
+        multiboot.MemoryMapEntry(1 * MiB, low - 1 * MiB, available),
+    ]
+    if size > low:
+        entries.append(multiboot.MemoryMapEntry(HIGH_RAM_BASE, size - low, available))
+    return entries
+
+
+class ConsoleBuffer:
+    """The UART's output: kept in memory (bounded) and copied to an optional stream."""
+
+    def __init__(self, limit: int, sink: BinaryIO | None):
+        self._data = bytearray()
+        self._limit = limit
+        self._sink = sink
+        self._lock = threading.Lock()
+        self.dropped = 0
+
+    def write(self, data: bytes) -> int:
+        with self._lock:
+            room = self._limit - len(self._data)
+            self._data += data[:max(room, 0)]
+            self.dropped += max(len(data) - max(room, 0), 0)
+        if self._sink is not None:
+            self._sink.write(data)
+        return len(data)
+
+    def flush(self) -> None:
+        if self._sink is not None:
+            self._sink.flush()
+
+    def getvalue(self) -> bytes:
+        with self._lock:
+            return bytes(self._data)
+
+
+class _InputPump:
+    """Copies a host stream into the UART from a thread that can be stopped and joined."""
+
+    def __init__(self, source: BinaryIO | int, deliver: Callable[[bytes], None]):
+        self._fd = source if isinstance(source, int) else source.fileno()
+        self._deliver = deliver
+        self._wake_read, self._wake_write = os.pipe()
+        self._thread = threading.Thread(target=self._main, name="hvvmm-console-input",
+                                        daemon=True)
+        self._thread.start()
+
+    def _main(self) -> None:
+        while True:
+            ready, _, _ = select.select([self._fd, self._wake_read], [], [])
+            if self._wake_read in ready:
+                return
+            try:
+                data = os.read(self._fd, 4096)
+            except OSError:
+                return
+            if not data:
+                return  # end of input: the guest simply gets no more bytes
+            self._deliver(data)
+
+    def close(self) -> None:
+        os.write(self._wake_write, b"x")
+        self._thread.join()
+        os.close(self._wake_read)
+        os.close(self._wake_write)
+
+
+class _KvmIrqLine:
+    """An ISA interrupt line wired to the in-kernel PIC and IOAPIC."""
+
+    def __init__(self, vm: Vm, gsi: int):
+        self._vm = vm
+        self._gsi = gsi
+
+    def set_level(self, level: bool) -> None:
+        self._vm.set_irq_line(self._gsi, level)
+
+
+def _base_cpuid(supported: Sequence[CpuidEntry], vcpu_index: int, vcpu_count: int
+                ) -> list[CpuidEntry]:
+    """The host's supported CPUID with this vCPU's APIC ID filled in (leaf 1 EBX[31:24], leaves
+    0xB/0x1F EDX), one thread per core."""
+    table = []
+    for entry in supported:
+        if entry.function == 1:
+            ebx = (entry.ebx & 0x0000_FFFF) | (min(vcpu_count, 255) << 16) | (vcpu_index << 24)
+            entry = replace(entry, ebx=ebx, edx=entry.edx | (1 << 28) if vcpu_count > 1 else
+                            entry.edx)
+        elif entry.function in (0xB, 0x1F):
+            entry = replace(entry, edx=vcpu_index)
+        table.append(entry)
+    return table
+
+
+@dataclass
+class _Resources:
+    kvm: Kvm | None = None
+    vm: Vm | None = None
+    memory: GuestMemory | None = None
+    host_buffers: list = field(default_factory=list)
+
+
+class Machine:
+    """A virtual machine. Use as a context manager, or call :meth:`close` yourself."""
+
+    def __init__(self, config: MachineConfig | None = None, **overrides):
+        config = config or MachineConfig()
+        if overrides:
+            config = replace(config, **overrides)
+        self.config = config
+        self.pio_bus: Bus = pio_bus()
+        self.mmio_bus: Bus = mmio_bus()
+        self.vcpus: list[VcpuThread] = []
+        self.stopping = False
+        self._result: MachineResult | None = None
+        self._result_lock = threading.RLock()  # re-entered from a signal handler
+        self._done = threading.Event()
+        self._res = _Resources()
+        self._input_pump: _InputPump | None = None
+        self._started = False
+        self._closed = False
+        self.console = ConsoleBuffer(config.console_capture_limit, config.console)
+        self._observers: list[ExitObserver] = []
+        self.boot: multiboot.BootState | None = None
+        try:
+            self._create()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _create(self) -> None:
+        install_kick_handler()
+        res = self._res
+        res.kvm = kvm = Kvm(self.config.kvm_device)
+        config = self.config.validated(kvm.check_extension(kvmc.KVM_CAP_MAX_VCPUS))
+        kernel_image, kernel_name = self._read_kernel(config)
+        modules = [self._read_module(spec) for spec in config.initrd]
+        for cap, name in ((kvmc.KVM_CAP_IRQCHIP, "in-kernel irqchip"),
+                          (kvmc.KVM_CAP_USER_MEMORY, "user memory"),
+                          (kvmc.KVM_CAP_IMMEDIATE_EXIT, "immediate exit"),
+                          (kvmc.KVM_CAP_SET_TSS_ADDR, "TSS address")):
+            if not kvm.check_extension(cap):
+                raise RuntimeError(f"KVM on this host lacks the {name} capability hvvmm needs")
+
+        res.vm = vm = kvm.create_vm()
+        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
+        vm.set_tss_address(KVM_TSS_ADDRESS)
+        vm.create_irqchip()
+        vm.create_pit2()
+
+        res.memory = memory = GuestMemory.anonymous(memory_layout(config.memory))
+        from .kvm._kvm import ffi  # the host address of each region, for its memslot
+
+        for slot, region in enumerate(memory):
+            pointer = ffi.from_buffer(region.buffer)
+            res.host_buffers.append(pointer)
+            vm.set_user_memory_region(slot, region.gpa, region.size,
+                                      int(ffi.cast("uintptr_t", pointer)))
+
+        self._add_platform_devices(vm, config)
+
+        try:
+            self.boot = multiboot.load_multiboot(
+                memory, kernel_image, kernel_name=kernel_name, append=config.append,
+                modules=modules, memory_map=memory_map(config.memory))
+        except multiboot.KernelImageError as exc:
+            raise ImageError(f"{kernel_name}: {exc}") from None
+
+        supported = kvm.supported_cpuid()
+        for index in range(config.smp):
+            vcpu = vm.create_vcpu(index)
+            self.vcpus.append(VcpuThread(self, vcpu, self.pio_bus, self.mmio_bus))
+            vcpu.set_cpuid(_base_cpuid(supported, index, config.smp))
+        self._set_multiboot_entry_state(self.vcpus[0].vcpu, self.boot)
+
+    def _read_kernel(self, config: MachineConfig) -> tuple[bytes, str]:
+        if config.kernel is None:
+            from .guestbuild import default_guest_path
+
+            path, name = Path(default_guest_path()), "default-guest"
+        else:
+            path = Path(config.kernel)
+            name = path.name
+        try:
+            image = path.read_bytes()
+        except OSError as exc:
+            raise ImageError(f"cannot read kernel {path}: {exc.strerror}") from None
+        if len(image) > config.memory:
+            raise ImageError(f"kernel {path} ({len(image) // KiB} KiB) is larger than guest RAM "
+                             f"({config.memory // MiB} MiB)")
+        return image, name
+
+    @staticmethod
+    def _read_module(spec: str) -> multiboot.MultibootModule:
+        path = spec.split(" ", 1)[0]
+        try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ImageError(f"cannot read initrd {path}: {exc.strerror}") from None
+        return multiboot.MultibootModule(data, spec)
+
+    def _add_platform_devices(self, vm: Vm, config: MachineConfig) -> None:
+        pio = self.pio_bus
+        self.serial = Serial(_KvmIrqLine(vm, COM1_IRQ), self.console)
+        pio.register(SERIAL_COM1_BASE, SERIAL_PORT_COUNT, self.serial, "serial0")
+        self.debug_exit = DebugExit(self._on_debug_exit)
+        pio.register(DEBUG_EXIT_BASE, DEBUG_EXIT_PORT_COUNT, self.debug_exit, "isa-debug-exit")
+        self.fw_cfg = FwCfg(config.memory, config.smp)
+        pio.register(FW_CFG_IO_BASE, FW_CFG_PORT_COUNT, self.fw_cfg, "fw_cfg")
+        self.cmos = Cmos(config.memory, low_ram_limit=LOW_RAM_LIMIT)
+        pio.register(CMOS_BASE, CMOS_PORT_COUNT, self.cmos, "cmos")
+        self.i8042 = I8042(self._on_reset)
+        pio.register(I8042_DATA_PORT, I8042_PORT_COUNT, self.i8042.data_port, "i8042-data")
+        pio.register(I8042_COMMAND_PORT, I8042_PORT_COUNT, self.i8042.command_port,
+                     "i8042-command")
+        self.post_code = PostCodePort()
+        pio.register(POST_CODE_PORT, POST_CODE_PORT_COUNT, self.post_code, "post-code")
+        self.acpi_pm = AcpiPm(self._on_poweroff)
+        pio.register(ACPI_PM1A_CNT_PORT, ACPI_PM1A_CNT_LENGTH, self.acpi_pm, "acpi-pm1a-cnt")
+
+    @staticmethod
+    def _set_multiboot_entry_state(vcpu, boot: multiboot.BootState) -> None:
+        """Multiboot 0.6.96 §3.2: 32-bit flat protected mode, paging off, IF clear, EAX magic,
+        EBX the info address. Segments are flat 4 GiB read/execute and read/write."""
+        sregs = vcpu.get_sregs()
+        for name, selector, seg_type in (("cs", 0x10, 0xB), ("ds", 0x18, 0x3), ("es", 0x18, 0x3),
+                                         ("fs", 0x18, 0x3), ("gs", 0x18, 0x3), ("ss", 0x18, 0x3)):
+            seg = getattr(sregs, name)
+            seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFF_FFFF, selector, seg_type
+            seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g, seg.avl = 1, 0, 1, 1, 0, 1, 0
+            seg.unusable = 0
+        sregs.cr0 = 0x11  # PE | ET
+        sregs.cr4 = 0
+        sregs.efer = 0
+        vcpu.set_sregs(sregs)
+        regs = vcpu.get_regs()
+        regs.rip = boot.entry
+        regs.rax = boot.eax
+        regs.rbx = boot.ebx
+        regs.rflags = 0x2
+        vcpu.set_regs(regs)
+
+    # -- devices and observers for library users ----------------------------------------------
+
+    @property
+    def memory(self) -> GuestMemory:
+        assert self._res.memory is not None
+        return self._res.memory
+
+    @property
+    def vm(self) -> Vm:
+        assert self._res.vm is not None
+        return self._res.vm
+
+    def add_pio_device(self, base: int, length: int, device: BusDevice,
+                       name: str | None = None) -> None:
+        """Put ``device`` on the port-I/O bus at ``[base, base+length)``."""
+        self.pio_bus.register(base, length, device, name)
+
+    def add_mmio_device(self, base: int, length: int, device: BusDevice,
+                        name: str | None = None) -> None:
+        """Put ``device`` at guest-physical ``[base, base+length)``; the range must not be RAM."""
+        for region in self.memory:
+            if base < region.end and region.gpa < base + length:
+                raise ValueError(f"MMIO range {base:#x}+{length:#x} overlaps guest RAM")
+        self.mmio_bus.register(base, length, device, name)
+
+    def add_exit_observer(self, observer: ExitObserver) -> None:
+        """Call ``observer(vcpu_index, exit)`` on the vCPU thread for every exit, before it is
+        handled. Must be added before :meth:`start`; it costs time on every exit."""
+        if self._started:
+            raise RuntimeError("exit observers must be added before the machine starts")
+        for vcpu in self.vcpus:
+            vcpu.observers.append(observer)
+
+    @property
+    def console_output(self) -> bytes:
+        return self.console.getvalue()
+
+    @property
+    def console_text(self) -> str:
+        return self.console.getvalue().decode("utf-8", errors="replace")
+
+    # -- running ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._started:
+            raise RuntimeError("the machine was already started")
+        self._started = True
+        if self.config.console_input is not None:
+            self._input_pump = _InputPump(self.config.console_input, self.serial.enqueue_input)
+        for vcpu in self.vcpus:
+            vcpu.start()
+
+    def wait(self, timeout: float | None = None) -> MachineResult:
+        """Wait until the guest ends or ``timeout`` (default: the config's) passes."""
+        if timeout is None:
+            timeout = self.config.timeout
+        if not self._done.wait(timeout):
+            self.request_stop(StopRequest("timeout", f"the guest did not finish within "
+                                                     f"{timeout:g} s"))
+        self._join_vcpus()
+        assert self._result is not None
+        return self._result
+
+    def run(self, timeout: float | None = None) -> MachineResult:
+        """Start the guest and wait for it to end (or time out)."""
+        self.start()
+        return self.wait(timeout)
+
+    def stop(self, signal_number: int | None = None) -> None:
+        """Stop the guest from the host (e.g. on SIGTERM)."""
+        what = f"stopped by signal {signal_number}" if signal_number else "stopped by the host"
+        self._finish(MachineResult(ExitKind.STOPPED, what, signal=signal_number))
+
+    @property
+    def result(self) -> MachineResult | None:
+        return self._result
+
+    def request_stop(self, request: StopRequest) -> None:
+        """Called by vCPU threads and devices: end the run with ``request``'s outcome."""
+        self._finish(MachineResult(ExitKind(request.kind), request.message, vcpu=request.vcpu,
+                                   rip=request.rip, exit_reason=request.exit_reason))
+
+    def _finish(self, result: MachineResult) -> None:
+        with self._result_lock:
+            if self._result is not None:
+                return  # the first outcome wins
+            self._result = result
+            self.stopping = True
+        log.info("guest ended: %s", result.message)
+        for vcpu in self.vcpus:
+            vcpu.kick(KICK_SIGNAL)
+        self._done.set()
+
+    def _on_debug_exit(self, value: int) -> None:
+        self._finish(MachineResult(ExitKind.DEBUG_EXIT, f"isa-debug-exit wrote {value:#x}",
+                                   code=value))
+
+    def _on_poweroff(self) -> None:
+        self._finish(MachineResult(ExitKind.POWEROFF, "guest powered off"))
+
+    def _on_reset(self) -> None:
+        self._finish(MachineResult(ExitKind.RESET, "guest requested a reset"))
+
+    def _join_vcpus(self) -> None:
+        for vcpu in self.vcpus:
+            thread = vcpu.thread
+            while thread is not None and thread.is_alive():
+                vcpu.kick(KICK_SIGNAL)
+                thread.join(0.05)
+
+    # -- teardown -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop the guest if it runs and free every resource. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._started:
+            self._finish(MachineResult(ExitKind.STOPPED, "machine closed"))
+            self._join_vcpus()
+        if self._input_pump is not None:
+            self._input_pump.close()
+        self.console.flush()
+        from .kvm._kvm import ffi
+
+        res = self._res
+        for vcpu in self.vcpus:
+            vcpu.vcpu.close()
+        if res.vm is not None:
+            res.vm.close()
+        for pointer in res.host_buffers:
+            ffi.release(pointer)
+        res.host_buffers.clear()
+        if res.memory is not None:
+            res.memory.close()
+        if res.kvm is not None:
+            res.kvm.close()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,199 @@
+"""The vCPU run loop: one thread per vCPU turns each KVM exit into a bus access or a handler call.
+
+The loop is deliberately short (Firecracker's ``run_emulation`` shape): port I/O and MMIO go to the
+buses, MSR exits to the synthetic-MSR handler, and every exit that ends the VM (triple fault, KVM
+errors, exits we do not handle) becomes a :class:`StopRequest` for the machine. ``KVM_RUN`` releases
+the GIL, so vCPUs run in parallel; a stop sets ``immediate_exit`` and sends the kick signal, which
+makes ``KVM_RUN`` return EINTR.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+from .bus import Bus
+from .kvm import (FailEntryExit, HltExit, InternalErrorExit, InterruptedExit, IoExit, MmioExit,
+                  MsrExit, ShutdownExit, SystemEventExit, UnknownExit, Vcpu, VcpuExit, constants)
+
+log = logging.getLogger(__name__)
+
+ExitObserver = Callable[[int, VcpuExit], None]
+
+
+@dataclass(frozen=True)
+class StopRequest:
+    """Why a vCPU asks the machine to stop: ``kind`` is a :class:`hvvmm.machine.ExitKind` value."""
+
+    kind: str
+    message: str
+    vcpu: int | None = None
+    rip: int | None = None
+    exit_reason: str | None = None
+
+
+class MachineControl(Protocol):
+    """What a vCPU needs from its machine."""
+
+    stopping: bool
+
+    def request_stop(self, request: StopRequest) -> None: ...
+
+
+class MsrHandler(Protocol):
+    """Answers RDMSR/WRMSR exits (the Hyper-V synthetic MSRs); returns False to refuse (#GP)."""
+
+    def handle_msr(self, vcpu: "VcpuThread", exit: MsrExit) -> bool: ...
+
+
+class PortHandler(Protocol):
+    """A port that needs the vCPU itself (registers), not just a value: the hypercall port."""
+
+    def handle_port(self, vcpu: "VcpuThread", exit: IoExit) -> None: ...
+
+
+class VcpuThread:
+    """Runs one vCPU until the machine stops."""
+
+    def __init__(self, machine: MachineControl, vcpu: Vcpu, pio_bus: Bus, mmio_bus: Bus):
+        self.machine = machine
+        self.vcpu = vcpu
+        self.index = vcpu.index
+        self.pio_bus = pio_bus
+        self.mmio_bus = mmio_bus
+        self.msr_handler: MsrHandler | None = None
+        # Ports handled with the vCPU at hand, checked before the PIO bus. Kept tiny: one dict
+        # lookup per port exit.
+        self.vcpu_ports: dict[int, PortHandler] = {}
+        self.observers: list[ExitObserver] = []
+        self.exit_count = 0
+        self.thread: threading.Thread | None = None
+        self._started = threading.Event()
+
+    # -- thread management --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread = threading.Thread(target=self._thread_main, name=f"hvvmm-vcpu{self.index}",
+                                       daemon=True)
+        self.thread.start()
+        self._started.wait()
+
+    def kick(self, signal_number: int) -> None:
+        """Make the vCPU leave ``KVM_RUN`` now (or at its next entry)."""
+        self.vcpu.request_immediate_exit()
+        thread = self.thread
+        if thread is not None and thread.is_alive() and thread.ident is not None:
+            try:
+                signal.pthread_kill(thread.ident, signal_number)
+            except ProcessLookupError:
+                pass  # the thread ended between the check and the kill
+
+    def _thread_main(self) -> None:
+        self._started.set()
+        try:
+            self.run_loop()
+        except BaseException as exc:  # a vCPU must never die silently or hang the machine
+            rip = self._safe_rip()
+            log.error("vCPU %d failed at rip %s", self.index,
+                      f"{rip:#x}" if rip is not None else "?", exc_info=True)
+            self.machine.request_stop(StopRequest(
+                "error", f"vCPU {self.index}: {type(exc).__name__}: {exc}", self.index, rip))
+
+    def _safe_rip(self) -> int | None:
+        try:
+            return self.vcpu.get_regs().rip
+        except Exception:
+            return None
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def run_loop(self) -> None:
+        run = self.vcpu.run
+        machine = self.machine
+        observers = self.observers
+        vcpu_ports = self.vcpu_ports
+        pio = self.pio_bus
+        count = 0
+        try:
+            while True:
+                exit = run()
+                count += 1
+                if observers:
+                    for observer in observers:
+                        observer(self.index, exit)
+                kind = type(exit)
+                if kind is IoExit:
+                    handler = vcpu_ports.get(exit.port)
+                    if handler is not None:
+                        handler.handle_port(self, exit)
+                    elif exit.count == 1:
+                        # The common case, kept inline: one access of 1, 2 or 4 bytes.
+                        if exit.is_write:
+                            pio.write(exit.port, exit.size, int.from_bytes(exit.data, "little"))
+                        else:
+                            exit.data[:] = pio.read(exit.port, exit.size).to_bytes(exit.size,
+                                                                                   "little")
+                    else:
+                        self._string_io(exit)
+                elif kind is InterruptedExit:
+                    if machine.stopping:
+                        return
+                elif kind is MmioExit:
+                    self._mmio(exit)
+                elif kind is MsrExit:
+                    self._msr(exit)
+                elif kind is HltExit:
+                    # Only without an in-kernel LAPIC, which hvvmm always creates.
+                    continue
+                else:
+                    stop = self._terminal_exit(exit)
+                    machine.request_stop(stop)
+                    return
+        finally:
+            self.exit_count += count
+
+    def _string_io(self, exit: IoExit) -> None:
+        """``rep ins``/``rep outs``: ``count`` accesses, data back to back."""
+        size, port, data, pio = exit.size, exit.port, exit.data, self.pio_bus
+        for i in range(exit.count):
+            item = data[i * size:(i + 1) * size]
+            if exit.is_write:
+                pio.write(port, size, int.from_bytes(item, "little"))
+            else:
+                item[:] = pio.read(port, size).to_bytes(size, "little")
+
+    def _mmio(self, exit: MmioExit) -> None:
+        if exit.is_write:
+            self.mmio_bus.write(exit.address, exit.size, int.from_bytes(exit.data, "little"))
+        else:
+            exit.data[:] = self.mmio_bus.read(exit.address, exit.size).to_bytes(exit.size,
+                                                                                "little")
+
+    def _msr(self, exit: MsrExit) -> None:
+        handler = self.msr_handler
+        if handler is None or not handler.handle_msr(self, exit):
+            exit.fail()
+
+    def _terminal_exit(self, exit: VcpuExit) -> StopRequest:
+        """The exits that end the VM, each with a message a user can act on."""
+        rip = self._safe_rip()
+        where = f" at rip {rip:#x}" if rip is not None else ""
+        name = exit.reason_name
+        if isinstance(exit, ShutdownExit):
+            return StopRequest("shutdown", f"guest triple fault on vCPU {self.index}{where}",
+                               self.index, rip, name)
+        if isinstance(exit, SystemEventExit):
+            kinds = {constants.KVM_SYSTEM_EVENT_SHUTDOWN: "poweroff",
+                     constants.KVM_SYSTEM_EVENT_RESET: "reset",
+                     constants.KVM_SYSTEM_EVENT_CRASH: "error"}
+            return StopRequest(kinds.get(exit.type, "error"),
+                               f"system event {exit.type_name} from vCPU {self.index}{where}",
+                               self.index, rip, name)
+        if isinstance(exit, (InternalErrorExit, FailEntryExit, UnknownExit)):
+            return StopRequest("error", f"vCPU {self.index}{where}: {exit.describe()}",
+                               self.index, rip, name)
+        return StopRequest("error", f"vCPU {self.index}{where}: unhandled exit {exit!r}",
+                           self.index, rip, name)

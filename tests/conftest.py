@@ -1,0 +1,37 @@
+"""Shared test fixtures: test-guest building and the skips for hosts that cannot run a tier."""
+
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+
+from hvvmm.host import host_virtualization, kvm_access_problem
+
+TESTS = pathlib.Path(__file__).resolve().parent
+GUEST_SOURCES = TESTS / "guests"
+GUEST_CACHE = TESTS / ".guest-cache"
+
+
+def pytest_collection_modifyitems(config, items):
+    kvm_problem = kvm_access_problem()
+    virt = host_virtualization()
+    for item in items:
+        if kvm_problem and ("guest" in item.keywords or "realguest" in item.keywords):
+            item.add_marker(pytest.mark.skip(reason=f"needs a usable /dev/kvm: {kvm_problem}"))
+        elif "realguest" in item.keywords and not virt.can_boot_stock_kernels:
+            item.add_marker(pytest.mark.skip(
+                reason=f"needs hardware virtualization to boot a stock kernel; this host has "
+                       f"{virt.describe()}"))
+
+
+@pytest.fixture(scope="session")
+def guest_image():
+    """``guest_image("hello")`` builds tests/guests/hello.c with the runtime (cached)."""
+    from hvvmm.guestbuild import build_guest
+
+    def build(name: str, *extra_sources: str) -> pathlib.Path:
+        sources = [GUEST_SOURCES / f"{name}.c", *(GUEST_SOURCES / s for s in extra_sources)]
+        return build_guest(sources, output_dir=GUEST_CACHE)
+
+    return build

@@ -1,0 +1,159 @@
+"""Tiny guests under /dev/kvm: boot, serial, debug-exit, SMP, exceptions, devices, timeouts."""
+
+import pytest
+
+from hvvmm import ExitKind, Machine, MachineConfig
+
+pytestmark = pytest.mark.guest
+
+RUN_TIMEOUT = 30  # seconds; every run is bounded (the machine interrupts KVM_RUN)
+
+
+def run_guest(image, **config):
+    with Machine(MachineConfig(kernel=image, **config)) as machine:
+        result = machine.run(timeout=RUN_TIMEOUT)
+        return result, machine.console_text
+
+
+def test_hello_over_serial(guest_image):
+    result, console = run_guest(guest_image("hello"))
+    assert "Hello from hvvmm guest" in console
+    assert "SUMMARY: 1 tests, 0 failures" in console
+    assert result.kind is ExitKind.DEBUG_EXIT and result.code == 0 and result.status == 1
+
+
+@pytest.mark.parametrize("code", [0, 1, 5, 0x7F])
+def test_debug_exit_code_reaches_the_result(guest_image, code):
+    result, _ = run_guest(guest_image("exit_code"), append=f"code={code}")
+    assert result.kind is ExitKind.DEBUG_EXIT
+    assert result.code == code
+    assert result.status == ((code << 1) | 1) & 0xFF
+
+
+@pytest.mark.parametrize("smp", [2, 4])
+def test_smp_bring_up_each_ap_reports_its_apic_id(guest_image, smp):
+    result, console = run_guest(guest_image("smp"), smp=smp)
+    for cpu in range(1, smp):
+        assert f"PASS: cpu {cpu}: APIC ID {cpu}" in console
+    assert f"PASS: {smp} of {smp} vCPUs online" in console
+    assert "FAIL" not in console
+    assert result.kind is ExitKind.DEBUG_EXIT and result.code == 0, console
+
+
+def test_unexpected_exception_is_reported(guest_image):
+    result, console = run_guest(guest_image("unexpected_exception"))
+    assert "UNEXPECTED EXCEPTION: vector 13 (#GP)" in console
+    assert result.kind is ExitKind.DEBUG_EXIT and result.code == 0x7F and result.status == 255
+
+
+def test_expected_faults_are_caught(guest_image):
+    result, console = run_guest(guest_image("expected_faults"))
+    assert "FAIL" not in console
+    assert "PASS: wrmsr to a non-existent MSR: #GP" in console
+    assert result.code == 0, console
+
+
+def test_timeout_ends_a_spinning_guest(guest_image):
+    with Machine(MachineConfig(kernel=guest_image("spin"), smp=2)) as machine:
+        result = machine.run(timeout=1.0)
+    assert result.kind is ExitKind.TIMEOUT and result.status == 124
+    assert "spinning" in machine.console_text
+
+
+def test_default_guest_reports_what_it_sees():
+    result, console = run_guest(None, smp=2, memory=128 << 20)
+    assert "vCPUs: 2" in console
+    assert "cpu 1 (APIC ID 1) online" in console
+    assert "RAM: 128 MiB" in console
+    assert "CPUID 0x40000000" in console
+    assert result.kind is ExitKind.POWEROFF and result.status == 0
+
+
+def test_memory_above_the_32bit_hole_is_reported(guest_image):
+    # 3.25 GiB: 3 GiB below the hole, 256 MiB at 4 GiB (the memory map shows both).
+    result, console = run_guest(None, memory=(3 << 30) + (256 << 20))
+    assert "0x0000000100000000-0x000000010fffffff available" in console
+    assert result.kind is ExitKind.POWEROFF
+
+
+class EchoRegisters:
+    """A plain device: an 8-byte register file."""
+
+    def __init__(self):
+        self.data = bytearray(8)
+        self.writes = []
+
+    def read(self, offset, size):
+        return int.from_bytes(self.data[offset:offset + size], "little")
+
+    def write(self, offset, size, value):
+        self.writes.append((offset, size, value))
+        self.data[offset:offset + size] = value.to_bytes(size, "little")
+
+
+class Scratch:
+    def __init__(self):
+        self.data = bytearray(0x1000)
+
+    def read(self, offset, size):
+        return int.from_bytes(self.data[offset:offset + size], "little")
+
+    def write(self, offset, size, value):
+        self.data[offset:offset + size] = value.to_bytes(size, "little")
+
+
+def test_library_harness_example(guest_image):
+    """The README's harness example, as written there (only the kernel path differs)."""
+    from hvvmm import ExitKind, Machine, MachineConfig
+
+    class EchoRegisters:
+        """A device is a plain object: read(offset, size) -> int, write(offset, size, value)."""
+        def __init__(self):
+            self.data = bytearray(8)
+            self.writes = []
+        def read(self, offset, size):
+            return int.from_bytes(self.data[offset:offset + size], "little")
+        def write(self, offset, size, value):
+            self.writes.append((offset, size, value))
+            self.data[offset:offset + size] = value.to_bytes(size, "little")
+
+    echo = EchoRegisters()
+    exits = []
+    with Machine(MachineConfig(kernel=guest_image("device_echo"), smp=1)) as machine:
+        machine.add_pio_device(0x5E0, 8, echo, "echo")
+        machine.add_exit_observer(lambda vcpu, exit: exits.append(exit.reason_name))
+        result = machine.run(timeout=30)
+    assert result.kind is ExitKind.DEBUG_EXIT and result.code == 0, machine.console_text
+    assert (0, 4, 0x12345678) in echo.writes and "io" in exits
+
+
+def test_pio_and_mmio_devices_from_python(guest_image):
+    echo = EchoRegisters()
+    exits = []
+    with Machine(MachineConfig(kernel=guest_image("device_echo"), append="mmio")) as machine:
+        machine.add_pio_device(0x5E0, 8, echo, "echo")
+        machine.add_mmio_device(0xD000_0000, 0x1000, Scratch(), "scratch")
+        machine.add_exit_observer(lambda vcpu, exit: exits.append(exit.reason_name))
+        result = machine.run(timeout=RUN_TIMEOUT)
+    console = machine.console_text
+    assert result.kind is ExitKind.DEBUG_EXIT and result.code == 0, console
+    assert "PASS: PIO device returns the 32-bit value written" in console
+    assert "PASS: unclaimed port reads as all ones" in console
+    assert "PASS: MMIO 8-byte access" in console
+    assert exits.count("mmio") >= 4
+
+
+def test_mmio_device_may_not_overlap_ram(guest_image):
+    with Machine(MachineConfig(kernel=guest_image("hello"))) as machine:
+        with pytest.raises(ValueError, match="overlaps guest RAM"):
+            machine.add_mmio_device(0x100000, 0x1000, Scratch())
+
+
+def test_stop_from_another_thread(guest_image):
+    import threading
+
+    with Machine(MachineConfig(kernel=guest_image("spin"), smp=2)) as machine:
+        machine.start()
+        threading.Timer(0.3, machine.stop).start()
+        result = machine.wait(timeout=RUN_TIMEOUT)
+    assert result.kind is ExitKind.STOPPED
