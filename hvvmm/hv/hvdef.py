@@ -320,6 +320,23 @@ HV_X64_MSR_HYPERCALL_RSVDP_MASK = 0xFFC  # bits 11:2, preserved
 HV_X64_MSR_HYPERCALL_PAGE_ADDRESS_SHIFT = 12
 HV_X64_MSR_HYPERCALL_PAGE_ADDRESS_MASK = HV_PAGE_MASK
 
+# HV_X64_MSR_REFERENCE_TSC layout (TLFS timers.md "Reference Time Stamp Counter (TSC) Page MSR")
+HV_X64_MSR_TSC_REFERENCE_ENABLE = 1 << 0  # bits 11:1 RsvdP, 63:12 GPA page number
+HV_X64_MSR_TSC_REFERENCE_ADDRESS_SHIFT = 12
+
+# HV_REFERENCE_TSC_PAGE (TLFS timers.md): u32 TscSequence @0, u32 Reserved1 @4, u64 TscScale @8,
+# s64 TscOffset @16, reserved to the end of the page.
+# ReferenceTime = ((VirtualTsc * TscScale) >> 64) + TscOffset, in 100 ns units.
+HV_REFERENCE_TSC_SEQUENCE_OFFSET = 0
+HV_REFERENCE_TSC_SCALE_OFFSET = 8
+HV_REFERENCE_TSC_OFFSET_OFFSET = 16
+HV_REFERENCE_TSC_SEQUENCE_INVALID = 0  # TLFS: "no longer a reliable source": use TIME_REF_COUNT
+HV_CLOCK_HZ = 10_000_000  # partition reference time counts 100 ns units (Linux HV_CLOCK_HZ)
+
+# HV_X64_MSR_CRASH_CTL (TLFS HV_CRASH_CTL_REG_CONTENTS; Linux spellings)
+HV_CRASH_CTL_CRASH_NOTIFY = 1 << 63  # log the crash parameters P0-P4
+HV_CRASH_CTL_CRASH_NOTIFY_MSG = 1 << 62  # P3 = GPA of a message, P4 = its length in bytes
+
 # Ranges hvvmm's MSR filter denies to KVM (ref. §3.1).
 HV_X64_SYNTHETIC_MSR_RANGES = ((0x40000000, 0x400001FF), (0x40001000, 0x400010FF))  # inclusive
 
@@ -441,6 +458,20 @@ class HypercallCode(enum.IntEnum):
 
 HV_EXT_CALL_FIRST = 0x8001  # extended hypercall range; KVM forwards 0x8001..0x8041 to user space
 HV_EXT_CALL_MAX = 0x8001 + 64  # KVM hyperv.c spelling (last code KVM forwards)
+
+# HvExtCallQueryCapabilities output bits (TLFS hypercalls/HvExtCallQueryCapabilities.md)
+HV_EXT_CAPABILITY_GET_BOOT_ZEROED_MEMORY = 1 << 0
+HV_EXT_CAPABILITY_MEMORY_HEAT_HINT = 1 << 1
+HV_EXT_CAPABILITY_EPF_SETUP = 1 << 2
+HV_EXT_CAPABILITY_SCHEDULER_ASSIST_SETUP = 1 << 3
+HV_EXT_CAPABILITY_MEMORY_HEAT_HINT_ASYNC = 1 << 4
+# Linux hvgdk_ext.h tests bit 8 before HvExtCallMemoryHeatHint COLD_DISCARD; the TLFS does not
+# list it (ref. §5.8).
+HV_EXT_CAPABILITY_MEMORY_COLD_DISCARD_HINT = 1 << 8
+# HvExtCallGetBootZeroedMemory: 0xFF8 bytes of output = u64 RangeCount + 255 x (u64 start page
+# number, u64 page count) (TLFS hypercalls/HvExtCallGetBootZeroedMemory.md)
+HV_EXT_BOOT_ZEROED_MEMORY_OUTPUT_SIZE = 0xFF8
+HV_EXT_BOOT_ZEROED_MEMORY_MAX_RANGES = 255
 
 
 def hypercall_code(value: int) -> HypercallCode | int:

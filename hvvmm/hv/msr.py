@@ -124,7 +124,7 @@ class MsrRegistry:
         return tuple(sorted(self._msrs))
 
     def read(self, vp_index: int, index: int) -> int:
-        """The value of MSR ``index`` as VP ``vp_index`` reads it; raises :class:`MsrAccessFault`."""
+        """MSR ``index`` as VP ``vp_index`` reads it; raises :class:`MsrAccessFault`."""
         msr = self._msrs.get(index)
         if msr is None:
             raise MsrAccessFault(index, write=False, reason="not available (not advertised)")
@@ -165,7 +165,7 @@ class LogOnce:
         self._overflowed = False
 
     def __call__(self, key: Hashable, level: int, message: str, *args: object,
-                 exc_info: bool = False) -> bool:
+                 exc_info: bool | BaseException = False) -> bool:
         """Log; returns True when this was the first time for ``key`` (logged at ``level``)."""
         with self._lock:
             first = key not in self._seen

@@ -126,3 +126,142 @@ def pattern_bytes(gpa: int, size: int) -> bytes:
     pattern = FILL_PATTERN.to_bytes(8, "little")
     start = gpa % 8
     return (pattern * ((start + size) // 8 + 2))[start:start + size]
+
+
+# --------------------------------------------------------------------------------------------
+# FakePlatform: an hvvmm.hv.platform.HvPlatform for the emulator's unit tests
+# --------------------------------------------------------------------------------------------
+
+FAKE_TSC_HZ = 2_793_436_000  # KVM_GET_TSC_KHZ x 1000 on one development machine
+FAKE_APIC_HZ = 1_000_000_000  # KVM's in-kernel LAPIC (APIC_BUS_CYCLE_NS = 1)
+OVERLAY_PAGE = 4096
+
+
+class FakeOverlay:
+    """An overlay page of :class:`FakePlatform` (the ``OverlayPage`` protocol)."""
+
+    def __init__(self, platform: "FakePlatform", gpa: int, content: bytes, readonly: bool,
+                 name: str):
+        self._platform = platform
+        self._gpa = gpa
+        self.content = bytearray(content)
+        self.readonly = readonly
+        self.name = name
+        self.mapped = True
+
+    @property
+    def gpa(self) -> int:
+        return self._gpa
+
+    def write(self, offset: int, data: bytes) -> None:
+        assert self.mapped, "write to an unmapped overlay"
+        assert 0 <= offset and offset + len(data) <= OVERLAY_PAGE, (offset, len(data))
+        self.content[offset:offset + len(data)] = data
+        if self._platform.memory.contains(self._gpa, OVERLAY_PAGE):
+            self._platform.memory.write(self._gpa + offset, data)
+
+
+class FakePlatform:
+    """Guest RAM plus recorded requests; overlays emulated Propolis-style (the RAM below an
+    overlay is saved and restored, so ``memory`` shows what the guest sees).
+
+    ``tsc`` is the guest TSC; tests move it with :meth:`advance`.
+    """
+
+    def __init__(self, *, vp_count: int = 2, memory: GuestMemory | None = None,
+                 mem_size: int = 0x40000, tsc_frequency_hz: int = FAKE_TSC_HZ,
+                 apic_frequency_hz: int = FAKE_APIC_HZ, guest_tsc_at_reference_zero: int = 0,
+                 max_gpa: int = 1 << 52, zeroed_ranges=()):
+        self.memory = memory if memory is not None else GuestMemory.from_bytes(mem_size)
+        self.vp_count = vp_count
+        self.tsc_frequency_hz = tsc_frequency_hz
+        self.apic_frequency_hz = apic_frequency_hz
+        self.guest_tsc_at_reference_zero = guest_tsc_at_reference_zero
+        self.max_gpa = max_gpa
+        self.zeroed_ranges = list(zeroed_ranges)
+        self.tsc = guest_tsc_at_reference_zero
+        self.tsc_reads: list[int] = []
+        self.runtime = {vp: 0 for vp in range(vp_count)}
+        self.yields: list[int] = []
+        self.idles: list[int] = []
+        self.resets = 0
+        self.crashes: list = []
+        self.overlays: dict[int, FakeOverlay] = {}
+        self.overlay_log: list[tuple[str, int, str]] = []
+        self._hidden: dict[int, bytes] = {}
+        self.fail_report_crash = False
+
+    # -- HvPlatform ---------------------------------------------------------------------------
+
+    def read_guest_tsc(self, vp_index: int) -> int:
+        self.tsc_reads.append(vp_index)
+        return self.tsc
+
+    def vp_runtime_100ns(self, vp_index: int) -> int:
+        return self.runtime[vp_index]
+
+    def yield_vp(self, vp_index: int) -> None:
+        self.yields.append(vp_index)
+
+    def idle_vp(self, vp_index: int) -> None:
+        self.idles.append(vp_index)
+
+    def request_reset(self) -> None:
+        self.resets += 1
+
+    def report_crash(self, report) -> None:
+        if self.fail_report_crash:
+            raise OSError("disk full")
+        self.crashes.append(report)
+
+    def map_overlay(self, gpa: int, content: bytes, *, readonly: bool, name: str) -> FakeOverlay:
+        from hvvmm.hv.platform import OverlayError
+
+        assert len(content) == OVERLAY_PAGE, len(content)
+        if gpa % OVERLAY_PAGE:
+            raise OverlayError(f"{gpa:#x} is not page aligned")
+        if gpa + OVERLAY_PAGE > self.max_gpa:
+            raise OverlayError(f"{gpa:#x} is beyond the guest-physical address space")
+        if gpa in self.overlays:
+            raise OverlayError(f"{gpa:#x} already holds the {self.overlays[gpa].name}")
+        overlay = FakeOverlay(self, gpa, content, readonly, name)
+        if self.memory.contains(gpa, OVERLAY_PAGE):
+            self._hidden[gpa] = self.memory.read(gpa, OVERLAY_PAGE)
+            self.memory.write(gpa, content)
+        self.overlays[gpa] = overlay
+        self.overlay_log.append(("map", gpa, name))
+        return overlay
+
+    def unmap_overlay(self, page: FakeOverlay) -> None:
+        assert self.overlays.get(page.gpa) is page, "unmapping an overlay that is not mapped"
+        del self.overlays[page.gpa]
+        page.mapped = False
+        hidden = self._hidden.pop(page.gpa, None)
+        if hidden is not None:
+            self.memory.write(page.gpa, hidden)
+        self.overlay_log.append(("unmap", page.gpa, page.name))
+
+    def boot_zeroed_ranges(self):
+        return list(self.zeroed_ranges)
+
+    # -- test helpers -------------------------------------------------------------------------
+
+    def advance(self, *, seconds: float = 0.0, ticks: int = 0) -> None:
+        """Move the guest TSC forward."""
+        self.tsc += ticks + round(seconds * self.tsc_frequency_hz)
+
+    def guest_read(self, gpa: int, size: int) -> bytes:
+        """What the guest reads at ``gpa`` (overlays outside RAM included)."""
+        base = gpa - gpa % OVERLAY_PAGE
+        overlay = self.overlays.get(base)
+        if overlay is not None and gpa + size <= base + OVERLAY_PAGE:
+            return bytes(overlay.content[gpa - base:gpa - base + size])
+        return self.memory.read(gpa, size)
+
+    def guest_write(self, gpa: int, data: bytes) -> None:
+        """A guest store: refused (#GP, as a PermissionError) inside a read-only overlay."""
+        base = gpa - gpa % OVERLAY_PAGE
+        overlay = self.overlays.get(base)
+        if overlay is not None and overlay.readonly:
+            raise PermissionError(f"#GP: write to the read-only {overlay.name} at {gpa:#x}")
+        self.memory.write(gpa, data)
