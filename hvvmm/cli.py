@@ -1,4 +1,4 @@
-"""The ``hvvmm`` command line: ``hvvmm run``, ``hvvmm info``.
+"""The ``hvvmm`` command line: ``hvvmm run``, ``hvvmm info``, ``hvvmm cpuid``.
 
 Every error is one line on stderr and a distinct exit status (see ``hvvmm run --help``); a
 traceback only with ``--debug``.
@@ -30,6 +30,7 @@ exit status:
   8          the guest triple-faulted
   10         the guest asked for a reset
   12         the VM failed (KVM error, unhandled exit, internal error)
+  14         the guest reported a crash (Hyper-V crash MSRs; see --on-crash)
   124        --timeout expired
   128+SIG    stopped by a signal (130 for Ctrl-C, 143 for SIGTERM)
 
@@ -109,11 +110,41 @@ def build_parser() -> argparse.ArgumentParser:
                      help="where the guest's COM1 output goes (default stdio; stdin feeds it)")
     run.add_argument("--timeout", metavar="SECONDS", type=_seconds,
                      help="stop the guest after this long (exit status 124)")
+    _add_machine_options(run)
+    run.add_argument("--trace", metavar="FILE",
+                     help="write every synthetic MSR access and hypercall as a JSON line")
+    run.add_argument("--crash-report", metavar="FILE",
+                     help="write the guest's Hyper-V crash report (JSON) here")
+    run.add_argument("--on-crash", choices=("stop", "continue"), default="stop",
+                     help="when the guest reports a crash: end the run (status 14, default) or "
+                          "let it go on")
+    run.add_argument("--on-reset", choices=("exit", "restart"), default="exit",
+                     help="when the guest resets: exit (status 10, default) or boot it again")
     _add_common(run)
+
+    cpuid = commands.add_parser(
+        "cpuid", help="print the CPUID table a guest would get, each Hyper-V bit named",
+        description="Print the CPUID table of vCPU 0 (from this host's KVM_GET_SUPPORTED_CPUID "
+                    "and the Hyper-V features), with each Hyper-V bit named.")
+    _add_machine_options(cpuid)
+    cpuid.add_argument("--smp", metavar="N", type=_positive_int, default=1,
+                       help="number of vCPUs (topology and limits leaves)")
+    _add_common(cpuid)
 
     info = commands.add_parser("info", help="report the host: KVM, capabilities, virtualization")
     _add_common(info)
     return parser
+
+
+def _add_machine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--hyperv", metavar="SPEC",
+        help="Hyper-V features: QEMU's names, comma-separated (hv-relaxed, hv-vpindex, hv-time, "
+             "hv-spinlocks=N, hv-crash, hv-reset, ...), or a preset: none, minimal, linux, "
+             "windows, all. Default: everything hvvmm implements; 'none' gives a plain KVM "
+             "machine")
+    parser.add_argument("--cpu-features", metavar="LIST",
+                        help="host CPU features to hide from the guest, e.g. -cx16,-xsave")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -160,35 +191,93 @@ def cmd_run(args) -> int:
     config = MachineConfig(kernel=args.kernel, initrd=tuple(args.initrd), append=args.append,
                            smp=args.smp, memory=args.memory, console=output,
                            console_input=console_input, timeout=args.timeout,
-                           kvm_device=os.environ.get("HVVMM_KVM_DEVICE", "/dev/kvm"))
+                           kvm_device=os.environ.get("HVVMM_KVM_DEVICE", "/dev/kvm"),
+                           hyperv=args.hyperv, cpu_features=args.cpu_features,
+                           on_crash=args.on_crash)
+    trace = None
     try:
-        try:
-            machine = Machine(config)
-        except ConfigError as exc:
-            raise UsageError(f"hvvmm run: {exc}") from None
-        except ImageError as exc:
-            print(f"hvvmm: {exc}", file=sys.stderr)
-            return STATUS_BAD_IMAGE
-        except KvmUnavailableError as exc:
-            print(f"hvvmm: {exc}", file=sys.stderr)
-            return STATUS_KVM_UNAVAILABLE
-        with machine:
-            previous = {sig: signal.signal(sig, lambda signum, _frame: machine.stop(signum))
-                        for sig in (signal.SIGINT, signal.SIGTERM)}
+        if args.trace:
             try:
-                result = machine.run()
-            finally:
-                for sig, handler in previous.items():
-                    signal.signal(sig, handler)
+                trace = open(args.trace, "w", buffering=1 << 16)
+            except OSError as exc:
+                raise UsageError(f"hvvmm run: cannot open trace file {args.trace}: "
+                                 f"{exc.strerror}") from None
+        boots = 0
+        while True:
+            boots += 1
+            try:
+                machine = Machine(config)
+            except ConfigError as exc:
+                raise UsageError(f"hvvmm run: {exc}") from None
+            except ImageError as exc:
+                print(f"hvvmm: {exc}", file=sys.stderr)
+                return STATUS_BAD_IMAGE
+            except KvmUnavailableError as exc:
+                print(f"hvvmm: {exc}", file=sys.stderr)
+                return STATUS_KVM_UNAVAILABLE
+            with machine:
+                if trace is not None and machine.hyperv is not None:
+                    machine.hyperv.add_listener(lambda event: trace.write(event.to_json() + "\n"))
+                if args.crash_report:
+                    machine.crash_listeners.append(
+                        lambda report: _write_crash_report(args.crash_report, report))
+                previous = {sig: signal.signal(sig, lambda signum, _frame: machine.stop(signum))
+                            for sig in (signal.SIGINT, signal.SIGTERM)}
+                try:
+                    result = machine.run()
+                finally:
+                    for sig, handler in previous.items():
+                        signal.signal(sig, handler)
+                if machine.hyperv is not None:
+                    log.info("Hyper-V counters: %s", machine.hyperv.counters())
+            if result.kind is ExitKind.RESET and args.on_reset == "restart":
+                log.warning("%s; booting again (boot %d)", result.message, boots + 1)
+                continue
+            break
     finally:
         if to_close is not None:
             to_close.close()
+        if trace is not None:
+            trace.close()
     if result.kind not in (ExitKind.DEBUG_EXIT, ExitKind.POWEROFF):
         detail = result.message
         if result.kind is ExitKind.STOPPED and result.signal:
             detail = f"stopped by {signal.Signals(result.signal).name}"
         print(f"hvvmm: {result.kind.value}: {detail}", file=sys.stderr)
     return result.status
+
+
+def _write_crash_report(path: str, report) -> None:
+    try:
+        with open(path, "w") as stream:
+            stream.write(report.to_json() + "\n")
+    except OSError as exc:
+        log.error("cannot write the crash report to %s: %s", path, exc.strerror)
+
+
+def cmd_cpuid(args) -> int:
+    from .cpuid import CpuidError, build_cpuid, format_cpuid_table
+    from .hv.features import HyperVConfigError, parse_hyperv_spec
+    from .kvm import Kvm, KvmUnavailableError
+
+    try:
+        config = parse_hyperv_spec(args.hyperv)
+    except HyperVConfigError as exc:
+        raise UsageError(f"hvvmm cpuid: {exc}") from None
+    try:
+        kvm = Kvm(os.environ.get("HVVMM_KVM_DEVICE", "/dev/kvm"))
+    except KvmUnavailableError as exc:
+        print(f"hvvmm: {exc}", file=sys.stderr)
+        return STATUS_KVM_UNAVAILABLE
+    with kvm:
+        try:
+            table = build_cpuid(kvm.supported_cpuid(), vcpu_index=0, vcpu_count=args.smp,
+                                hyperv=config, cpu_features_mask=args.cpu_features)
+        except CpuidError as exc:
+            raise UsageError(f"hvvmm cpuid: {exc}") from None
+    print(f"# Hyper-V: {config.describe()}")
+    print(format_cpuid_table(table))
+    return 0
 
 
 def cmd_info(args) -> int:
@@ -246,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return STATUS_USAGE
         _setup_logging(args)
-        return {"run": cmd_run, "info": cmd_info}[args.command](args)
+        return {"run": cmd_run, "info": cmd_info, "cpuid": cmd_cpuid}[args.command](args)
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return STATUS_USAGE

@@ -18,11 +18,14 @@ import logging
 import os
 import select
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
 from . import multiboot
+from .cpuid import CpuidError, build_cpuid, parse_cpu_features_mask
+from .hv.features import HyperVConfigError, parse_hyperv_spec
 from .bus import Bus, BusDevice, mmio_bus, pio_bus
 from .devices.acpi_pm import ACPI_PM1A_CNT_LENGTH, ACPI_PM1A_CNT_PORT, AcpiPm
 from .devices.cmos import CMOS_BASE, CMOS_PORT_COUNT, Cmos
@@ -31,10 +34,11 @@ from .devices.fw_cfg import FW_CFG_IO_BASE, FW_CFG_PORT_COUNT, FwCfg
 from .devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_PORT_COUNT
 from .devices.port80 import POST_CODE_PORT, POST_CODE_PORT_COUNT, PostCodePort
 from .devices.serial import COM1_IRQ, SERIAL_COM1_BASE, SERIAL_PORT_COUNT, Serial
-from .kvm import KICK_SIGNAL, CpuidEntry, Kvm, Vm, install_kick_handler
+from .kvm import KICK_SIGNAL, Kvm, PinnedBuffer, Vm, install_kick_handler
 from .kvm import constants as kvmc
 from .memory import GuestMemory
-from .vcpu import ExitObserver, StopRequest, VcpuThread
+from .memslots import MemslotManager
+from .vcpu import ExitObserver, StopRequest, VcpuThread, current_vcpu_index
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,8 @@ class ExitKind(str, enum.Enum):
     DEBUG_EXIT = "debug-exit"  # isa-debug-exit write; ``code`` holds the value
     POWEROFF = "poweroff"      # ACPI soft-off
     SHUTDOWN = "shutdown"      # triple fault
-    RESET = "reset"            # the guest asked for a reset (i8042, system event)
+    RESET = "reset"            # the guest asked for a reset (i8042, Hyper-V reset MSR, ...)
+    CRASH = "crash"            # the guest reported a crash (Hyper-V crash MSRs)
     ERROR = "error"            # KVM error, unhandled exit, VMM exception
     TIMEOUT = "timeout"
     STOPPED = "stopped"        # stopped by the host (Machine.stop, a signal)
@@ -75,6 +80,7 @@ STATUS_KVM_UNAVAILABLE = 6
 STATUS_SHUTDOWN = 8
 STATUS_RESET = 10
 STATUS_VM_ERROR = 12
+STATUS_CRASH = 14
 STATUS_TIMEOUT = 124  # as coreutils timeout(1)
 _SIGNAL_STATUS_BASE = 128
 
@@ -98,7 +104,12 @@ class MachineResult:
             return _SIGNAL_STATUS_BASE + self.signal if self.signal else STATUS_POWEROFF
         return {ExitKind.POWEROFF: STATUS_POWEROFF, ExitKind.SHUTDOWN: STATUS_SHUTDOWN,
                 ExitKind.RESET: STATUS_RESET, ExitKind.ERROR: STATUS_VM_ERROR,
+                ExitKind.CRASH: STATUS_CRASH,
                 ExitKind.TIMEOUT: STATUS_TIMEOUT}[self.kind]
+
+
+_NOBODY = object()
+_HOST = "host"
 
 
 class ConfigError(ValueError):
@@ -123,6 +134,11 @@ class MachineConfig:
     console_capture_limit: int = 16 * MiB
     timeout: float | None = None
     kvm_device: str = "/dev/kvm"
+    # Hyper-V: a --hyperv SPEC (QEMU's hv-* names and presets); None gives everything hvvmm
+    # implements, "none" a plain KVM machine.
+    hyperv: str | None = None
+    cpu_features: str | None = None  # host CPUID features to hide, e.g. "-cx16,-xsave"
+    on_crash: str = "stop"           # "stop": a guest crash report ends the run; "continue"
 
     def validated(self, max_vcpus: int | None = None) -> "MachineConfig":
         if not isinstance(self.smp, int) or self.smp < 1:
@@ -135,6 +151,8 @@ class MachineConfig:
                               f"{MIN_MEMORY // MiB} MiB")
         if self.memory % (4 * KiB):
             raise ConfigError("memory size must be a multiple of 4 KiB")
+        if self.on_crash not in ("stop", "continue"):
+            raise ConfigError(f"on_crash must be 'stop' or 'continue' (got {self.on_crash!r})")
         if self.timeout is not None and not self.timeout > 0:
             raise ConfigError(f"timeout must be positive (got {self.timeout})")
         return self
@@ -234,28 +252,13 @@ class _KvmIrqLine:
         self._vm.set_irq_line(self._gsi, level)
 
 
-def _base_cpuid(supported: Sequence[CpuidEntry], vcpu_index: int, vcpu_count: int
-                ) -> list[CpuidEntry]:
-    """The host's supported CPUID with this vCPU's APIC ID filled in (leaf 1 EBX[31:24], leaves
-    0xB/0x1F EDX), one thread per core."""
-    table = []
-    for entry in supported:
-        if entry.function == 1:
-            ebx = (entry.ebx & 0x0000_FFFF) | (min(vcpu_count, 255) << 16) | (vcpu_index << 24)
-            entry = replace(entry, ebx=ebx, edx=entry.edx | (1 << 28) if vcpu_count > 1 else
-                            entry.edx)
-        elif entry.function in (0xB, 0x1F):
-            entry = replace(entry, edx=vcpu_index)
-        table.append(entry)
-    return table
-
-
 @dataclass
 class _Resources:
     kvm: Kvm | None = None
     vm: Vm | None = None
     memory: GuestMemory | None = None
     host_buffers: list = field(default_factory=list)
+    memslots: MemslotManager | None = None
 
 
 class Machine:
@@ -279,7 +282,14 @@ class Machine:
         self._closed = False
         self.console = ConsoleBuffer(config.console_capture_limit, config.console)
         self._observers: list[ExitObserver] = []
+        self.hyperv = None  # hvvmm.hyperv.HyperV when the guest gets the Hyper-V interface
+        self.crash_reports: list = []
+        self.crash_listeners: list[Callable] = []
         self.boot: multiboot.BootState | None = None
+        # The exclusive section (see exclusive()): who holds it and how many vCPUs are parked.
+        self._pause = threading.Condition()
+        self._pause_owner: object = _NOBODY
+        self._parked = 0
         try:
             self._create()
         except BaseException:
@@ -293,6 +303,11 @@ class Machine:
         res = self._res
         res.kvm = kvm = Kvm(self.config.kvm_device)
         config = self.config.validated(kvm.check_extension(kvmc.KVM_CAP_MAX_VCPUS))
+        try:
+            hyperv_config = parse_hyperv_spec(config.hyperv)
+            cpu_mask = parse_cpu_features_mask(config.cpu_features)
+        except (HyperVConfigError, CpuidError) as exc:
+            raise ConfigError(str(exc)) from None
         kernel_image, kernel_name = self._read_kernel(config)
         modules = [self._read_module(spec) for spec in config.initrd]
         for cap, name in ((kvmc.KVM_CAP_IRQCHIP, "in-kernel irqchip"),
@@ -309,13 +324,11 @@ class Machine:
         vm.create_pit2()
 
         res.memory = memory = GuestMemory.anonymous(memory_layout(config.memory))
-        from .kvm._kvm import ffi  # the host address of each region, for its memslot
-
-        for slot, region in enumerate(memory):
-            pointer = ffi.from_buffer(region.buffer)
-            res.host_buffers.append(pointer)
-            vm.set_user_memory_region(slot, region.gpa, region.size,
-                                      int(ffi.cast("uintptr_t", pointer)))
+        for region in memory:
+            res.host_buffers.append(PinnedBuffer(region.buffer))
+        self.memslots = res.memslots = MemslotManager(
+            vm.set_user_memory_region, memory, [pinned.address for pinned in res.host_buffers],
+            lambda: self.exclusive(current_vcpu_index()))
 
         self._add_platform_devices(vm, config)
 
@@ -329,9 +342,19 @@ class Machine:
         supported = kvm.supported_cpuid()
         for index in range(config.smp):
             vcpu = vm.create_vcpu(index)
-            self.vcpus.append(VcpuThread(self, vcpu, self.pio_bus, self.mmio_bus))
-            vcpu.set_cpuid(_base_cpuid(supported, index, config.smp))
+            self.vcpus.append(VcpuThread(self, vcpu, self.pio_bus, self.mmio_bus,
+                                         self.memslots.overlay_at))
+            try:
+                table = build_cpuid(supported, vcpu_index=index, vcpu_count=config.smp,
+                                    hyperv=hyperv_config, cpu_features_mask=cpu_mask)
+            except CpuidError as exc:
+                raise ConfigError(str(exc)) from None
+            vcpu.set_cpuid(table)
         self._set_multiboot_entry_state(self.vcpus[0].vcpu, self.boot)
+        if hyperv_config.enabled:
+            from .hyperv import HyperV
+
+            self.hyperv = HyperV(self, hyperv_config)
 
     def _read_kernel(self, config: MachineConfig) -> tuple[bytes, str]:
         if config.kernel is None:
@@ -406,6 +429,11 @@ class Machine:
     def memory(self) -> GuestMemory:
         assert self._res.memory is not None
         return self._res.memory
+
+    @property
+    def kvm(self) -> Kvm:
+        assert self._res.kvm is not None
+        return self._res.kvm
 
     @property
     def vm(self) -> Vm:
@@ -491,6 +519,8 @@ class Machine:
         log.info("guest ended: %s", result.message)
         for vcpu in self.vcpus:
             vcpu.kick(KICK_SIGNAL)
+        with self._pause:
+            self._pause.notify_all()  # parked vCPUs see `stopping` and leave
         self._done.set()
 
     def _on_debug_exit(self, value: int) -> None:
@@ -501,7 +531,22 @@ class Machine:
         self._finish(MachineResult(ExitKind.POWEROFF, "guest powered off"))
 
     def _on_reset(self) -> None:
-        self._finish(MachineResult(ExitKind.RESET, "guest requested a reset"))
+        self.request_reset("the guest pulsed the i8042 reset line")
+
+    def request_reset(self, why: str) -> None:
+        """The guest asked for a reset: the run ends with ExitKind.RESET (``hvvmm run
+        --on-reset restart`` then boots a fresh machine)."""
+        self._finish(MachineResult(ExitKind.RESET, f"reset: {why}"))
+
+    def report_crash(self, report) -> None:
+        """The guest reported a crash (Hyper-V crash MSRs): record it, tell the listeners, and
+        end the run unless ``on_crash == "continue"``."""
+        self.crash_reports.append(report)
+        log.warning("%s", report.summary())
+        for listener in list(self.crash_listeners):
+            listener(report)
+        if self.config.on_crash == "stop":
+            self._finish(MachineResult(ExitKind.CRASH, report.summary(), vcpu=report.vp_index))
 
     def _join_vcpus(self) -> None:
         for vcpu in self.vcpus:
@@ -509,6 +554,62 @@ class Machine:
             while thread is not None and thread.is_alive():
                 vcpu.kick(KICK_SIGNAL)
                 thread.join(0.05)
+
+    # -- the exclusive section: every other vCPU parked outside KVM_RUN -------------------------
+
+    @contextmanager
+    def exclusive(self, vcpu_index: int | None = None):
+        """Run the body while every vCPU except ``vcpu_index`` (the caller's own, which is outside
+        ``KVM_RUN`` because it is handling an exit; None for the host) is parked. Used to change
+        memslots without a window in which a running vCPU finds no RAM."""
+        owner = _HOST if vcpu_index is None else vcpu_index
+        if not self._started:
+            yield
+            return
+        with self._pause:
+            while self._pause_owner is not _NOBODY and not self.stopping:
+                if vcpu_index is None:
+                    self._pause.wait()
+                else:  # another vCPU is pausing everyone: take part, then try again
+                    self._park_locked(vcpu_index)
+            self._pause_owner = owner
+        try:
+            others = [v for v in self.vcpus if v.index != vcpu_index]
+            for vcpu in others:
+                vcpu.kick(KICK_SIGNAL)
+            with self._pause:
+                while not self.stopping:
+                    running = sum(1 for v in others if v.thread is not None and
+                                  v.thread.is_alive())
+                    if self._parked >= running:
+                        break
+                    if not self._pause.wait(0.05):
+                        for vcpu in others:  # a kick can race a vCPU's entry: kick again
+                            vcpu.kick(KICK_SIGNAL)
+            yield
+        finally:
+            with self._pause:
+                self._pause_owner = _NOBODY
+                self._pause.notify_all()
+
+    def park_if_requested(self, vcpu_index: int) -> None:
+        """Called by a vCPU thread after ``KVM_RUN`` was interrupted."""
+        if self._pause_owner is _NOBODY:
+            return
+        with self._pause:
+            self._park_locked(vcpu_index)
+
+    def _park_locked(self, vcpu_index: int) -> None:
+        if self._pause_owner is _NOBODY or self._pause_owner == vcpu_index:
+            return
+        self._parked += 1
+        self._pause.notify_all()
+        try:
+            while (self._pause_owner is not _NOBODY and self._pause_owner != vcpu_index
+                   and not self.stopping):
+                self._pause.wait()
+        finally:
+            self._parked -= 1
 
     # -- teardown -----------------------------------------------------------------------------
 
@@ -523,15 +624,15 @@ class Machine:
         if self._input_pump is not None:
             self._input_pump.close()
         self.console.flush()
-        from .kvm._kvm import ffi
-
         res = self._res
         for vcpu in self.vcpus:
             vcpu.vcpu.close()
         if res.vm is not None:
             res.vm.close()
-        for pointer in res.host_buffers:
-            ffi.release(pointer)
+        if res.memslots is not None:
+            res.memslots.close()
+        for pinned in res.host_buffers:
+            pinned.release()
         res.host_buffers.clear()
         if res.memory is not None:
             res.memory.close()

@@ -23,6 +23,13 @@ log = logging.getLogger(__name__)
 
 ExitObserver = Callable[[int, VcpuExit], None]
 
+_thread_state = threading.local()
+
+
+def current_vcpu_index() -> int | None:
+    """The index of the vCPU whose thread is calling, or None on any other thread."""
+    return getattr(_thread_state, "vcpu_index", None)
+
 
 @dataclass(frozen=True)
 class StopRequest:
@@ -42,6 +49,8 @@ class MachineControl(Protocol):
 
     def request_stop(self, request: StopRequest) -> None: ...
 
+    def park_if_requested(self, vcpu_index: int) -> None: ...
+
 
 class MsrHandler(Protocol):
     """Answers RDMSR/WRMSR exits (the Hyper-V synthetic MSRs); returns False to refuse (#GP)."""
@@ -58,8 +67,11 @@ class PortHandler(Protocol):
 class VcpuThread:
     """Runs one vCPU until the machine stops."""
 
-    def __init__(self, machine: MachineControl, vcpu: Vcpu, pio_bus: Bus, mmio_bus: Bus):
+    def __init__(self, machine: MachineControl, vcpu: Vcpu, pio_bus: Bus, mmio_bus: Bus,
+                 overlay_at: Callable[[int], object | None] = lambda gpa: None):
         self.machine = machine
+        self._overlay_at = overlay_at
+        self._overlay_writes_logged: set[int] = set()
         self.vcpu = vcpu
         self.index = vcpu.index
         self.pio_bus = pio_bus
@@ -92,6 +104,7 @@ class VcpuThread:
                 pass  # the thread ended between the check and the kill
 
     def _thread_main(self) -> None:
+        _thread_state.vcpu_index = self.index
         self._started.set()
         try:
             self.run_loop()
@@ -141,6 +154,7 @@ class VcpuThread:
                 elif kind is InterruptedExit:
                     if machine.stopping:
                         return
+                    machine.park_if_requested(self.index)
                 elif kind is MmioExit:
                     self._mmio(exit)
                 elif kind is MsrExit:
@@ -167,10 +181,26 @@ class VcpuThread:
 
     def _mmio(self, exit: MmioExit) -> None:
         if exit.is_write:
+            if self.mmio_bus.find(exit.address, exit.size) is None:
+                overlay = self._overlay_at(exit.address)
+                if overlay is not None:
+                    self._overlay_write(exit, overlay)
+                    return
             self.mmio_bus.write(exit.address, exit.size, int.from_bytes(exit.data, "little"))
         else:
             exit.data[:] = self.mmio_bus.read(exit.address, exit.size).to_bytes(exit.size,
                                                                                 "little")
+
+    def _overlay_write(self, exit: MmioExit, overlay) -> None:
+        """A guest write to a read-only overlay page (hypercall, reference TSC) is not applied.
+        The TLFS says such a write raises #GP. KVM reports it only after its emulator retired the
+        instruction (RIP already past it), so a #GP injected now would point at the wrong
+        instruction and break fault fix-ups; hvvmm drops the write and logs it instead."""
+        if overlay.gpa not in self._overlay_writes_logged:
+            self._overlay_writes_logged.add(overlay.gpa)
+            log.warning("vCPU %d wrote %d byte(s) to the read-only %s page at %#x; the write was "
+                        "dropped (logged once per page)", self.index, exit.size, overlay.name,
+                        exit.address)
 
     def _msr(self, exit: MsrExit) -> None:
         handler = self.msr_handler

@@ -5,11 +5,12 @@ from .exits import (FailEntryExit, HltExit, InternalErrorExit, InterruptedExit, 
                     IrqWindowOpenExit, MmioExit, MsrExit, ShutdownExit, SystemEventExit,
                     UnknownExit, VcpuExit, decode_exit)
 from .system import (KICK_SIGNAL, CpuidEntry, Kvm, KvmError, KvmUnavailableError, MsrFilterRange,
-                     Vcpu, Vm, install_kick_handler)
+                     PinnedBuffer, Vcpu, Vm, install_kick_handler)
 
 __all__ = [
     "constants", "FailEntryExit", "HltExit", "InternalErrorExit", "InterruptedExit", "IoExit",
     "IrqWindowOpenExit", "MmioExit", "MsrExit", "ShutdownExit", "SystemEventExit", "UnknownExit",
     "VcpuExit", "decode_exit", "KICK_SIGNAL", "CpuidEntry", "Kvm", "KvmError",
-    "KvmUnavailableError", "MsrFilterRange", "Vcpu", "Vm", "install_kick_handler",
+    "KvmUnavailableError", "MsrFilterRange", "PinnedBuffer", "Vcpu", "Vm",
+    "install_kick_handler",
 ]

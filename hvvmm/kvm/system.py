@@ -12,6 +12,7 @@ import signal
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
+from ..cpuid import CpuidEntry
 from ._kvm import ffi, lib
 from .exits import InterruptedExit, VcpuExit, decode_exit
 
@@ -37,19 +38,6 @@ def _check(result: int, what: str) -> int:
     if result < 0:
         raise KvmError(what, -result)
     return result
-
-
-@dataclass(frozen=True)
-class CpuidEntry:
-    """One CPUID leaf/subleaf as KVM exchanges it (``struct kvm_cpuid_entry2``)."""
-
-    function: int
-    index: int
-    flags: int
-    eax: int
-    ebx: int
-    ecx: int
-    edx: int
 
 
 @dataclass(frozen=True)
@@ -383,6 +371,20 @@ class Vcpu:
         self._run_page = self.run_struct = self._sync = None
         os.close(self.fd)
         self.fd = -1
+
+
+class PinnedBuffer:
+    """The host address of a writable Python buffer (an mmap of guest RAM or an overlay page),
+    kept valid until :meth:`release`: what ``KVM_SET_USER_MEMORY_REGION`` needs."""
+
+    def __init__(self, buffer):
+        self._cdata = ffi.from_buffer(buffer, require_writable=True)
+        self.address = int(ffi.cast("uintptr_t", self._cdata))
+
+    def release(self) -> None:
+        if self._cdata is not None:
+            ffi.release(self._cdata)
+            self._cdata = None
 
 
 def install_kick_handler() -> None:

@@ -1,0 +1,273 @@
+"""Hyper-V on KVM: the glue between the emulator (:mod:`hvvmm.hv`, no KVM inside) and a machine.
+
+* :class:`VcpuRegisters` is the hypercall register file over a real vCPU at a hypercall exit.
+* :class:`KvmHvPlatform` is :class:`hvvmm.hv.platform.HvPlatform` over the machine.
+* :class:`HyperV` attaches a partition to a machine: the MSR filter that sends the synthetic MSRs
+  to user space, the MSR and hypercall-port handlers of every vCPU, and the event listeners.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from typing import TYPE_CHECKING, Sequence
+
+from .hv.platform import CrashReport, OverlayPage
+from .kvm import Vcpu
+from .kvm import constants as kvmc
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+log = logging.getLogger(__name__)
+
+EFER_LMA = 1 << 10
+CR0_PE = 1 << 0
+IA32_TSC = 0x10
+UD_VECTOR = 6
+PAGE_MASK = ~0xFFF
+# KVM's in-kernel LAPIC timer counts at 1 GHz (APIC_BUS_CYCLE_NS = 1 in arch/x86/kvm/lapic.h).
+KVM_APIC_FREQUENCY_HZ = 1_000_000_000
+# The LAPIC's IRR: eight 32-bit registers at 0x200, 0x210, ... in KVM_GET_LAPIC's page.
+_APIC_IRR = tuple(0x200 + 0x10 * i for i in range(8))
+IDLE_BOUND_S = 0.001
+
+SYNC_MASK = kvmc.KVM_SYNC_X86_REGS | kvmc.KVM_SYNC_X86_SREGS
+
+
+class VcpuRegisters:
+    """:class:`hvvmm.hv.hypercall.HypercallRegisters` over one vCPU, for one hypercall exit.
+
+    With ``KVM_CAP_SYNC_REGS`` the registers are read from and written to the ``kvm_run`` page
+    (no ioctl); otherwise with ``KVM_GET/SET_REGS``. XMM registers, needed only for XMM fast
+    calls, come from ``KVM_GET_FPU``. :meth:`commit` writes back what changed; RIP is left as KVM
+    reported it unless :meth:`retry` or :meth:`inject_ud` moves it (``hypercall-trap.md`` §6).
+    """
+
+    def __init__(self, vcpu: Vcpu, use_sync_regs: bool):
+        self._vcpu = vcpu
+        self._sync = use_sync_regs
+        if use_sync_regs:
+            self._regs = vcpu.sync_regs.regs
+            self._sregs = vcpu.sync_regs.sregs
+        else:
+            self._regs = vcpu.get_regs()
+            self._sregs = vcpu.get_sregs()
+        self._regs_dirty = False
+        self._fpu = None
+        self._fpu_dirty = False
+
+    def is_long_mode(self) -> bool:
+        return bool(self._sregs.efer & EFER_LMA) and bool(self._sregs.cs.l)
+
+    def is_protected_mode(self) -> bool:
+        return bool(self._sregs.cr0 & CR0_PE)
+
+    def cpl(self) -> int:
+        return self._sregs.ss.dpl  # CPL = SS.DPL (hypercall-trap.md §8)
+
+    def get_gpr(self, name: str) -> int:
+        return getattr(self._regs, name)
+
+    def set_gpr(self, name: str, value: int) -> None:
+        setattr(self._regs, name, value & 0xFFFF_FFFF_FFFF_FFFF)
+        self._regs_dirty = True
+
+    def _load_fpu(self):
+        if self._fpu is None:
+            self._fpu = self._vcpu.get_fpu()
+        return self._fpu
+
+    def get_xmm(self, index: int) -> int:
+        return int.from_bytes(bytes(self._load_fpu().xmm[index]), "little")
+
+    def set_xmm(self, index: int, value: int) -> None:
+        self._load_fpu().xmm[index] = list((value & ((1 << 128) - 1)).to_bytes(16, "little"))
+        self._fpu_dirty = True
+
+    def _rip_of_page_start(self) -> int:
+        # The stub sits at the start of a page; RIP is at or just past its OUT. Work on the linear
+        # address so a non-zero CS base (32-bit segmented guests) is honoured.
+        base = 0 if self.is_long_mode() else self._sregs.cs.base
+        return (((base + self._regs.rip) & PAGE_MASK) - base) & 0xFFFF_FFFF_FFFF_FFFF
+
+    def retry(self) -> None:
+        """Continuation: re-execute the stub from its first byte (hypercall-trap.md §6.2)."""
+        self._regs.rip = self._rip_of_page_start()
+        self._regs_dirty = True
+
+    def inject_ud(self) -> None:
+        """#UD reported at the page start, with no OUT skip pending (hypercall-trap.md §6.3)."""
+        self.retry()
+        self.commit()
+        self._vcpu.inject_exception(UD_VECTOR)
+
+    def commit(self) -> None:
+        if self._regs_dirty:
+            if self._sync:
+                self._vcpu.mark_sync_regs_dirty(kvmc.KVM_SYNC_X86_REGS)
+            else:
+                self._vcpu.set_regs(self._regs)
+            self._regs_dirty = False
+        if self._fpu_dirty:
+            self._vcpu.set_fpu(self._fpu)
+            self._fpu_dirty = False
+
+
+class KvmHvPlatform:
+    """:class:`hvvmm.hv.platform.HvPlatform` over a :class:`hvvmm.machine.Machine`."""
+
+    def __init__(self, machine: "Machine"):
+        self._machine = machine
+        self.memory = machine.memory
+        self.vp_count = len(machine.vcpus)
+        boot_vcpu = machine.vcpus[0].vcpu
+        tsc_khz = boot_vcpu.tsc_khz()
+        if not tsc_khz:
+            raise RuntimeError("KVM does not report the guest TSC frequency (KVM_GET_TSC_KHZ); "
+                               "the Hyper-V clocks need it")
+        self.tsc_frequency_hz = tsc_khz * 1000
+        self.apic_frequency_hz = KVM_APIC_FREQUENCY_HZ
+        # KVM starts every guest TSC at 0 when the vCPU is created; read it to be exact.
+        self.guest_tsc_at_reference_zero = boot_vcpu.get_msrs([IA32_TSC])[IA32_TSC]
+
+    def read_guest_tsc(self, vp_index: int) -> int:
+        return self._machine.vcpus[vp_index].vcpu.get_msrs([IA32_TSC])[IA32_TSC]
+
+    def vp_runtime_100ns(self, vp_index: int) -> int:
+        thread = self._machine.vcpus[vp_index].thread
+        if thread is None or thread.ident is None or not thread.is_alive():
+            return 0
+        try:
+            clock = time.pthread_getcpuclockid(thread.ident)
+            return time.clock_gettime_ns(clock) // 100
+        except OSError:
+            return 0
+
+    def yield_vp(self, vp_index: int) -> None:
+        os.sched_yield()
+
+    def idle_vp(self, vp_index: int) -> None:
+        """Return once an interrupt is pending in the vCPU's LAPIC, or after a millisecond."""
+        vcpu = self._machine.vcpus[vp_index].vcpu
+        deadline = time.monotonic() + IDLE_BOUND_S
+        while not self._machine.stopping:
+            lapic = vcpu.get_lapic()
+            if any(lapic[offset:offset + 4] != b"\0\0\0\0" for offset in _APIC_IRR):
+                return
+            if time.monotonic() >= deadline:
+                return
+            time.sleep(0.0001)
+
+    def request_reset(self) -> None:
+        self._machine.request_reset("the guest wrote the Hyper-V reset MSR")
+
+    def report_crash(self, report: CrashReport) -> None:
+        self._machine.report_crash(report)
+
+    def map_overlay(self, gpa: int, content: bytes, *, readonly: bool, name: str) -> OverlayPage:
+        return self._machine.memslots.map_overlay(gpa, content, readonly=readonly, name=name)
+
+    def unmap_overlay(self, page: OverlayPage) -> None:
+        self._machine.memslots.unmap_overlay(page)  # type: ignore[arg-type]
+
+    def boot_zeroed_ranges(self) -> Sequence[tuple[int, int]]:
+        # hvvmm does not track which RAM the loader and the guest have written; reporting a page
+        # that is not zero would hand the guest stale data as "zeroed", so report none.
+        return ()
+
+
+class _ReservedPort:
+    """Holds the hypercall port on the PIO bus so no device can be registered over it. While the
+    hypercall page is off, an OUT there is an ordinary write to an unclaimed port."""
+
+    def read(self, offset: int, size: int) -> int:
+        return (1 << (8 * size)) - 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        pass
+
+
+class HyperV:
+    """The Hyper-V interface of one machine: a :class:`~hvvmm.hv.partition.Partition` wired to
+    its vCPUs. Created by :class:`hvvmm.machine.Machine` when Hyper-V is on."""
+
+    def __init__(self, machine: "Machine", config):
+        from .hv.partition import HYPERCALL_PORT, Partition
+        from .kvm import MsrFilterRange
+
+        vm = machine.vm
+        kvm = machine.kvm
+        for cap, name in ((kvmc.KVM_CAP_X86_USER_SPACE_MSR, "KVM_CAP_X86_USER_SPACE_MSR"),
+                          (kvmc.KVM_CAP_X86_MSR_FILTER, "KVM_CAP_X86_MSR_FILTER")):
+            if not kvm.check_extension(cap):
+                raise RuntimeError(f"KVM on this host lacks {name}, which hvvmm needs to answer "
+                                   "the Hyper-V synthetic MSRs (use --hyperv none)")
+        # Every access to the synthetic MSR ranges exits to user space (reason FILTER), also for
+        # MSRs hvvmm does not implement, which then #GP here rather than reach an in-kernel
+        # Hyper-V on hosts that have one.
+        vm.enable_cap(kvmc.KVM_CAP_X86_USER_SPACE_MSR, kvmc.KVM_MSR_EXIT_REASON_FILTER)
+        both = kvmc.KVM_MSR_FILTER_READ | kvmc.KVM_MSR_FILTER_WRITE
+        vm.set_msr_filter([MsrFilterRange(low, high - low + 1, both)
+                           for low, high in Partition.msr_filter_ranges()])
+
+        self.machine = machine
+        self.port = HYPERCALL_PORT
+        self.listeners: list = []
+        self.platform = KvmHvPlatform(machine)
+        self.partition = Partition(config, self.platform, on_event=self._on_event)
+        machine.pio_bus.register(HYPERCALL_PORT, 1, _ReservedPort(), "hyperv-hypercall")
+        self._sync_regs = bool(kvm.check_extension(kvmc.KVM_CAP_SYNC_REGS) & SYNC_MASK
+                               == SYNC_MASK)
+        for vcpu_thread in machine.vcpus:
+            vcpu_thread.msr_handler = self
+            vcpu_thread.vcpu_ports[HYPERCALL_PORT] = self
+            if self._sync_regs:
+                vcpu_thread.vcpu.enable_sync_regs(SYNC_MASK)
+
+    def add_listener(self, listener) -> None:
+        """Call ``listener(event)`` (a :class:`~hvvmm.hv.partition.TraceEvent`) for every
+        synthetic MSR access and hypercall, on the vCPU thread."""
+        self.listeners.append(listener)
+
+    def _on_event(self, event) -> None:
+        for listener in self.listeners:
+            listener(event)
+
+    def counters(self) -> dict:
+        """Per-VP counters of synthetic MSR accesses and hypercalls (by name and status)."""
+        return self.partition.counters()
+
+    # -- vCPU handlers ------------------------------------------------------------------------
+
+    def handle_msr(self, vcpu_thread, exit) -> bool:
+        from .hv.msr import MsrAccessFault
+
+        try:
+            if exit.is_write:
+                self.partition.msr_write(vcpu_thread.index, exit.index, exit.value)
+                exit.complete()
+            else:
+                exit.complete(self.partition.msr_read(vcpu_thread.index, exit.index))
+        except MsrAccessFault:
+            return False  # #GP, as the TLFS says
+        return True
+
+    def handle_port(self, vcpu_thread, exit) -> None:
+        """An OUT to the hypercall port: a hypercall while the page is enabled and the access is
+        the stub's (`out imm8, al`: 1 byte, one item); anything else is an ordinary port."""
+        partition = self.partition
+        if not (exit.is_write and exit.size == 1 and exit.count == 1
+                and partition.hypercall_port_active()):
+            if exit.is_write:
+                vcpu_thread.pio_bus.write(exit.port, exit.size, exit.data[0])
+            else:
+                exit.data[:] = b"\xff" * len(exit.data)
+            return
+        registers = VcpuRegisters(vcpu_thread.vcpu, self._sync_regs)
+        outcome = partition.hypercall(vcpu_thread.index, registers)
+        if outcome.inject_ud:
+            registers.inject_ud()
+        else:
+            registers.commit()

@@ -1,0 +1,161 @@
+"""KVM memslots for guest RAM and overlay pages.
+
+An overlay is a hypervisor-owned page shown at a guest-physical address, hiding the RAM below it
+(TLFS: the hypercall page, the reference TSC page, the SynIC pages; ``hypercall-trap.md`` §7).
+KVM memslots may not overlap, so the RAM slot under an overlay is split around it, and merged back
+when the overlay goes. Read-only overlays use ``KVM_MEM_READONLY``: guest reads and instruction
+fetches work, a guest write exits as MMIO and is not applied.
+
+Changing slots while other vCPUs run would open a window in which their RAM accesses find no
+slot, so :class:`MemslotManager` changes slots only inside the machine's exclusive section (all
+other vCPUs parked outside ``KVM_RUN``); the caller provides it.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+from dataclasses import dataclass
+from typing import Callable, ContextManager, Iterable
+
+from .hv.platform import OverlayError
+from .kvm import PinnedBuffer
+from .memory import PAGE_SIZE, GuestMemory
+
+log = logging.getLogger(__name__)
+
+# Guest-physical ranges no overlay may cover: the IOAPIC, the LAPIC and the pages KVM itself
+# uses (TSS, identity map) all sit in the top 20 MiB of the 32-bit space.
+RESERVED_RANGES = ((0xFEC0_0000, 0x1_0000_0000),)
+MAX_GPA = 1 << 52
+
+
+@dataclass(frozen=True)
+class _Slot:
+    gpa: int
+    size: int
+    host_address: int
+    readonly: bool
+
+
+class Overlay:
+    """One overlay page: 4096 bytes of host memory the guest sees at ``gpa``."""
+
+    def __init__(self, gpa: int, content: bytes, readonly: bool, name: str):
+        if len(content) != PAGE_SIZE:
+            raise ValueError("an overlay page is exactly 4096 bytes")
+        self._gpa = gpa
+        self.readonly = readonly
+        self.name = name
+        self._buffer = mmap.mmap(-1, PAGE_SIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._buffer[:] = content
+        self._pinned = PinnedBuffer(self._buffer)
+        self.host_address = self._pinned.address
+
+    @property
+    def gpa(self) -> int:
+        return self._gpa
+
+    def write(self, offset: int, data: bytes) -> None:
+        """Change the page from the host; the guest sees it at once."""
+        if offset < 0 or offset + len(data) > PAGE_SIZE:
+            raise ValueError(f"overlay write {offset:#x}+{len(data):#x} outside the page")
+        self._buffer[offset:offset + len(data)] = data
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset < 0 or offset + size > PAGE_SIZE:
+            raise ValueError(f"overlay read {offset:#x}+{size:#x} outside the page")
+        return self._buffer[offset:offset + size]
+
+    def close(self) -> None:
+        self._pinned.release()
+        self._buffer.close()
+
+
+class MemslotManager:
+    """Keeps KVM's memslots equal to RAM minus overlays, plus the overlays."""
+
+    def __init__(self, set_slot: Callable[[int, int, int, int, bool], None], memory: GuestMemory,
+                 host_addresses: Iterable[int], exclusive: Callable[[], ContextManager]):
+        """``set_slot(slot, gpa, size, host_address, readonly)`` is ``Vm.set_user_memory_region``
+        (size 0 deletes); ``host_addresses`` are the host addresses of ``memory``'s regions, in
+        order; ``exclusive()`` parks the other vCPUs while slots change."""
+        self._set_slot = set_slot
+        self._exclusive = exclusive
+        self._ram = [(region.gpa, region.size, host)
+                     for region, host in zip(memory.regions, host_addresses)]
+        self._overlays: dict[int, Overlay] = {}
+        self._slots: dict[int, _Slot] = {}
+        self._apply()
+
+    @property
+    def overlays(self) -> tuple[Overlay, ...]:
+        return tuple(self._overlays.values())
+
+    def overlay_at(self, gpa: int) -> Overlay | None:
+        return self._overlays.get(gpa & ~(PAGE_SIZE - 1))
+
+    def map_overlay(self, gpa: int, content: bytes, *, readonly: bool, name: str) -> Overlay:
+        if gpa % PAGE_SIZE or not 0 <= gpa < MAX_GPA - PAGE_SIZE:
+            raise OverlayError(f"{name} page at {gpa:#x}: not a page-aligned guest address")
+        for start, end in RESERVED_RANGES:
+            if start <= gpa < end:
+                raise OverlayError(f"{name} page at {gpa:#x} would cover the APIC/KVM area")
+        if gpa in self._overlays:
+            raise OverlayError(f"{name} page at {gpa:#x} would cover the "
+                               f"{self._overlays[gpa].name} page")
+        overlay = Overlay(gpa, content, readonly, name)
+        self._overlays[gpa] = overlay
+        try:
+            with self._exclusive():
+                self._apply()
+        except BaseException:
+            del self._overlays[gpa]
+            overlay.close()
+            raise
+        log.debug("overlay %s mapped at %#x%s", name, gpa, " (read-only)" if readonly else "")
+        return overlay
+
+    def unmap_overlay(self, overlay: Overlay) -> None:
+        if self._overlays.get(overlay.gpa) is not overlay:
+            return  # already gone (e.g. removed by a reset)
+        del self._overlays[overlay.gpa]
+        with self._exclusive():
+            self._apply()
+        overlay.close()
+        log.debug("overlay %s at %#x removed", overlay.name, overlay.gpa)
+
+    def close(self) -> None:
+        for overlay in self._overlays.values():
+            overlay.close()
+        self._overlays.clear()
+
+    def desired_slots(self) -> set[_Slot]:
+        """RAM split around the overlays, plus one slot per overlay."""
+        slots = set()
+        pages = sorted(self._overlays)
+        for gpa, size, host in self._ram:
+            start = gpa
+            for page in pages:
+                if gpa <= page < gpa + size:
+                    if page > start:
+                        slots.add(_Slot(start, page - start, host + start - gpa, False))
+                    start = page + PAGE_SIZE
+            if start < gpa + size:
+                slots.add(_Slot(start, gpa + size - start, host + start - gpa, False))
+        for overlay in self._overlays.values():
+            slots.add(_Slot(overlay.gpa, PAGE_SIZE, overlay.host_address, overlay.readonly))
+        return slots
+
+    def _apply(self) -> None:
+        desired = self.desired_slots()
+        current = set(self._slots.values())
+        # Deletions first: KVM refuses a new slot that overlaps an existing one.
+        for slot_id, slot in list(self._slots.items()):
+            if slot not in desired:
+                self._set_slot(slot_id, slot.gpa, 0, slot.host_address, slot.readonly)
+                del self._slots[slot_id]
+        for slot in sorted(desired - current, key=lambda s: s.gpa):
+            slot_id = next(i for i in range(len(self._slots) + 1) if i not in self._slots)
+            self._set_slot(slot_id, slot.gpa, slot.size, slot.host_address, slot.readonly)
+            self._slots[slot_id] = slot
