@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 from .hv.platform import CrashReport, OverlayPage
 from .kvm import Vcpu
 from .kvm import constants as kvmc
+from .timers import Timer, TimerService
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -32,6 +33,7 @@ KVM_APIC_FREQUENCY_HZ = 1_000_000_000
 # The LAPIC's IRR: eight 32-bit registers at 0x200, 0x210, ... in KVM_GET_LAPIC's page.
 _APIC_IRR = tuple(0x200 + 0x10 * i for i in range(8))
 IDLE_BOUND_S = 0.001
+MSI_ADDRESS_BASE = 0xFEE0_0000  # MSI to one LAPIC: destination APIC ID in bits 19:12
 
 SYNC_MASK = kvmc.KVM_SYNC_X86_REGS | kvmc.KVM_SYNC_X86_SREGS
 
@@ -131,6 +133,7 @@ class KvmHvPlatform:
         self.apic_frequency_hz = KVM_APIC_FREQUENCY_HZ
         # KVM starts every guest TSC at 0 when the vCPU is created; read it to be exact.
         self.guest_tsc_at_reference_zero = boot_vcpu.get_msrs([IA32_TSC])[IA32_TSC]
+        self.timers = TimerService()
 
     def read_guest_tsc(self, vp_index: int) -> int:
         return self._machine.vcpus[vp_index].vcpu.get_msrs([IA32_TSC])[IA32_TSC]
@@ -171,6 +174,31 @@ class KvmHvPlatform:
 
     def unmap_overlay(self, page: OverlayPage) -> None:
         self._machine.memslots.unmap_overlay(page)  # type: ignore[arg-type]
+
+    # -- services for the interrupt side (SynIC, synthetic timers, PV IPI) ----------------------
+
+    def signal_interrupt(self, vp_index: int, vector: int) -> bool:
+        """Send fixed-mode, edge-triggered ``vector`` to VP ``vp_index`` through the in-kernel
+        LAPIC (``KVM_SIGNAL_MSI``; the APIC ID equals the VP index). Thread-safe. Returns False if
+        the LAPIC did not accept it (e.g. software-disabled)."""
+        return self._machine.vm.signal_msi(MSI_ADDRESS_BASE | (vp_index << 12), vector & 0xFF) > 0
+
+    def run_on_vp(self, vp_index: int, work) -> None:
+        """Run ``work()`` on VP ``vp_index``'s thread while it is outside ``KVM_RUN`` (at once
+        when called from that thread): for its LAPIC state and other per-vCPU ioctls."""
+        self._machine.vcpus[vp_index].run_soon(work)
+
+    def host_time_ns(self) -> int:
+        """The host monotonic clock the timer service uses."""
+        return self.timers.now_ns()
+
+    def start_timer(self, deadline_ns: int, callback) -> "Timer":
+        """Call ``callback()`` on the timer thread at host monotonic time ``deadline_ns``
+        (never earlier). Returns a handle with ``cancel()``."""
+        return self.timers.start_timer(deadline_ns, callback)
+
+    def close(self) -> None:
+        self.timers.close()
 
     def boot_zeroed_ranges(self) -> Sequence[tuple[int, int]]:
         # hvvmm does not track which RAM the loader and the guest have written; reporting a page
@@ -234,6 +262,9 @@ class HyperV:
     def _on_event(self, event) -> None:
         for listener in self.listeners:
             listener(event)
+
+    def close(self) -> None:
+        self.platform.close()
 
     def counters(self) -> dict:
         """Per-VP counters of synthetic MSR accesses and hypercalls (by name and status)."""

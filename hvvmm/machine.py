@@ -29,7 +29,7 @@ from .hv.features import HyperVConfigError, parse_hyperv_spec
 from .bus import Bus, BusDevice, mmio_bus, pio_bus
 from .devices.acpi_pm import ACPI_PM1A_CNT_LENGTH, ACPI_PM1A_CNT_PORT, AcpiPm
 from .devices.cmos import CMOS_BASE, CMOS_PORT_COUNT, Cmos
-from .devices.debug_exit import DEBUG_EXIT_BASE, DEBUG_EXIT_PORT_COUNT, DebugExit, exit_status
+from .devices.debug_exit import DebugExit, exit_status
 from .devices.fw_cfg import FW_CFG_IO_BASE, FW_CFG_PORT_COUNT, FwCfg
 from .devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_PORT_COUNT
 from .devices.port80 import POST_CODE_PORT, POST_CODE_PORT_COUNT, PostCodePort
@@ -139,6 +139,7 @@ class MachineConfig:
     hyperv: str | None = None
     cpu_features: str | None = None  # host CPUID features to hide, e.g. "-cx16,-xsave"
     on_crash: str = "stop"           # "stop": a guest crash report ends the run; "continue"
+    debug_exit: tuple[int, int] | None = (0xF4, 4)  # isa-debug-exit (iobase, iosize); None: none
 
     def validated(self, max_vcpus: int | None = None) -> "MachineConfig":
         if not isinstance(self.smp, int) or self.smp < 1:
@@ -387,7 +388,9 @@ class Machine:
         self.serial = Serial(_KvmIrqLine(vm, COM1_IRQ), self.console)
         pio.register(SERIAL_COM1_BASE, SERIAL_PORT_COUNT, self.serial, "serial0")
         self.debug_exit = DebugExit(self._on_debug_exit)
-        pio.register(DEBUG_EXIT_BASE, DEBUG_EXIT_PORT_COUNT, self.debug_exit, "isa-debug-exit")
+        if config.debug_exit is not None:
+            base, size = config.debug_exit
+            pio.register(base, size, self.debug_exit, "isa-debug-exit")
         self.fw_cfg = FwCfg(config.memory, config.smp)
         pio.register(FW_CFG_IO_BASE, FW_CFG_PORT_COUNT, self.fw_cfg, "fw_cfg")
         self.cmos = Cmos(config.memory, low_ram_limit=LOW_RAM_LIMIT)
@@ -625,6 +628,8 @@ class Machine:
             self._input_pump.close()
         self.console.flush()
         res = self._res
+        if self.hyperv is not None:
+            self.hyperv.close()
         for vcpu in self.vcpus:
             vcpu.vcpu.close()
         if res.vm is not None:

@@ -9,6 +9,7 @@ makes ``KVM_RUN`` return EINTR.
 
 from __future__ import annotations
 
+import collections
 import logging
 import signal
 import threading
@@ -16,8 +17,9 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from .bus import Bus
-from .kvm import (FailEntryExit, HltExit, InternalErrorExit, InterruptedExit, IoExit, MmioExit,
-                  MsrExit, ShutdownExit, SystemEventExit, UnknownExit, Vcpu, VcpuExit, constants)
+from .kvm import (KICK_SIGNAL, FailEntryExit, HltExit, InternalErrorExit, InterruptedExit, IoExit,
+                  MmioExit, MsrExit, ShutdownExit, SystemEventExit, UnknownExit, Vcpu, VcpuExit,
+                  constants)
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ class VcpuThread:
         self.vcpu_ports: dict[int, PortHandler] = {}
         self.observers: list[ExitObserver] = []
         self.exit_count = 0
+        self._work: collections.deque[Callable[[], None]] = collections.deque()
         self.thread: threading.Thread | None = None
         self._started = threading.Event()
 
@@ -93,7 +96,17 @@ class VcpuThread:
         self.thread.start()
         self._started.wait()
 
-    def kick(self, signal_number: int) -> None:
+    def run_soon(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on this vCPU's thread while the vCPU is outside ``KVM_RUN`` (at once if
+        called from that thread). For state only the vCPU's own thread may touch, such as its
+        LAPIC registers."""
+        if current_vcpu_index() == self.index:
+            work()
+            return
+        self._work.append(work)
+        self.kick()
+
+    def kick(self, signal_number: int = KICK_SIGNAL) -> None:
         """Make the vCPU leave ``KVM_RUN`` now (or at its next entry)."""
         self.vcpu.request_immediate_exit()
         thread = self.thread
@@ -155,6 +168,9 @@ class VcpuThread:
                     if machine.stopping:
                         return
                     machine.park_if_requested(self.index)
+                    work = self._work
+                    while work:
+                        work.popleft()()
                 elif kind is MmioExit:
                     self._mmio(exit)
                 elif kind is MsrExit:

@@ -1,0 +1,94 @@
+"""Host timers for the VMM: one thread, a heap of deadlines, one condition variable.
+
+Synthetic timers (four per VP) and anything else that must fire at a host time share this
+service: no thread per timer, nothing that polls. The thread sleeps on the condition variable
+until the earliest deadline (``Condition.wait`` with a timeout, a monotonic-clock wait in
+CPython 3.11+) or until a new earlier deadline is added. Callbacks run on the timer thread and
+must be short and thread-safe; one that raises is logged and does not stop the service.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+import time
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+
+class Timer:
+    """A scheduled callback; :meth:`cancel` it to stop it firing (idempotent)."""
+
+    __slots__ = ("deadline_ns", "callback", "cancelled", "_service")
+
+    def __init__(self, service: "TimerService", deadline_ns: int, callback: Callable[[], None]):
+        self._service = service
+        self.deadline_ns = deadline_ns
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True  # the heap entry is skipped when it comes up
+
+
+class TimerService:
+    """Runs callbacks at monotonic-clock deadlines (``time.monotonic_ns``)."""
+
+    def __init__(self, name: str = "hvvmm-timers", clock: Callable[[], int] = time.monotonic_ns):
+        self._clock = clock
+        self._heap: list[tuple[int, int, Timer]] = []
+        self._sequence = itertools.count()
+        self._cond = threading.Condition(threading.Lock())
+        self._closed = False
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._thread.start()
+
+    def now_ns(self) -> int:
+        return self._clock()
+
+    def start_timer(self, deadline_ns: int, callback: Callable[[], None]) -> Timer:
+        """Call ``callback()`` on the timer thread at (never before) ``deadline_ns``."""
+        timer = Timer(self, deadline_ns, callback)
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the timer service is closed")
+            earliest = self._heap[0][0] if self._heap else None
+            heapq.heappush(self._heap, (deadline_ns, next(self._sequence), timer))
+            if earliest is None or deadline_ns < earliest:
+                self._cond.notify()
+        return timer
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._heap.clear()
+            self._cond.notify()
+        if threading.current_thread() is not self._thread:
+            self._thread.join()
+
+    def _main(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    if self._closed:
+                        return
+                    while self._heap and self._heap[0][2].cancelled:
+                        heapq.heappop(self._heap)
+                    if not self._heap:
+                        self._cond.wait()
+                        continue
+                    deadline = self._heap[0][0]
+                    remaining = deadline - self._clock()
+                    if remaining <= 0:
+                        timer = heapq.heappop(self._heap)[2]
+                        break
+                    self._cond.wait(remaining / 1e9)
+            if timer.cancelled:
+                continue
+            try:
+                timer.callback()
+            except Exception:  # a callback bug must not stop every other timer
+                log.exception("timer callback failed")

@@ -1,0 +1,45 @@
+import threading
+import time
+
+from hvvmm.timers import TimerService
+
+
+def test_timers_fire_in_deadline_order_and_never_early():
+    service = TimerService()
+    fired = []
+    done = threading.Event()
+    try:
+        start = service.now_ns()
+        for delay_ms in (30, 10, 20):
+            deadline = start + delay_ms * 1_000_000
+            service.start_timer(deadline, lambda d=deadline: (fired.append((d, service.now_ns())),
+                                                               len(fired) == 3 and done.set()))
+        assert done.wait(5)
+    finally:
+        service.close()
+    assert [d for d, _ in fired] == sorted(d for d, _ in fired)
+    assert all(now >= deadline for deadline, now in fired)
+
+
+def test_cancelled_timer_does_not_fire_and_a_failing_callback_does_not_stop_others():
+    service = TimerService()
+    fired = []
+    done = threading.Event()
+    try:
+        now = service.now_ns()
+        service.start_timer(now + 1_000_000, lambda: 1 / 0)
+        timer = service.start_timer(now + 2_000_000, lambda: fired.append("cancelled"))
+        timer.cancel()
+        service.start_timer(now + 5_000_000, lambda: (fired.append("ok"), done.set()))
+        assert done.wait(5)
+    finally:
+        service.close()
+    assert fired == ["ok"]
+
+
+def test_close_joins_the_thread():
+    before = threading.active_count()
+    service = TimerService()
+    service.start_timer(time.monotonic_ns() + 10**12, lambda: None)
+    service.close()
+    assert threading.active_count() == before
