@@ -8,6 +8,14 @@ Layout (after OpenVMM's ``vm/hv1`` split):
   and a table-driven dispatcher. It sees the calling vCPU only through the
   :class:`~hvvmm.hv.hypercall.HypercallRegisters` protocol and guest RAM only through
   :class:`hvvmm.memory.GuestMemory`.
+* :mod:`hvvmm.hv.msr` -- the synthetic MSR registry: declared MSRs, read-only and reserved-bit
+  rules, #GP for anything not advertised.
+* :mod:`hvvmm.hv.features` -- ``--hyperv SPEC`` parsing (QEMU's ``hv-*`` names, presets,
+  dependency rules) into a :class:`~hvvmm.hv.features.HyperVConfig`.
+* :mod:`hvvmm.hv.partition` -- the emulator state of one VM (OpenVMM's ``hv1_emulator``): the
+  attached enlightenments, per-VP state and counters, the entry points the vCPU loop calls.
+* :mod:`hvvmm.hv.platform` -- :class:`~hvvmm.hv.platform.HvPlatform`, the services the emulator
+  needs from a VMM (implemented over KVM in :mod:`hvvmm.hyperv`, faked in unit tests).
 
 Nothing in this package imports the KVM layer; it is unit-tested with a fake register file and
 ``bytearray`` guest memory. The enlightenments themselves (VP index, clocks, SynIC, ...) live in
