@@ -281,6 +281,14 @@ def _apply_mask(entries: list[CpuidEntry], mask: CpuFeatureMask) -> list[CpuidEn
     return out
 
 
+def physical_address_bits(entries: Sequence[CpuidEntry]) -> int:
+    """MAXPHYADDR the guest sees: CPUID 0x80000008 EAX[7:0], or 36 where the leaf is missing
+    (Intel SDM Vol. 3A §4.1.4)."""
+    entry = _find(entries, 0x8000_0008)
+    bits = entry.eax & 0xFF if entry is not None else 0
+    return bits if 32 <= bits <= 52 else 36
+
+
 def build_cpuid(supported: Sequence[CpuidEntry], *, vcpu_index: int, vcpu_count: int,
                 hyperv: HyperVConfig | None, cpu_features_mask: str | CpuFeatureMask | None = None,
                 registry: EnlightenmentRegistry = REGISTRY) -> list[CpuidEntry]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
 from . import multiboot
-from .cpuid import CpuidError, build_cpuid, parse_cpu_features_mask
+from .cpuid import CpuidError, build_cpuid, parse_cpu_features_mask, physical_address_bits
 from .hv.features import HyperVConfigError, parse_hyperv_spec
 from .bus import Bus, BusDevice, mmio_bus, pio_bus
 from .devices.acpi_pm import ACPI_PM1A_CNT_LENGTH, ACPI_PM1A_CNT_PORT, AcpiPm
@@ -327,9 +327,11 @@ class Machine:
         res.memory = memory = GuestMemory.anonymous(memory_layout(config.memory))
         for region in memory:
             res.host_buffers.append(PinnedBuffer(region.buffer))
+        supported = kvm.supported_cpuid()
         self.memslots = res.memslots = MemslotManager(
             vm.set_user_memory_region, memory, [pinned.address for pinned in res.host_buffers],
-            lambda: self.exclusive(current_vcpu_index()))
+            lambda: self.exclusive(current_vcpu_index()),
+            physical_address_bits=physical_address_bits(supported))
 
         self._add_platform_devices(vm, config)
 
@@ -340,7 +342,6 @@ class Machine:
         except multiboot.KernelImageError as exc:
             raise ImageError(f"{kernel_name}: {exc}") from None
 
-        supported = kvm.supported_cpuid()
         for index in range(config.smp):
             vcpu = vm.create_vcpu(index)
             self.vcpus.append(VcpuThread(self, vcpu, self.pio_bus, self.mmio_bus,
@@ -545,11 +546,12 @@ class Machine:
         """The guest reported a crash (Hyper-V crash MSRs): record it, tell the listeners, and
         end the run unless ``on_crash == "continue"``."""
         self.crash_reports.append(report)
-        log.warning("%s", report.summary())
         for listener in list(self.crash_listeners):
             listener(report)
         if self.config.on_crash == "stop":
             self._finish(MachineResult(ExitKind.CRASH, report.summary(), vcpu=report.vp_index))
+        else:  # the run goes on, so nothing else would tell the user
+            log.warning("%s", report.summary())
 
     def _join_vcpus(self) -> None:
         for vcpu in self.vcpus:

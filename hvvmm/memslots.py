@@ -27,7 +27,6 @@ log = logging.getLogger(__name__)
 # Guest-physical ranges no overlay may cover: the IOAPIC, the LAPIC and the pages KVM itself
 # uses (TSS, identity map) all sit in the top 20 MiB of the 32-bit space.
 RESERVED_RANGES = ((0xFEC0_0000, 0x1_0000_0000),)
-MAX_GPA = 1 << 52
 
 
 @dataclass(frozen=True)
@@ -76,12 +75,14 @@ class MemslotManager:
     """Keeps KVM's memslots equal to RAM minus overlays, plus the overlays."""
 
     def __init__(self, set_slot: Callable[[int, int, int, int, bool], None], memory: GuestMemory,
-                 host_addresses: Iterable[int], exclusive: Callable[[], ContextManager]):
+                 host_addresses: Iterable[int], exclusive: Callable[[], ContextManager],
+                 physical_address_bits: int = 52):
         """``set_slot(slot, gpa, size, host_address, readonly)`` is ``Vm.set_user_memory_region``
         (size 0 deletes); ``host_addresses`` are the host addresses of ``memory``'s regions, in
         order; ``exclusive()`` parks the other vCPUs while slots change."""
         self._set_slot = set_slot
         self._exclusive = exclusive
+        self._gpa_limit = 1 << physical_address_bits  # the guest's MAXPHYADDR
         self._ram = [(region.gpa, region.size, host)
                      for region, host in zip(memory.regions, host_addresses)]
         self._overlays: dict[int, Overlay] = {}
@@ -96,14 +97,16 @@ class MemslotManager:
         return self._overlays.get(gpa & ~(PAGE_SIZE - 1))
 
     def map_overlay(self, gpa: int, content: bytes, *, readonly: bool, name: str) -> Overlay:
-        if gpa % PAGE_SIZE or not 0 <= gpa < MAX_GPA - PAGE_SIZE:
-            raise OverlayError(f"{name} page at {gpa:#x}: not a page-aligned guest address")
+        if gpa % PAGE_SIZE:
+            raise OverlayError(f"{name} at {gpa:#x}: not page-aligned")
+        if not 0 <= gpa <= self._gpa_limit - PAGE_SIZE:
+            raise OverlayError(f"{name} at {gpa:#x}: beyond the guest's physical address width "
+                               f"({self._gpa_limit.bit_length() - 1} bits)")
         for start, end in RESERVED_RANGES:
             if start <= gpa < end:
-                raise OverlayError(f"{name} page at {gpa:#x} would cover the APIC/KVM area")
+                raise OverlayError(f"{name} at {gpa:#x} would cover the APIC/KVM area")
         if gpa in self._overlays:
-            raise OverlayError(f"{name} page at {gpa:#x} would cover the "
-                               f"{self._overlays[gpa].name} page")
+            raise OverlayError(f"{name} at {gpa:#x} would cover the {self._overlays[gpa].name}")
         overlay = Overlay(gpa, content, readonly, name)
         self._overlays[gpa] = overlay
         try:
@@ -113,7 +116,7 @@ class MemslotManager:
             del self._overlays[gpa]
             overlay.close()
             raise
-        log.debug("overlay %s mapped at %#x%s", name, gpa, " (read-only)" if readonly else "")
+        log.debug("%s mapped at %#x%s", name, gpa, " (read-only)" if readonly else "")
         return overlay
 
     def unmap_overlay(self, overlay: Overlay) -> None:
@@ -123,7 +126,7 @@ class MemslotManager:
         with self._exclusive():
             self._apply()
         overlay.close()
-        log.debug("overlay %s at %#x removed", overlay.name, overlay.gpa)
+        log.debug("%s at %#x removed", overlay.name, overlay.gpa)
 
     def close(self) -> None:
         for overlay in self._overlays.values():

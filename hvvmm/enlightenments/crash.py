@@ -77,7 +77,7 @@ class CrashState:
         with self._lock:
             self.reports.append(report)
             first = len(self.reports) == 1
-        log.log(logging.ERROR if first else logging.DEBUG, "%s", report.summary())
+        log.log(logging.INFO if first else logging.DEBUG, "%s", report.summary())  # the VMM reports it
         try:
             self._platform.report_crash(report)
         except Exception:  # noqa: BLE001 -- a platform failure must not become a guest #GP

@@ -89,13 +89,13 @@ def test_bad_overlay_addresses_are_refused(setup, gpa):
     manager, kvm, _ = setup
     before = kvm.layout()
     with pytest.raises(OverlayError):
-        manager.map_overlay(gpa, bytes(PAGE), readonly=True, name="x")
+        manager.map_overlay(gpa, bytes(PAGE), readonly=True, name="x page")
     assert kvm.layout() == before
 
 
 def test_two_overlays_on_one_page_are_refused(setup):
     manager, _, _ = setup
-    manager.map_overlay(3 * PAGE, bytes(PAGE), readonly=True, name="hypercall")
+    manager.map_overlay(3 * PAGE, bytes(PAGE), readonly=True, name="hypercall page")
     with pytest.raises(OverlayError, match="hypercall"):
         manager.map_overlay(3 * PAGE, bytes(PAGE), readonly=True, name="tsc")
 
