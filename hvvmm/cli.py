@@ -191,7 +191,7 @@ def cmd_run(args) -> int:
     config = MachineConfig(kernel=args.kernel, initrd=tuple(args.initrd), append=args.append,
                            smp=args.smp, memory=args.memory, console=output,
                            console_input=console_input, timeout=args.timeout,
-                           kvm_device=os.environ.get("HVVMM_KVM_DEVICE", "/dev/kvm"),
+                           kvm_device=_kvm_device(),
                            hyperv=args.hyperv, cpu_features=args.cpu_features,
                            on_crash=args.on_crash)
     trace = None
@@ -255,19 +255,31 @@ def _write_crash_report(path: str, report) -> None:
         log.error("cannot write the crash report to %s: %s", path, exc.strerror)
 
 
+def _kvm_device() -> str:
+    return os.environ.get("HVVMM_KVM_DEVICE", "/dev/kvm")
+
+
+def _open_kvm():
+    """The KVM system fd, or None after printing why it cannot be opened."""
+    from .kvm import Kvm, KvmUnavailableError
+
+    try:
+        return Kvm(_kvm_device())
+    except KvmUnavailableError as exc:
+        print(f"hvvmm: {exc}", file=sys.stderr)
+        return None
+
+
 def cmd_cpuid(args) -> int:
     from .cpuid import CpuidError, build_cpuid, format_cpuid_table
     from .hv.features import HyperVConfigError, parse_hyperv_spec
-    from .kvm import Kvm, KvmUnavailableError
 
     try:
         config = parse_hyperv_spec(args.hyperv)
     except HyperVConfigError as exc:
         raise UsageError(f"hvvmm cpuid: {exc}") from None
-    try:
-        kvm = Kvm(os.environ.get("HVVMM_KVM_DEVICE", "/dev/kvm"))
-    except KvmUnavailableError as exc:
-        print(f"hvvmm: {exc}", file=sys.stderr)
+    kvm = _open_kvm()
+    if kvm is None:
         return STATUS_KVM_UNAVAILABLE
     with kvm:
         try:
@@ -282,17 +294,14 @@ def cmd_cpuid(args) -> int:
 
 def cmd_info(args) -> int:
     from .host import host_virtualization
-    from .kvm import Kvm, KvmUnavailableError
     from .kvm import constants as kvmc
 
     virt = host_virtualization()
     print(f"hvvmm {__version__}")
     print(f"hardware virtualization: {virt.describe()}")
     print(f"KVM modules: {', '.join(virt.kvm_modules) or 'none found'}")
-    try:
-        kvm = Kvm(os.environ.get("HVVMM_KVM_DEVICE", "/dev/kvm"))
-    except KvmUnavailableError as exc:
-        print(f"hvvmm: {exc}", file=sys.stderr)
+    kvm = _open_kvm()
+    if kvm is None:
         return STATUS_KVM_UNAVAILABLE
     with kvm:
         print(f"KVM API version: {kvm.api_version}")

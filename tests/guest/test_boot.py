@@ -76,22 +76,9 @@ def test_memory_above_the_32bit_hole_is_reported(guest_image):
     assert result.kind is ExitKind.POWEROFF
 
 
-class EchoRegisters:
-    """A plain device: an 8-byte register file."""
-
-    def __init__(self):
-        self.data = bytearray(8)
-        self.writes = []
-
-    def read(self, offset, size):
-        return int.from_bytes(self.data[offset:offset + size], "little")
-
-    def write(self, offset, size, value):
-        self.writes.append((offset, size, value))
-        self.data[offset:offset + size] = value.to_bytes(size, "little")
-
-
 class Scratch:
+    """A plain device: a 4 KiB register file."""
+
     def __init__(self):
         self.data = bytearray(0x1000)
 
@@ -128,7 +115,7 @@ def test_library_harness_example(guest_image):
 
 
 def test_pio_and_mmio_devices_from_python(guest_image):
-    echo = EchoRegisters()
+    echo = Scratch()
     exits = []
     with Machine(MachineConfig(kernel=guest_image("device_echo"), append="mmio")) as machine:
         machine.add_pio_device(0x5E0, 8, echo, "echo")
