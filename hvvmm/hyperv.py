@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from typing import TYPE_CHECKING, Sequence
 
+from .hv.msr import MsrAccessFault
 from .hv.platform import CrashReport, OverlayPage
 from .kvm import Vcpu
+from .kvm.system import GPR_INDEX, GPR_NAMES
 from .kvm import constants as kvmc
 from .timers import Timer, TimerService
 
@@ -36,45 +39,51 @@ IDLE_BOUND_S = 0.001
 MSI_ADDRESS_BASE = 0xFEE0_0000  # MSI to one LAPIC: destination APIC ID in bits 19:12
 
 SYNC_MASK = kvmc.KVM_SYNC_X86_REGS | kvmc.KVM_SYNC_X86_SREGS
+_RIP = GPR_INDEX["rip"]
 
 
 class VcpuRegisters:
     """:class:`hvvmm.hv.hypercall.HypercallRegisters` over one vCPU, for one hypercall exit.
 
-    With ``KVM_CAP_SYNC_REGS`` the registers are read from and written to the ``kvm_run`` page
-    (no ioctl); otherwise with ``KVM_GET/SET_REGS``. XMM registers, needed only for XMM fast
-    calls, come from ``KVM_GET_FPU``. :meth:`commit` writes back what changed; RIP is left as KVM
-    reported it unless :meth:`retry` or :meth:`inject_ud` moves it (``hypercall-trap.md`` §6).
+    With ``KVM_CAP_SYNC_REGS`` the registers come from the ``kvm_run`` page (no ioctl) and changed
+    GPRs go back there; otherwise ``KVM_GET/SET_REGS`` and ``KVM_GET_SREGS``. XMM registers,
+    needed only for XMM fast calls, come from ``KVM_GET_FPU``. :meth:`commit` writes back what
+    changed; RIP is left as KVM reported it unless :meth:`retry` or :meth:`inject_ud` moves it
+    (``hypercall-trap.md`` §6).
     """
 
     def __init__(self, vcpu: Vcpu, use_sync_regs: bool):
         self._vcpu = vcpu
         self._sync = use_sync_regs
         if use_sync_regs:
-            self._regs = vcpu.sync_regs.regs
-            self._sregs = vcpu.sync_regs.sregs
+            state = vcpu.sync_snapshot()
+            self._gprs = state.gprs
+            self._cs_base, self._cs_l, self._ss_dpl, self._cr0, self._efer = (
+                state.cs_base, state.cs_l, state.ss_dpl, state.cr0, state.efer)
         else:
-            self._regs = vcpu.get_regs()
-            self._sregs = vcpu.get_sregs()
-        self._regs_dirty = False
+            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+            self._gprs = [getattr(regs, name) for name in GPR_NAMES]
+            self._cs_base, self._cs_l, self._ss_dpl = sregs.cs.base, sregs.cs.l, sregs.ss.dpl
+            self._cr0, self._efer = sregs.cr0, sregs.efer
+        self._dirty: dict[int, int] = {}  # GPR index -> new value
         self._fpu = None
         self._fpu_dirty = False
 
     def is_long_mode(self) -> bool:
-        return bool(self._sregs.efer & EFER_LMA) and bool(self._sregs.cs.l)
+        return bool(self._efer & EFER_LMA) and bool(self._cs_l)
 
     def is_protected_mode(self) -> bool:
-        return bool(self._sregs.cr0 & CR0_PE)
+        return bool(self._cr0 & CR0_PE)
 
     def cpl(self) -> int:
-        return self._sregs.ss.dpl  # CPL = SS.DPL (hypercall-trap.md §8)
+        return self._ss_dpl  # CPL = SS.DPL (hypercall-trap.md §8)
 
     def get_gpr(self, name: str) -> int:
-        return getattr(self._regs, name)
+        return self._gprs[GPR_INDEX[name]]
 
     def set_gpr(self, name: str, value: int) -> None:
-        setattr(self._regs, name, value & 0xFFFF_FFFF_FFFF_FFFF)
-        self._regs_dirty = True
+        index = GPR_INDEX[name]
+        self._gprs[index] = self._dirty[index] = value & 0xFFFF_FFFF_FFFF_FFFF
 
     def _load_fpu(self):
         if self._fpu is None:
@@ -91,13 +100,13 @@ class VcpuRegisters:
     def _rip_of_page_start(self) -> int:
         # The stub sits at the start of a page; RIP is at or just past its OUT. Work on the linear
         # address so a non-zero CS base (32-bit segmented guests) is honoured.
-        base = 0 if self.is_long_mode() else self._sregs.cs.base
-        return (((base + self._regs.rip) & PAGE_MASK) - base) & 0xFFFF_FFFF_FFFF_FFFF
+        base = 0 if self.is_long_mode() else self._cs_base
+        rip = self._gprs[_RIP]
+        return (((base + rip) & PAGE_MASK) - base) & 0xFFFF_FFFF_FFFF_FFFF
 
     def retry(self) -> None:
         """Continuation: re-execute the stub from its first byte (hypercall-trap.md §6.2)."""
-        self._regs.rip = self._rip_of_page_start()
-        self._regs_dirty = True
+        self._gprs[_RIP] = self._dirty[_RIP] = self._rip_of_page_start()
 
     def inject_ud(self) -> None:
         """#UD reported at the page start, with no OUT skip pending (hypercall-trap.md §6.3)."""
@@ -106,12 +115,15 @@ class VcpuRegisters:
         self._vcpu.inject_exception(UD_VECTOR)
 
     def commit(self) -> None:
-        if self._regs_dirty:
+        if self._dirty:
             if self._sync:
-                self._vcpu.mark_sync_regs_dirty(kvmc.KVM_SYNC_X86_REGS)
+                self._vcpu.write_sync_gprs(self._dirty)
             else:
-                self._vcpu.set_regs(self._regs)
-            self._regs_dirty = False
+                regs = self._vcpu.get_regs()
+                for index, value in self._dirty.items():
+                    setattr(regs, GPR_NAMES[index], value)
+                self._vcpu.set_regs(regs)
+            self._dirty.clear()
         if self._fpu_dirty:
             self._vcpu.set_fpu(self._fpu)
             self._fpu_dirty = False
@@ -134,6 +146,7 @@ class KvmHvPlatform:
         # KVM starts every guest TSC at 0 when the vCPU is created; read it to be exact.
         self.guest_tsc_at_reference_zero = boot_vcpu.get_msrs([IA32_TSC])[IA32_TSC]
         self.timers = TimerService()
+        self._lapic_locks = [threading.Lock() for _ in range(self.vp_count)]
 
     def read_guest_tsc(self, vp_index: int) -> int:
         return self._machine.vcpus[vp_index].vcpu.get_msrs([IA32_TSC])[IA32_TSC]
@@ -181,7 +194,22 @@ class KvmHvPlatform:
         """Send fixed-mode, edge-triggered ``vector`` to VP ``vp_index`` through the in-kernel
         LAPIC (``KVM_SIGNAL_MSI``; the APIC ID equals the VP index). Thread-safe. Returns False if
         the LAPIC did not accept it (e.g. software-disabled)."""
-        return self._machine.vm.signal_msi(MSI_ADDRESS_BASE | (vp_index << 12), vector & 0xFF) > 0
+        with self._lapic_locks[vp_index]:  # not while edit_lapic rewrites this LAPIC
+            return self._machine.vm.signal_msi(MSI_ADDRESS_BASE | (vp_index << 12),
+                                               vector & 0xFF) > 0
+
+    def edit_lapic(self, vp_index: int, edit) -> bool:
+        """``KVM_GET_LAPIC``, ``edit(registers)``, and ``KVM_SET_LAPIC`` if it returned True; on
+        VP ``vp_index``'s own thread only (from :meth:`run_on_vp` work). KVM_SET_LAPIC copies the
+        whole register page, IRR included, so an interrupt that arrived after the read would be
+        lost: :meth:`signal_interrupt` to this VP waits meanwhile (the lock below)."""
+        vcpu = self._machine.vcpus[vp_index].vcpu
+        with self._lapic_locks[vp_index]:
+            registers = bytearray(vcpu.get_lapic())
+            if not edit(registers):
+                return False
+            vcpu.set_lapic(bytes(registers))
+            return True
 
     def run_on_vp(self, vp_index: int, work) -> None:
         """Run ``work()`` on VP ``vp_index``'s thread while it is outside ``KVM_RUN`` (at once
@@ -244,7 +272,8 @@ class HyperV:
         self.port = HYPERCALL_PORT
         self.listeners: list = []
         self.platform = KvmHvPlatform(machine)
-        self.partition = Partition(config, self.platform, on_event=self._on_event)
+        # No trace events until someone listens: building one costs microseconds per exit.
+        self.partition = Partition(config, self.platform)
         machine.pio_bus.register(HYPERCALL_PORT, 1, _ReservedPort(), "hyperv-hypercall")
         self._sync_regs = bool(kvm.check_extension(kvmc.KVM_CAP_SYNC_REGS) & SYNC_MASK
                                == SYNC_MASK)
@@ -258,6 +287,7 @@ class HyperV:
         """Call ``listener(event)`` (a :class:`~hvvmm.hv.partition.TraceEvent`) for every
         synthetic MSR access and hypercall, on the vCPU thread."""
         self.listeners.append(listener)
+        self.partition.on_event = self._on_event
 
     def _on_event(self, event) -> None:
         for listener in self.listeners:
@@ -273,8 +303,6 @@ class HyperV:
     # -- vCPU handlers ------------------------------------------------------------------------
 
     def handle_msr(self, vcpu_thread, exit) -> bool:
-        from .hv.msr import MsrAccessFault
-
         try:
             if exit.is_write:
                 self.partition.msr_write(vcpu_thread.index, exit.index, exit.value)

@@ -77,8 +77,10 @@ def encode_boot_zeroed_memory(pages: list[tuple[int, int]]) -> bytes:
 def attach(partition: "Partition") -> None:
     platform = partition.platform
 
+    capabilities = HypercallResult(output=struct.pack("<Q", CAPABILITIES))  # immutable: shared
+
     def query_capabilities(request: HypercallRequest) -> HypercallResult:
-        return HypercallResult(output=struct.pack("<Q", CAPABILITIES))
+        return capabilities
 
     def get_boot_zeroed_memory(request: HypercallRequest) -> HypercallResult:
         pages = zeroed_page_ranges(platform.boot_zeroed_ranges())

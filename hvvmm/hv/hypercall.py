@@ -418,31 +418,50 @@ class HypercallTable:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
 class HypercallOutcome:
     """What one :meth:`HypercallDispatcher.dispatch` did, for the vCPU layer and ``--trace``.
 
     ``inject_ud``: the caller must inject #UD (no register was changed). ``retried``: the call was
     continued (input value rewritten, :meth:`HypercallRegisters.retry` called, no result written).
     Otherwise ``status``/``result_value`` were written to RAX (EDX:EAX).
+
+    One object per call, filled in as the dispatcher goes (the dispatcher's working state lives in
+    the underscored slots): a hypercall is a hot path, so it allocates as little as it can.
     """
 
-    vp_index: int
-    control: int
-    code: int
-    name: str
-    long_mode: bool
-    fast: bool = False
-    rep_count: int = 0
-    rep_start: int = 0
-    input_gpa: int | None = None
-    output_gpa: int | None = None
-    status: int | None = None
-    reps_completed: int = 0
-    result_value: int | None = None
-    retried: bool = False
-    inject_ud: bool = False
-    reason: str = ""  # why the call was rejected (empty when the handler ran and succeeded)
+    __slots__ = ("vp_index", "control", "code", "name", "long_mode", "fast", "rep_count",
+                 "rep_start", "input_gpa", "output_gpa", "status", "reps_completed",
+                 "result_value", "retried", "inject_ud", "reason",
+                 "_io", "_spec", "_variable_header_size", "_reserved", "_input_len",
+                 "_output_len", "_input_pairs")
+
+    def __init__(self, vp_index: int, control: int, long_mode: bool,
+                 io: "HypercallRegisters | None" = None):
+        control &= HV_U64_MASK
+        self.vp_index = vp_index
+        self.control = control
+        self.long_mode = long_mode
+        self.code = control & HV_HYPERCALL_CODE_MASK
+        self.name = ""
+        self.fast = bool(control & HV_HYPERCALL_FAST_BIT)
+        self.rep_count = (control & HV_HYPERCALL_REP_COMP_MASK) >> HV_HYPERCALL_REP_COMP_OFFSET
+        self.rep_start = (control & HV_HYPERCALL_REP_START_MASK) >> HV_HYPERCALL_REP_START_OFFSET
+        self.input_gpa: int | None = None
+        self.output_gpa: int | None = None
+        self.status: int | None = None
+        self.reps_completed = 0
+        self.result_value: int | None = None
+        self.retried = False
+        self.inject_ud = False
+        self.reason = ""  # why the call was rejected (empty when the handler ran and succeeded)
+        self._io = io
+        self._spec: "HypercallSpec | None" = None
+        self._variable_header_size = ((control & HV_HYPERCALL_VARHEAD_MASK)
+                                      >> HV_HYPERCALL_VARHEAD_OFFSET)
+        self._reserved = control & HV_HYPERCALL_RSVD_MASK
+        self._input_len = 0
+        self._output_len = 0
+        self._input_pairs = 0
 
     @property
     def completed(self) -> bool:
@@ -452,6 +471,9 @@ class HypercallOutcome:
     @property
     def status_name(self) -> str:
         return "-" if self.status is None else status_name(self.status)
+
+    def __repr__(self) -> str:
+        return f"<HypercallOutcome {self}>"
 
     def __str__(self) -> str:
         parts = [f"vp{self.vp_index} {self.name}({self.code:#06x})",
@@ -501,23 +523,6 @@ class _HandlerBug(Exception):
     """Internal: a handler returned something inconsistent with its spec."""
 
 
-@dataclass
-class _Call:
-    """Decoded state of one dispatch (internal)."""
-
-    io: HypercallRegisters
-    vp_index: int
-    long_mode: bool
-    control: int
-    hc: HypercallInput
-    spec: HypercallSpec | None = None
-    input_gpa: int | None = None
-    output_gpa: int | None = None
-    input_len: int = 0
-    output_len: int = 0
-    input_pairs: int = 0
-
-
 class HypercallDispatcher:
     """Decode, validate and dispatch one hypercall per :meth:`dispatch` call.
 
@@ -555,9 +560,7 @@ class HypercallDispatcher:
     def dispatch(self, io: HypercallRegisters, vp_index: int) -> HypercallOutcome:
         """Handle the hypercall the vCPU behind ``io`` is making. Never raises for guest input."""
         long_mode = bool(io.is_long_mode())
-        control = self._read_control(io, long_mode)
-        call = _Call(io=io, vp_index=vp_index, long_mode=long_mode, control=control,
-                     hc=HypercallInput.from_value(control))
+        call = HypercallOutcome(vp_index, self._read_control(io, long_mode), long_mode, io)
         try:
             if not io.is_protected_mode():
                 raise _Reject(None, "real mode")
@@ -567,14 +570,19 @@ class HypercallDispatcher:
             outcome = self._dispatch_checked(call)
         except _Reject as reject:
             if reject.status is None:
-                log.debug("vp%d %s: #UD (%s)", vp_index, hypercall_name(call.hc.code),
+                log.debug("vp%d %s: #UD (%s)", vp_index, hypercall_name(call.code),
                           reject.reason)
-                outcome = self._outcome(call, inject_ud=True, reason=reject.reason)
+                call.inject_ud = True
+                call.reason = reject.reason
             else:
-                log.debug("vp%d %s: %s (%s)", vp_index, hypercall_name(call.hc.code),
+                log.debug("vp%d %s: %s (%s)", vp_index, hypercall_name(call.code),
                           status_name(reject.status), reject.reason)
                 # Nothing ran: reps completed 0, as KVM and OpenVMM report for rejected calls.
-                outcome = self._complete(call, reject.status, 0, reject.reason)
+                self._complete(call, reject.status, 0, reject.reason)
+            outcome = call
+        if not call.name:
+            call.name = call._spec.name if call._spec is not None else hypercall_name(call.code)
+        call._io = None  # do not keep the vCPU's registers alive through the outcome
         self._notify(outcome)
         return outcome
 
@@ -602,13 +610,13 @@ class HypercallDispatcher:
             io.set_gpr(high, (value >> 32) & _U32)
             io.set_gpr(low, value & _U32)
 
-    def _write_result(self, call: _Call, value: int) -> None:
+    def _write_result(self, call: HypercallOutcome, value: int) -> None:
         # x64: RAX; x86: EDX:EAX (TLFS "Hypercall Outputs").
-        self._write_pair64(call.io, call.long_mode, "rdx", "rax", "rax", value)
+        self._write_pair64(call._io, call.long_mode, "rdx", "rax", "rax", value)
 
-    def _write_control(self, call: _Call, value: int) -> None:
+    def _write_control(self, call: HypercallOutcome, value: int) -> None:
         # x64: RCX; x86: EDX:EAX (TLFS "Volatile Registers": rep calls rewrite the input value).
-        self._write_pair64(call.io, call.long_mode, "rdx", "rax", "rcx", value)
+        self._write_pair64(call._io, call.long_mode, "rdx", "rax", "rcx", value)
 
     # Fast register block: pair 0 = (RDX, R8) or (EBX:ECX, EDI:ESI); pair k = XMM(k-1).
     @staticmethod
@@ -634,65 +642,65 @@ class HypercallDispatcher:
 
     # -- validation and dispatch --------------------------------------------------------------
 
-    def _dispatch_checked(self, call: _Call) -> HypercallOutcome:
-        hc = call.hc
-        spec = self.table.get(hc.code)
+    def _dispatch_checked(self, call: HypercallOutcome) -> HypercallOutcome:
+        spec = self.table.get(call.code)
         # 2. unknown or unavailable code
         if spec is None or not spec.is_available():
-            if hc.code not in self._unknown_logged:
-                self._unknown_logged.add(hc.code)
+            if call.code not in self._unknown_logged:
+                self._unknown_logged.add(call.code)
                 log.warning("vp%d: hypercall %s not implemented or not available "
-                            "(logged once per code)", call.vp_index, hypercall_name(hc.code))
+                            "(logged once per code)", call.vp_index, hypercall_name(call.code))
             raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE,
                           "unknown code" if spec is None else "not available")
-        call.spec = spec
+        call._spec = spec
+        call.name = spec.name
         # 3. privilege
         if not spec.is_access_allowed():
             raise _Reject(HvStatus.HV_STATUS_ACCESS_DENIED, "privilege not granted")
         # 4. reserved bits (bit 31, IsNested, included: hvvmm is not nested; KVM does the same)
-        if hc.has_reserved_bits:
+        if call._reserved:
             raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT,
-                          f"reserved bits {hc.reserved:#x}")
+                          f"reserved bits {call._reserved:#x}")
         # 5. shape
         self._check_shape(call)
-        var_len = hc.variable_header_size * 8
+        var_len = call._variable_header_size * 8
         if spec.is_rep:
-            call.input_len = spec.input_size + var_len + spec.rep_input_size * hc.rep_count
-            call.output_len = spec.rep_output_size * hc.rep_count
+            call._input_len = spec.input_size + var_len + spec.rep_input_size * call.rep_count
+            call._output_len = spec.rep_output_size * call.rep_count
         else:
-            call.input_len = spec.input_size + var_len
-            call.output_len = spec.output_size
+            call._input_len = spec.input_size + var_len
+            call._output_len = spec.output_size
         # 6./7. convention-specific checks and input
-        if hc.fast:
+        if call.fast:
             self._check_fast(call)
-            block = b"".join(self._read_pair(call.io, call.long_mode, i)
-                             for i in range(call.input_pairs))
-            data = block[:call.input_len]
+            block = b"".join(self._read_pair(call._io, call.long_mode, i)
+                             for i in range(call._input_pairs))
+            data = block[:call._input_len]
         else:
-            call.input_gpa, call.output_gpa = self._read_gpas(call.io, call.long_mode)
-            self._check_list(call.input_gpa, call.input_len, "input")
-            self._check_list(call.output_gpa, call.output_len, "output")
-            data = self.memory.read(call.input_gpa, call.input_len) if call.input_len else b""
+            call.input_gpa, call.output_gpa = self._read_gpas(call._io, call.long_mode)
+            self._check_list(call.input_gpa, call._input_len, "input")
+            self._check_list(call.output_gpa, call._output_len, "output")
+            data = self.memory.read(call.input_gpa, call._input_len) if call._input_len else b""
         return self._run_handler(call, data)
 
     @staticmethod
-    def _check_shape(call: _Call) -> None:
-        hc, spec = call.hc, call.spec
+    def _check_shape(call: HypercallOutcome) -> None:
+        spec = call._spec
         assert spec is not None
         if spec.is_rep:
-            if hc.rep_count == 0:
+            if call.rep_count == 0:
                 raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT,
                               "rep call with rep count 0")
-            if hc.rep_start >= hc.rep_count:
+            if call.rep_start >= call.rep_count:
                 raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT,
-                              f"rep start {hc.rep_start} >= rep count {hc.rep_count}")
-        elif hc.rep_count or hc.rep_start:
+                              f"rep start {call.rep_start} >= rep count {call.rep_count}")
+        elif call.rep_count or call.rep_start:
             raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT, "rep fields on a simple call")
-        if hc.variable_header_size and not spec.variable_header_allowed:
+        if call._variable_header_size and not spec.variable_header_allowed:
             raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT,
                           "variable header on a call without one")
 
-    def _check_fast(self, call: _Call) -> None:
+    def _check_fast(self, call: HypercallOutcome) -> None:
         """Fast-convention checks.
 
         The TLFS names no status for the fast bit on a call that has no register form. hvvmm
@@ -701,13 +709,13 @@ class HypercallDispatcher:
         fast HvCallPostMessage and KVM INVALID_PARAMETER for a fast extended call; OpenVMM accepts
         the fast form for every call whose input fits.
         """
-        spec = call.spec
+        spec = call._spec
         assert spec is not None
         pair = HV_HYPERCALL_FAST_PAIR_SIZE
         if not spec.fast_allowed:
             raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT, "no fast form")
-        input_pairs = -(-call.input_len // pair)
-        output_pairs = -(-call.output_len // pair)
+        input_pairs = -(-call._input_len // pair)
+        output_pairs = -(-call._output_len // pair)
         # TLFS: using XMM input (a block beyond RDX/R8) without CPUID 0x40000003 EDX bit 4 -> #UD.
         # The TLFS register table gives XMM0-5 for x86 callers as well, so 32-bit callers get
         # them too (OpenVMM allows one register pair in 32-bit mode).
@@ -724,9 +732,9 @@ class HypercallDispatcher:
             raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT, "no XMM fast form")
         if input_pairs + output_pairs > HV_HYPERCALL_MAX_FAST_PAIRS:
             raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT,
-                          f"{call.input_len}B in + {call.output_len}B out exceed the fast "
+                          f"{call._input_len}B in + {call._output_len}B out exceed the fast "
                           "registers")
-        call.input_pairs = input_pairs
+        call._input_pairs = input_pairs
 
     def _check_list(self, gpa: int, length: int, what: str) -> None:
         """TLFS "Alignment Requirements" and common status codes: every failure here is
@@ -744,22 +752,22 @@ class HypercallDispatcher:
             raise _Reject(HvStatus.HV_STATUS_INVALID_ALIGNMENT,
                           f"{what} list {gpa:#x}+{length:#x} not in guest RAM")
 
-    def _run_handler(self, call: _Call, data: bytes) -> HypercallOutcome:
-        spec, hc = call.spec, call.hc
+    def _run_handler(self, call: HypercallOutcome, data: bytes) -> HypercallOutcome:
+        spec = call._spec
         assert spec is not None
-        var_len = hc.variable_header_size * 8
+        var_len = call._variable_header_size * 8
         if spec.is_rep:
-            rep_end = hc.rep_count
+            rep_end = call.rep_count
             if self.max_reps_per_entry is not None:
-                rep_end = min(rep_end, hc.rep_start + self.max_reps_per_entry)
+                rep_end = min(rep_end, call.rep_start + self.max_reps_per_entry)
         else:
             rep_end = 0
         deadline = self._clock() + self.time_budget if self.time_budget is not None else None
         request = HypercallRequest(
-            vp_index=call.vp_index, code=hc.code, name=spec.name, fast=hc.fast,
+            vp_index=call.vp_index, code=call.code, name=spec.name, fast=call.fast,
             long_mode=call.long_mode, header=bytes(data[:spec.input_size]),
             variable_header=bytes(data[spec.input_size:spec.input_size + var_len]),
-            rep_count=hc.rep_count, rep_start=hc.rep_start, rep_end=rep_end,
+            rep_count=call.rep_count, rep_start=call.rep_start, rep_end=rep_end,
             rep_input_size=spec.rep_input_size, rep_output_size=spec.rep_output_size,
             rep_data=bytes(data[spec.input_size + var_len:]), deadline=deadline, clock=self._clock)
         try:
@@ -783,8 +791,8 @@ class HypercallDispatcher:
         except Exception:  # noqa: BLE001 -- a handler bug must not take the VMM down
             return self._handler_failed(call)
 
-    def _finish_simple(self, call: _Call, result: HypercallResult, status: int) -> HypercallOutcome:
-        spec = call.spec
+    def _finish_simple(self, call: HypercallOutcome, result: HypercallResult, status: int) -> HypercallOutcome:
+        spec = call._spec
         assert spec is not None
         output = bytes(result.output)
         if len(output) > spec.output_size:
@@ -799,37 +807,37 @@ class HypercallDispatcher:
             self._write_output(call, 0, output.ljust(spec.output_size, b"\0"))
         return self._complete(call, status, 0)
 
-    def _finish_rep(self, call: _Call, request: HypercallRequest, result: HypercallResult,
+    def _finish_rep(self, call: HypercallOutcome, request: HypercallRequest, result: HypercallResult,
                     status: int) -> HypercallOutcome:
-        spec, hc = call.spec, call.hc
+        spec = call._spec
         assert spec is not None
         done = request.progress if result.reps_completed is None else int(result.reps_completed)
-        if not hc.rep_start <= done <= hc.rep_count:
-            raise _HandlerBug(f"reps completed {done} outside {hc.rep_start}..{hc.rep_count}")
+        if not call.rep_start <= done <= call.rep_count:
+            raise _HandlerBug(f"reps completed {done} outside {call.rep_start}..{call.rep_count}")
         output = bytes(result.output)
-        expected = (done - hc.rep_start) * spec.rep_output_size
+        expected = (done - call.rep_start) * spec.rep_output_size
         if len(output) != expected:
-            raise _HandlerBug(f"{len(output)}B of rep output for {done - hc.rep_start} reps "
+            raise _HandlerBug(f"{len(output)}B of rep output for {done - call.rep_start} reps "
                               f"({expected}B expected)")
-        if status == HvStatus.HV_STATUS_SUCCESS and done < hc.rep_count and done == hc.rep_start:
+        if status == HvStatus.HV_STATUS_SUCCESS and done < call.rep_count and done == call.rep_start:
             # Linux loops forever on SUCCESS without progress (ref. §5.5); TIME_OUT is the way
             # to ask for a retry without progress.
             raise _HandlerBug("SUCCESS without progress")
         # OpenVMM: "for rep hypercalls, always write back the completed number of reps".
         if output:
-            self._write_output(call, hc.rep_start * spec.rep_output_size, output)
+            self._write_output(call, call.rep_start * spec.rep_output_size, output)
         if status == HvStatus.HV_STATUS_TIME_OUT:
-            if done == hc.rep_count:  # nothing left to continue with
+            if done == call.rep_count:  # nothing left to continue with
                 return self._complete(call, HvStatus.HV_STATUS_SUCCESS, done)
             return self._continue(call, done)
-        if status == HvStatus.HV_STATUS_SUCCESS and done < hc.rep_count:
+        if status == HvStatus.HV_STATUS_SUCCESS and done < call.rep_count:
             return self._continue(call, done)
         return self._complete(call, status, done)
 
-    def _write_output(self, call: _Call, offset: int, data: bytes) -> None:
+    def _write_output(self, call: HypercallOutcome, offset: int, data: bytes) -> None:
         if not data:
             return
-        if call.hc.fast:
+        if call.fast:
             self._write_fast_output(call, offset, data)
             return
         assert call.output_gpa is not None
@@ -838,7 +846,7 @@ class HypercallDispatcher:
         except GuestMemoryError as error:  # validated before the handler ran; RAM went away?
             raise _Reject(HvStatus.HV_STATUS_INVALID_ALIGNMENT, str(error)) from error
 
-    def _write_fast_output(self, call: _Call, offset: int, data: bytes) -> None:
+    def _write_fast_output(self, call: HypercallOutcome, offset: int, data: bytes) -> None:
         """Write ``data`` at byte ``offset`` of the output block, which starts at the register
         pair after the input (TLFS "XMM Fast Hypercall Output"). A partly covered first pair is
         merged with its current value so earlier completed rep elements survive."""
@@ -847,14 +855,14 @@ class HypercallDispatcher:
         last = -(-(offset + len(data)) // pair)
         buf = bytearray((last - first) * pair)
         if offset % pair:
-            buf[:pair] = self._read_pair(call.io, call.long_mode, call.input_pairs + first)
+            buf[:pair] = self._read_pair(call._io, call.long_mode, call._input_pairs + first)
         start = offset - first * pair
         buf[start:start + len(data)] = data
         for i in range(last - first):
-            self._write_pair(call.io, call.long_mode, call.input_pairs + first + i,
+            self._write_pair(call._io, call.long_mode, call._input_pairs + first + i,
                              bytes(buf[i * pair:(i + 1) * pair]))
 
-    def _handler_failed(self, call: _Call) -> HypercallOutcome:
+    def _handler_failed(self, call: HypercallOutcome) -> HypercallOutcome:
         """A handler raised (other than :class:`HypercallError`) or broke its contract.
 
         The TLFS has no "internal error" status. hvvmm returns INVALID_HYPERCALL_INPUT: it is one
@@ -865,7 +873,7 @@ class HypercallDispatcher:
         INVALID_HYPERCALL_CODE was rejected because guests read it as "not implemented" and turn
         the feature off for good, hiding the bug. Logged with the traceback once per code.
         """
-        code = call.hc.code
+        code = call.code
         if code not in self._failed_logged:
             self._failed_logged.add(code)
             log.exception("vp%d: handler for %s failed; returning "
@@ -874,31 +882,31 @@ class HypercallDispatcher:
         else:
             log.debug("vp%d: handler for %s failed again", call.vp_index, hypercall_name(code),
                       exc_info=True)
-        return self._complete(call, HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT, call.hc.rep_start,
+        return self._complete(call, HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT, call.rep_start,
                               "handler failed")
 
     # -- completion ---------------------------------------------------------------------------
 
-    def _complete(self, call: _Call, status: int, reps: int, reason: str = "") -> HypercallOutcome:
+    def _complete(self, call: HypercallOutcome, status: int, reps: int,
+                  reason: str = "") -> HypercallOutcome:
         value = compose_result(status, reps)
         self._write_result(call, value)
-        return self._outcome(call, status=int(status), reps_completed=reps, result_value=value,
-                             reason=reason)
+        call.status = int(status)
+        call.reps_completed = reps
+        call.result_value = value
+        call.reason = reason
+        return call
 
-    def _continue(self, call: _Call, reps: int) -> HypercallOutcome:
-        control = call.hc.with_rep_start(reps).to_value() if call.hc.rep_count else call.control
+    def _continue(self, call: HypercallOutcome, reps: int) -> HypercallOutcome:
+        control = call.control
+        if call.rep_count:  # the new rep start index goes back into the input value
+            control = ((control & ~HV_HYPERCALL_REP_START_MASK)
+                       | (reps << HV_HYPERCALL_REP_START_OFFSET))
         self._write_control(call, control)
-        call.io.retry()
-        return self._outcome(call, reps_completed=reps, retried=True)
-
-    def _outcome(self, call: _Call, **kwargs) -> HypercallOutcome:
-        hc = call.hc
-        spec = call.spec
-        return HypercallOutcome(
-            vp_index=call.vp_index, control=call.control, code=hc.code,
-            name=spec.name if spec is not None else hypercall_name(hc.code),
-            long_mode=call.long_mode, fast=hc.fast, rep_count=hc.rep_count, rep_start=hc.rep_start,
-            input_gpa=call.input_gpa, output_gpa=call.output_gpa, **kwargs)
+        call._io.retry()
+        call.reps_completed = reps
+        call.retried = True
+        return call
 
     def _notify(self, outcome: HypercallOutcome) -> None:
         if self.on_hypercall is None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import struct
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -198,6 +199,53 @@ class Vm:
             self.fd = -1
 
 
+GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
+             "r12", "r13", "r14", "r15", "rip", "rflags")
+GPR_INDEX = {name: index for index, name in enumerate(GPR_NAMES)}
+
+
+def _sync_layout():
+    """struct formats for the sync-regs area of kvm_run, from the compiler's offsets: the GPRs
+    (struct kvm_regs, 18 x u64 in GPR_NAMES order) and the few sregs fields a hypercall needs."""
+    base = lib.HVVMM_SYNC_REGS_OFFSET
+    regs = base + ffi.offsetof("struct kvm_sync_regs", "regs")
+    if [ffi.offsetof("struct kvm_regs", name) for name in GPR_NAMES] != \
+            [8 * i for i in range(len(GPR_NAMES))]:
+        raise ImportError("struct kvm_regs does not have the layout hvvmm reads")
+    sregs = base + ffi.offsetof("struct kvm_sync_regs", "sregs")
+    fields = sorted([
+        (sregs + ffi.offsetof("struct kvm_sregs", "cs", "base"), "Q", "cs_base"),
+        (sregs + ffi.offsetof("struct kvm_sregs", "cs", "l"), "B", "cs_l"),
+        (sregs + ffi.offsetof("struct kvm_sregs", "ss", "dpl"), "B", "ss_dpl"),
+        (sregs + ffi.offsetof("struct kvm_sregs", "cr0"), "Q", "cr0"),
+        (sregs + ffi.offsetof("struct kvm_sregs", "efer"), "Q", "efer"),
+    ])
+    fmt, position = "<", 0
+    for offset, code, _ in fields:
+        fmt += f"{offset - position}x{code}"
+        position = offset + struct.calcsize("<" + code)
+    if tuple(name for _, _, name in fields) != ("cs_base", "cs_l", "ss_dpl", "cr0", "efer"):
+        raise ImportError("struct kvm_sregs does not have the field order hvvmm reads")
+    return struct.Struct(f"<{len(GPR_NAMES)}Q"), regs, struct.Struct(fmt)
+
+
+_SYNC_GPRS, _SYNC_GPRS_OFFSET, _SYNC_SREGS = _sync_layout()
+_U64 = struct.Struct("<Q")
+
+
+class SyncSnapshot:
+    """The registers KVM copied into kvm_run at the last exit (``KVM_CAP_SYNC_REGS`` with
+    KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS valid): all GPRs, and CS.base, CS.L, SS.DPL, CR0 and
+    EFER. Read with two struct unpacks rather than cffi's nested-struct proxies, because a
+    hypercall exit reads a dozen of them."""
+
+    __slots__ = ("gprs", "cs_base", "cs_l", "ss_dpl", "cr0", "efer")
+
+    def __init__(self, view: memoryview):
+        self.gprs = list(_SYNC_GPRS.unpack_from(view, _SYNC_GPRS_OFFSET))
+        self.cs_base, self.cs_l, self.ss_dpl, self.cr0, self.efer = _SYNC_SREGS.unpack_from(view)
+
+
 class Vcpu:
     """A vCPU file descriptor and its shared ``kvm_run`` page."""
 
@@ -250,6 +298,18 @@ class Vcpu:
     def sync_regs(self):
         """``struct kvm_sync_regs *`` inside the run page (valid after an exit if enabled)."""
         return self._sync
+
+    def sync_snapshot(self) -> SyncSnapshot:
+        """The sync-regs area as plain ints (valid after an exit with sync regs enabled)."""
+        return SyncSnapshot(self._run_view)
+
+    def write_sync_gprs(self, values: Mapping[int, int]) -> None:
+        """Set GPRs (``GPR_NAMES`` index -> value) in the sync-regs area; KVM loads all GPRs
+        from there on the next entry."""
+        view = self._run_view
+        for index, value in values.items():
+            _U64.pack_into(view, _SYNC_GPRS_OFFSET + 8 * index, value & 0xFFFF_FFFF_FFFF_FFFF)
+        self.run_struct.kvm_dirty_regs |= lib.KVM_SYNC_X86_REGS
 
     def mark_sync_regs_dirty(self, mask: int) -> None:
         """Tell KVM to load the ``mask`` register sets from kvm_run on the next ``KVM_RUN``."""
