@@ -214,7 +214,7 @@ class VcpuThread:
         instruction and break fault fix-ups; hvvmm drops the write and logs it instead."""
         if overlay.gpa not in self._overlay_writes_logged:
             self._overlay_writes_logged.add(overlay.gpa)
-            log.warning("vCPU %d wrote %d byte(s) to the read-only %s page at %#x; the write was "
+            log.warning("vCPU %d wrote %d byte(s) to the read-only %s at %#x; the write was "
                         "dropped (logged once per page)", self.index, exit.size, overlay.name,
                         exit.address)
 
