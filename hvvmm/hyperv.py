@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from .hv.msr import MsrAccessFault
 from .hv.platform import CrashReport, OverlayPage
-from .kvm import Vcpu
+from .kvm import KvmError, Vcpu
 from .kvm.system import GPR_INDEX, GPR_NAMES
 from .kvm import constants as kvmc
 from .timers import Timer, TimerService
@@ -147,6 +147,7 @@ class KvmHvPlatform:
         self.guest_tsc_at_reference_zero = boot_vcpu.get_msrs([IA32_TSC])[IA32_TSC]
         self.timers = TimerService()
         self._lapic_locks = [threading.Lock() for _ in range(self.vp_count)]
+        self._tpr_logged: set[int] = set()  # VPs whose TPR bits 3:0 a TLB flush cleared
 
     def read_guest_tsc(self, vp_index: int) -> int:
         return self._machine.vcpus[vp_index].vcpu.get_msrs([IA32_TSC])[IA32_TSC]
@@ -233,6 +234,76 @@ class KvmHvPlatform:
         # that is not zero would hand the guest stale data as "zeroed", so report none.
         return ()
 
+    # -- remote TLB flushes (hv-tlbflush) -------------------------------------------------------
+
+    def flush_guest_tlbs(self, vp_index: int, vps: Sequence[int]) -> None:
+        """Flush the guest TLBs of ``vps`` before the hypercall returns. Every other vCPU is
+        parked outside ``KVM_RUN`` (``Machine.exclusive``, which also lets two vCPUs flush at
+        once without deadlock), then each target gets :func:`flush_vcpu_guest_tlb`. KVM services
+        the resulting ``KVM_REQ_TLB_FLUSH_GUEST`` before the vCPU next enters the guest, so once
+        the section ends no target can use a stale translation. The reasoning, with the KVM
+        sources, is in ``hvvmm/enlightenments/tlbflush.py``."""
+        machine = self._machine
+        with machine.exclusive(vp_index):
+            if machine.stopping:
+                return  # the VM is going away; nobody runs guest code again
+            for target in vps:
+                outcome = flush_vcpu_guest_tlb(machine.vcpus[target].vcpu)
+                if outcome == FLUSHED_TPR_SUBCLASS_CLEARED and target not in self._tpr_logged:
+                    self._tpr_logged.add(target)
+                    log.info("vp%d: a TLB flush cleared TPR bits 3:0 (KVM_SET_SREGS; xAPIC "
+                             "mode has no race-free way to put them back, and interrupt "
+                             "priority uses bits 7:4 only; logged once per VP)", target)
+
+
+# KVM_SET_SREGS-based TLB flush of one parked vCPU (see KvmHvPlatform.flush_guest_tlbs).
+CR0_PG = 1 << 31
+CR3_PWT = 1 << 3
+CR4_PGE = 1 << 7
+APIC_BASE_EXTD = 1 << 10  # IA32_APIC_BASE bit 10: x2APIC mode
+APIC_TPR_OFFSET = 0x80  # TPR in the KVM_GET_LAPIC register page
+MSR_X2APIC_TPR = 0x808
+FLUSH_SKIPPED_NO_PAGING = "skipped: paging off"
+FLUSHED = "flushed"
+FLUSHED_TPR_SUBCLASS_CLEARED = "flushed; TPR bits 3:0 cleared"
+
+
+def flush_vcpu_guest_tlb(vcpu: Vcpu) -> str:
+    """Make KVM flush ``vcpu``'s whole guest TLB before it next enters the guest; the vCPU must be
+    outside ``KVM_RUN`` (parked, or the caller's own vCPU during its exit). Returns one of
+    :data:`FLUSHED`, :data:`FLUSHED_TPR_SUBCLASS_CLEARED`, :data:`FLUSH_SKIPPED_NO_PAGING`.
+
+    Two ``KVM_SET_SREGS`` calls, the first with CR4.PGE flipped, the second with the registers
+    as read: each one differs from KVM's current CR4, so ``__set_sregs()`` resets the MMU context
+    and makes ``KVM_REQ_TLB_FLUSH_GUEST`` (``hvvmm/enlightenments/tlbflush.py`` has the sources).
+    Everything else is written back as ``KVM_GET_SREGS`` read it (an injected-but-undelivered
+    interrupt in ``interrupt_bitmap`` is re-queued as it was). If KVM refuses the flipped CR4
+    (a guest CPUID without PGE), CR3 bit 3 is flipped instead: the same reset, and legal in every
+    paging mode. ``kvm_set_cr8()`` rewrites TPR as ``(cr8 & 0xf) << 4``; in x2APIC mode the TPR
+    MSR puts bits 3:0 back exactly, in xAPIC mode they stay cleared (the return value says so).
+    A vCPU with CR0.PG = 0 caches no translations (enabling paging loads a root, which KVM
+    flushes), so it is left alone."""
+    sregs = vcpu.get_sregs()
+    if not sregs.cr0 & CR0_PG:
+        return FLUSH_SKIPPED_NO_PAGING
+    tpr = vcpu.get_lapic()[APIC_TPR_OFFSET]
+    cr4, cr3 = sregs.cr4, sregs.cr3
+    sregs.cr4 = cr4 ^ CR4_PGE
+    try:
+        vcpu.set_sregs(sregs)
+    except KvmError:
+        sregs.cr4 = cr4
+        sregs.cr3 = cr3 ^ CR3_PWT
+        vcpu.set_sregs(sregs)
+    sregs.cr4, sregs.cr3 = cr4, cr3
+    vcpu.set_sregs(sregs)
+    if not tpr & 0x0F:
+        return FLUSHED
+    if sregs.apic_base & APIC_BASE_EXTD:
+        vcpu.set_msrs({MSR_X2APIC_TPR: tpr})
+        return FLUSHED
+    return FLUSHED_TPR_SUBCLASS_CLEARED
+
 
 class _ReservedPort:
     """Holds the hypercall port on the PIO bus so no device can be registered over it. While the
@@ -271,6 +342,7 @@ class HyperV:
         self.machine = machine
         self.port = HYPERCALL_PORT
         self.listeners: list = []
+        self._closed = False
         self.platform = KvmHvPlatform(machine)
         # No trace events until someone listens: building one costs microseconds per exit.
         self.partition = Partition(config, self.platform)
@@ -294,11 +366,52 @@ class HyperV:
             listener(event)
 
     def close(self) -> None:
+        self._closed = True
         self.platform.close()
 
     def counters(self) -> dict:
         """Per-VP counters of synthetic MSR accesses and hypercalls (by name and status)."""
         return self.partition.counters()
+
+    # -- SynIC connections from the host (hv-synic; hvvmm.enlightenments.connections) -----------
+
+    def _connections(self):
+        if self._closed:
+            raise RuntimeError("the machine is closed")
+        state = self.partition.state.get("hv-synic")
+        if state is None:
+            raise RuntimeError("hv-synic is not enabled on this machine")
+        return state.connections
+
+    def register_message_connection(self, connection_id: int, *, vp: int | None = None,
+                                    sint: int | None = None, handler=None,
+                                    port_id: int | None = None):
+        """Guest HvCallPostMessage on ``connection_id`` goes to SIM slot ``sint`` of ``vp``, or
+        to ``handler(vp_index, message_type, payload) -> HV_STATUS or None`` (on the calling
+        vCPU's thread; must not block)."""
+        return self._connections().register_message_connection(
+            connection_id, vp=vp, sint=sint, handler=handler, port_id=port_id)
+
+    def register_event_connection(self, connection_id: int, *, vp: int | None = None,
+                                  sint: int | None = None, flag: int = 0, flag_count: int = 1,
+                                  handler=None):
+        """Guest HvCallSignalEvent on ``connection_id`` with FlagNumber n sets flag ``flag + n``
+        of SINT ``sint`` on ``vp``, or calls ``handler(vp_index, n)``."""
+        return self._connections().register_event_connection(
+            connection_id, vp=vp, sint=sint, flag=flag, flag_count=flag_count, handler=handler)
+
+    def unregister_connection(self, connection_id: int) -> bool:
+        return self._connections().unregister_connection(connection_id)
+
+    def post_message(self, vp: int, sint: int, message_type: int, payload: bytes = b"", *,
+                     sender: int = 0) -> bool:
+        """Send a message into SIM slot ``sint`` of ``vp``: True if it is there now, False if it
+        waits for the guest to free the slot (delivered after its EOM)."""
+        return self._connections().post_message(vp, sint, message_type, payload, sender=sender)
+
+    def signal_event(self, vp: int, sint: int, flag: int) -> bool:
+        """Set event flag ``flag`` of SINT ``sint`` on ``vp``: True if it was newly set."""
+        return self._connections().signal_event(vp, sint, flag)
 
     # -- vCPU handlers ------------------------------------------------------------------------
 

@@ -140,6 +140,7 @@ class MachineConfig:
     cpu_features: str | None = None  # host CPUID features to hide, e.g. "-cx16,-xsave"
     on_crash: str = "stop"           # "stop": a guest crash report ends the run; "continue"
     debug_exit: tuple[int, int] | None = (0xF4, 4)  # isa-debug-exit (iobase, iosize); None: none
+    hyperv_testdev: bool = False     # QEMU's hyperv-testdev at port 0x3000 (needs hv-synic)
 
     def validated(self, max_vcpus: int | None = None) -> "MachineConfig":
         if not isinstance(self.smp, int) or self.smp < 1:
@@ -284,6 +285,7 @@ class Machine:
         self.console = ConsoleBuffer(config.console_capture_limit, config.console)
         self._observers: list[ExitObserver] = []
         self.hyperv = None  # hvvmm.hyperv.HyperV when the guest gets the Hyper-V interface
+        self.hyperv_testdev = None  # hvvmm.devices.hyperv_testdev.HypervTestDev if configured
         self.crash_reports: list = []
         self.crash_listeners: list[Callable] = []
         self.boot: multiboot.BootState | None = None
@@ -309,6 +311,9 @@ class Machine:
             cpu_mask = parse_cpu_features_mask(config.cpu_features)
         except (HyperVConfigError, CpuidError) as exc:
             raise ConfigError(str(exc)) from None
+        if config.hyperv_testdev and not hyperv_config.has("hv-synic"):
+            raise ConfigError("the hyperv-testdev needs Hyper-V with hv-synic (e.g. --hyperv "
+                              "hv-vpindex,hv-synic, or the default)")
         kernel_image, kernel_name = self._read_kernel(config)
         modules = [self._read_module(spec) for spec in config.initrd]
         for cap, name in ((kvmc.KVM_CAP_IRQCHIP, "in-kernel irqchip"),
@@ -357,6 +362,14 @@ class Machine:
             from .hyperv import HyperV
 
             self.hyperv = HyperV(self, hyperv_config)
+            if config.hyperv_testdev:
+                from .devices.hyperv_testdev import (HYPERV_TESTDEV_BASE,
+                                                     HYPERV_TESTDEV_PORT_COUNT, HypervTestDev)
+
+                self.hyperv_testdev = HypervTestDev(
+                    self.hyperv.partition.state["hv-synic"].connections)
+                self.pio_bus.register(HYPERV_TESTDEV_BASE, HYPERV_TESTDEV_PORT_COUNT,
+                                      self.hyperv_testdev, "hyperv-testdev")
 
     def _read_kernel(self, config: MachineConfig) -> tuple[bytes, str]:
         if config.kernel is None:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterable
 
 from .hv.platform import OverlayError
-from .kvm import PinnedBuffer
+from .kvm import PinnedBuffer, atomic_fetch_or_u8
 from .memory import PAGE_SIZE, GuestMemory
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,16 @@ class Overlay:
         if offset < 0 or offset + size > PAGE_SIZE:
             raise ValueError(f"overlay read {offset:#x}+{size:#x} outside the page")
         return self._buffer[offset:offset + size]
+
+    def fetch_or_u8(self, offset: int, mask: int) -> int:
+        """Atomically OR ``mask`` into one byte; returns the old byte (``OverlayPage``). A locked
+        instruction on the page's host address, so a guest clearing other bits of the byte
+        meanwhile (the SynIC event flags) keeps its change."""
+        if not 0 <= offset < PAGE_SIZE or not 0 <= mask <= 0xFF:
+            raise ValueError(f"overlay fetch-or at {offset:#x} with {mask:#x}")
+        if self._buffer.closed:
+            raise ValueError(f"the {self.name} overlay is closed")
+        return atomic_fetch_or_u8(self.host_address + offset, mask)
 
     def close(self) -> None:
         self._pinned.release()

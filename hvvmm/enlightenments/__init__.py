@@ -103,7 +103,9 @@ class Enlightenment:
     ``denied_when_off``: when the feature is implemented but not enabled, its hypercalls still
     exist and answer HV_STATUS_ACCESS_DENIED (TLFS: a call whose privilege is not granted), rather
     than INVALID_HYPERCALL_CODE. ``advice`` pairs another feature with the reason it should be on
-    too; unlike ``requires`` it is not enforced, it becomes a warning.
+    too; unlike ``requires`` it is not enforced, it becomes a warning. ``refusal``: for a
+    feature declared without ``attach`` because hvvmm cannot offer it at all (not merely "not
+    yet"), the sentence ``--hyperv`` answers when it is asked for.
     """
 
     name: str
@@ -118,6 +120,7 @@ class Enlightenment:
     always_on: bool = False
     denied_when_off: bool = False
     advice: tuple[tuple[str, str], ...] = ()
+    refusal: str = ""
 
     @property
     def implemented(self) -> bool:
@@ -136,7 +139,9 @@ class Enlightenment:
             parts.append("MSRs " + ", ".join(msr_name(index) for index in self.msrs))
         if self.hypercalls:
             parts.append("hypercalls " + ", ".join(hypercall_name(c) for c in self.hypercalls))
-        if not self.implemented:
+        if self.refusal:
+            parts.append("refused: " + self.refusal)
+        elif not self.implemented:
             parts.append("not implemented yet")
         return "; ".join(parts) + f" (TLFS {self.tlfs})"
 
@@ -302,19 +307,27 @@ def _build_default_registry() -> EnlightenmentRegistry:
         ext_hypercalls,
         frequencies,
         idle,
+        ipi,
         planned,
         reference_time,
         relaxed,
         reset,
         runtime,
         spinlocks,
+        stimer,
+        synic,
+        tlbflush,
+        vapic,
         vpindex,
         xmm_input,
     )
 
     modules = (core, vpindex, runtime, reference_time, frequencies, relaxed, spinlocks, reset,
-               crash, idle, ext_hypercalls, xmm_input)
-    return EnlightenmentRegistry([*(m.ENLIGHTENMENT for m in modules), *planned.ENLIGHTENMENTS])
+               crash, idle, ext_hypercalls, xmm_input, synic)
+    # ipi/tlbflush/vapic: hv-ipi, hv-tlbflush (+ hv-tlbflush-ext), hv-vapic (declared, refused).
+    modules += (ipi, tlbflush, vapic)
+    return EnlightenmentRegistry([*(m.ENLIGHTENMENT for m in modules), tlbflush.EXT_ENLIGHTENMENT,
+                                  *stimer.ENLIGHTENMENTS, *planned.ENLIGHTENMENTS])
 
 
 REGISTRY: EnlightenmentRegistry = _build_default_registry()

@@ -16,10 +16,11 @@ Interface"; the project reference ``hyperv-interface.md`` §6 and §12 and ``hyp
   HYPERCALL_PORT, al; ret`` and int3 to the end of the page. An OUT to :data:`HYPERCALL_PORT` is a
   hypercall only while the page is enabled (``hypercall-trap.md`` §4).
 * HV_X64_MSR_VP_ASSIST_PAGE is accepted and stored per VP although nothing advertises it
-  (AccessIntrCtrlRegs belongs to hv-vapic, not implemented yet). This deviates from the TLFS
-  gate on purpose: Linux 6.1 writes it on every CPU without looking at CPUID, and a #GP there
-  prints an "unchecked MSR access error" stack dump at every boot (``linux-guest.md`` §8). No
-  overlay is placed; hv-vapic will take the MSR over.
+  (AccessIntrCtrlRegs belongs to hv-vapic, which hvvmm refuses with KVM's in-kernel LAPIC, see
+  ``vapic.py``). This deviates from the TLFS gate on purpose: Linux 6.1 writes it on every CPU
+  without looking at CPUID, and a #GP there prints an "unchecked MSR access error" stack dump at
+  every boot (``linux-guest.md`` §8). No overlay is placed and nothing is ever written into the
+  page. Should hv-vapic become possible (a user-space LAPIC), it takes the MSR over.
 
 CPUID: AccessHypercallMsrs (0x40000003 EAX bit 5; QEMU sets it whenever any hv flag is on) and
 HypercallMsrLockAvailable (EDX bit 18), since the Locked bit is implemented. The identification

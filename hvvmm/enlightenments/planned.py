@@ -1,7 +1,7 @@
 """Enlightenments hvvmm knows by name but does not implement yet.
 
 They are declared here (names, requirements, CPUID bits, MSRs, hypercalls) so that a ``--hyperv``
-spec naming one gets "hv-synic is not implemented yet" instead of "unknown option", so that the
+spec naming one gets "hv-syndbg is not implemented yet" instead of "unknown option", so that the
 registry reserves their MSRs and hypercall codes (a new module cannot claim them by accident), and
 so that their requirements are already checked. None has an ``attach``, so none contributes a
 CPUID bit or registers anything: their MSRs raise #GP and their hypercalls answer
@@ -15,25 +15,12 @@ from __future__ import annotations
 
 from hvvmm.enlightenments import Enlightenment, features, privileges, recommendations
 from hvvmm.hv.hvdef import (
-    HV_X64_MSR_EOI,
-    HV_X64_MSR_EOM,
-    HV_X64_MSR_ICR,
     HV_X64_MSR_REENLIGHTENMENT_CONTROL,
-    HV_X64_MSR_SCONTROL,
-    HV_X64_MSR_SIEFP,
-    HV_X64_MSR_SIMP,
-    HV_X64_MSR_SINT0,
-    HV_X64_MSR_SIRBP,
-    HV_X64_MSR_STIMER0_CONFIG,
-    HV_X64_MSR_SVERSION,
     HV_X64_MSR_SYNDBG_CONTROL,
     HV_X64_MSR_SYNDBG_OPTIONS,
     HV_X64_MSR_SYNDBG_PENDING_BUFFER,
-    HV_X64_MSR_TPR,
     HV_X64_MSR_TSC_EMULATION_CONTROL,
     HV_X64_MSR_TSC_EMULATION_STATUS,
-    HV_SYNIC_SINT_COUNT,
-    HV_SYNIC_STIMER_COUNT,
     HvEnlightenmentInformation,
     HvFeatures,
     HvPartitionPrivilege,
@@ -43,72 +30,6 @@ from hvvmm.hv.hvdef import (
 _HINT = HvEnlightenmentInformation
 
 ENLIGHTENMENTS = (
-    Enlightenment(
-        name="hv-synic",
-        summary="synthetic interrupt controller: SIM/SIEF pages, SINTs, PostMessage/SignalEvent",
-        tlfs="inter-partition-communication.md: Synthetic Interrupt Controller",
-        requires=("hv-vpindex",),
-        cpuid=(*privileges(HvPartitionPrivilege.AccessSynicRegs), *recommendations(
-            _HINT.HV_DEPRECATING_AEOI_RECOMMENDED)),
-        msrs=(HV_X64_MSR_SCONTROL, HV_X64_MSR_SVERSION, HV_X64_MSR_SIEFP, HV_X64_MSR_SIMP,
-              HV_X64_MSR_EOM, HV_X64_MSR_SIRBP,
-              *(HV_X64_MSR_SINT0 + n for n in range(HV_SYNIC_SINT_COUNT))),
-        hypercalls=(HypercallCode.HvCallPostMessage, HypercallCode.HvCallSignalEvent),
-    ),
-    Enlightenment(
-        name="hv-stimer",
-        summary="synthetic timers (message mode)",
-        tlfs="timers.md: Synthetic Timers",
-        requires=("hv-synic", "hv-time", "hv-vpindex"),
-        cpuid=privileges(HvPartitionPrivilege.AccessSyntheticTimerRegs),
-        msrs=tuple(HV_X64_MSR_STIMER0_CONFIG + n for n in range(2 * HV_SYNIC_STIMER_COUNT)),
-    ),
-    Enlightenment(
-        name="hv-stimer-direct",
-        summary="synthetic timers in direct mode (an APIC vector instead of a message)",
-        tlfs="timers.md: Direct Synthetic Timers",
-        requires=("hv-stimer",),
-        cpuid=features(HvFeatures.HV_STIMER_DIRECT_MODE_AVAILABLE),
-    ),
-    Enlightenment(
-        name="hv-vapic",
-        summary="EOI/ICR/TPR MSRs and the VP assist page (lazy EOI)",
-        tlfs="virtual-interrupts.md: EOI assist",
-        # HV_X64_MSR_VP_ASSIST_PAGE is served by hv-core until this exists (Linux writes it
-        # unconditionally); it moves here then.
-        cpuid=(*privileges(HvPartitionPrivilege.AccessIntrCtrlRegs),
-               *recommendations(_HINT.HV_X64_APIC_ACCESS_RECOMMENDED)),
-        msrs=(HV_X64_MSR_EOI, HV_X64_MSR_ICR, HV_X64_MSR_TPR),
-    ),
-    Enlightenment(
-        name="hv-ipi",
-        summary="HvCallSendSyntheticClusterIpi(Ex)",
-        tlfs="hypercalls/HvCallSendSyntheticClusterIpi.md",
-        requires=("hv-vpindex",),
-        cpuid=recommendations(_HINT.HV_X64_CLUSTER_IPI_RECOMMENDED
-                              | _HINT.HV_X64_EX_PROCESSOR_MASKS_RECOMMENDED),
-        hypercalls=(HypercallCode.HvCallSendSyntheticClusterIpi,
-                    HypercallCode.HvCallSendSyntheticClusterIpiEx),
-    ),
-    Enlightenment(
-        name="hv-tlbflush",
-        summary="HvCallFlushVirtualAddressSpace/List(Ex)",
-        tlfs="hypercalls/HvCallFlushVirtualAddressSpace.md",
-        requires=("hv-vpindex",),
-        cpuid=recommendations(_HINT.HV_X64_REMOTE_TLB_FLUSH_RECOMMENDED
-                              | _HINT.HV_X64_EX_PROCESSOR_MASKS_RECOMMENDED),
-        hypercalls=(HypercallCode.HvCallFlushVirtualAddressSpace,
-                    HypercallCode.HvCallFlushVirtualAddressList,
-                    HypercallCode.HvCallFlushVirtualAddressSpaceEx,
-                    HypercallCode.HvCallFlushVirtualAddressListEx),
-    ),
-    Enlightenment(
-        name="hv-tlbflush-ext",
-        summary="extended GVA ranges for HvCallFlushVirtualAddressList",
-        tlfs="hypercalls/HvCallFlushVirtualAddressList.md",
-        requires=("hv-tlbflush",),
-        cpuid=features(HvFeatures.HV_FEATURE_EXT_GVA_RANGES_FLUSH),
-    ),
     Enlightenment(
         name="hv-tlbflush-direct",
         summary="direct TLB flush for nested guests",

@@ -139,15 +139,17 @@ PRESETS: dict[str, frozenset[str]] = {
     "minimal": frozenset({"hv-vpindex"}),
     # What Linux 6.1 uses (linux-guest.md §3, §10): VP index (mandatory for detection), the TSC
     # page clocksource, known TSC/APIC frequencies, crash reporting with the kmsg channel, the
-    # extended-hypercall query, guest idle; relaxed is free. Expected dmesg: "privilege flags
-    # low 0xe62, high 0x100000, hints 0x20, misc 0x40520".
+    # extended-hypercall query, guest idle, direct-mode stimers (the per-CPU clockevent; stimer
+    # needs synic by QEMU's rules), cluster IPIs and remote TLB flushes; relaxed is free.
     "linux": frozenset({"hv-vpindex", "hv-time", "hv-frequencies", "hv-crash", "hv-relaxed",
-                        "hv-idle", "hv-ext-hypercalls"}),
-    # QEMU's recommended Windows set (QDOC "Recommendations", windows-guest.md §2, §9) minus what
-    # is not implemented (synic, stimer, vapic, ipi, tlbflush) and minus hv-reset, which QEMU
-    # advises against. Spin count stays 0xFFFFFFFF (QEMU: 0xFFF only when overcommitted).
+                        "hv-idle", "hv-ext-hypercalls", "hv-synic", "hv-stimer",
+                        "hv-stimer-direct", "hv-ipi", "hv-tlbflush"}),
+    # QEMU's recommended Windows set (QDOC "Recommendations", windows-guest.md §2, §9) minus
+    # hv-vapic (refused: see hvvmm/enlightenments/vapic.py) and minus hv-reset, which QEMU advises
+    # against. Spin count stays 0xFFFFFFFF (QEMU: 0xFFF only when overcommitted).
     "windows": frozenset({"hv-relaxed", "hv-vpindex", "hv-runtime", "hv-time",
-                          "hv-frequencies", "hv-crash", "hv-idle", "hv-ext-hypercalls"}),
+                          "hv-frequencies", "hv-crash", "hv-idle", "hv-ext-hypercalls",
+                          "hv-synic", "hv-stimer", "hv-ipi", "hv-tlbflush"}),
     # Everything implemented (also the default when no spec is given, and hv-passthrough).
     "all": REGISTRY.selectable_implemented(),
 }
@@ -277,7 +279,8 @@ def parse_hyperv_spec(spec: str | None, *, registry: EnlightenmentRegistry = REG
                                         "be switched by name")
             if _parse_switch(canonical, value_text):
                 if not enlightenment.implemented:
-                    raise HyperVConfigError(f"{canonical} is not implemented yet")
+                    raise HyperVConfigError(enlightenment.refusal
+                                            or f"{canonical} is not implemented yet")
                 selected.add(canonical)
                 enabled = True
             else:

@@ -44,6 +44,21 @@ class OverlayPage(Protocol):
 
     def write(self, offset: int, data: bytes) -> None: ...
 
+    # For guest-writable overlays (the SynIC message and event-flag pages), which the guest and
+    # the emulator both change while the guest runs:
+
+    def read(self, offset: int, size: int) -> bytes:
+        """The page's current contents at ``offset`` (what the guest sees)."""
+        ...
+
+    def fetch_or_u8(self, offset: int, mask: int) -> int:
+        """OR ``mask`` into the byte at ``offset`` with one locked read-modify-write (as the
+        guest's own ``lock or``/``lock bts`` would) and return the byte's previous value. A
+        guest clearing other bits of the byte at the same time never has its change undone, and
+        on x86 the locked instruction is also a full memory barrier: stores before it are visible
+        before loads after it (the SynIC relies on this, see ``synic.py``)."""
+        ...
+
 
 class HvPlatform(Protocol):
     """Services of the VMM the emulator uses. All sizes in bytes, times as stated.
@@ -117,6 +132,62 @@ class HvPlatform(Protocol):
         (e.g. with dirty logging): reporting a page that is not zero leaks stale data into the
         guest's freshly "zeroed" allocations."""
         ...
+
+    # -- services for the interrupt side (SynIC, synthetic timers, PV IPI) ----------------------
+    # Unlike the methods above, these may be called from any thread (the timer thread
+    # included), and they never block on a vCPU.
+
+    def host_time_ns(self) -> int:
+        """The host monotonic clock (ns) that :meth:`start_timer` deadlines are in. Partition
+        reference time advances at the same nominal rate (100 ns per unit) but has its own
+        origin; convert with an anchor read on a vCPU thread."""
+        ...
+
+    def start_timer(self, deadline_ns: int, callback: Callable[[], None]) -> "TimerHandle":
+        """Call ``callback()`` once, on the VMM's single timer thread, at host time
+        ``deadline_ns`` (never earlier; a deadline already past fires as soon as possible).
+        Returns a handle whose ``cancel()`` stops it (idempotent; a callback already running is
+        not interrupted). Callbacks must be short and must not block on a vCPU."""
+        ...
+
+    def signal_interrupt(self, vp_index: int, vector: int) -> bool:
+        """Raise fixed-mode, edge-triggered ``vector`` on VP ``vp_index``'s local APIC. Thread-safe
+        and non-blocking. False if the LAPIC did not accept it (e.g. software-disabled)."""
+        ...
+
+    def run_on_vp(self, vp_index: int, work: Callable[[], None]) -> None:
+        """Run ``work()`` on VP ``vp_index``'s thread while it is outside the guest (at once when
+        called from that thread), e.g. to read that VP's TSC or LAPIC. Non-blocking: the work
+        runs later when called from another thread."""
+        ...
+
+    def edit_lapic(self, vp_index: int, edit: Callable[[bytearray], bool]) -> bool:
+        """Read VP ``vp_index``'s local APIC register page (1024 bytes, the ``KVM_GET_LAPIC``
+        layout: xAPIC register offsets, ISR at 0x100, IRR at 0x200, 32 bits per 16-byte row),
+        call ``edit(registers)``, and if it returns True write the page back
+        (``KVM_SET_LAPIC``); returns whether it was written. **Only from** :meth:`run_on_vp`
+        **work on that VP** (the vCPU is outside the guest, so nothing on it changes the page
+        meanwhile). Interrupts sent with :meth:`signal_interrupt` to the VP wait until the write
+        is done, so none is lost by writing back an older IRR; other sources (guest IPIs, device
+        interrupts) are not held off, so keep ``edit`` short. The SynIC uses it for AutoEOI."""
+        ...
+
+    # -- remote TLB flushes (hv-tlbflush) -----------------------------------------------------
+
+    def flush_guest_tlbs(self, vp_index: int, vps: Sequence[int]) -> None:
+        """Flush the whole guest TLB (every address space and PCID, global entries included) of
+        each VP in ``vps`` -- which may include the caller -- and return only when none of them
+        can use a translation cached before the call: each is flushed already or will be before
+        it next runs guest code. Called from VP ``vp_index``'s thread during its hypercall exit
+        (the TLFS guarantee of HvCallFlushVirtualAddressSpace/List, see ``tlbflush.py``); may
+        park every other vCPU meanwhile."""
+        ...
+
+
+class TimerHandle(Protocol):
+    """What :meth:`HvPlatform.start_timer` returns."""
+
+    def cancel(self) -> None: ...
 
 
 class OverlaySlot:

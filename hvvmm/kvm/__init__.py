@@ -5,12 +5,13 @@ from .exits import (FailEntryExit, HltExit, InternalErrorExit, InterruptedExit, 
                     IrqWindowOpenExit, MmioExit, MsrExit, ShutdownExit, SystemEventExit,
                     UnknownExit, VcpuExit, decode_exit)
 from .system import (KICK_SIGNAL, CpuidEntry, Kvm, KvmError, KvmUnavailableError, MsrFilterRange,
-                     PinnedBuffer, SyncSnapshot, Vcpu, Vm, install_kick_handler)
+                     PinnedBuffer, SyncSnapshot, Vcpu, Vm, atomic_fetch_or_u8,
+                     install_kick_handler)
 
 __all__ = [
     "constants", "FailEntryExit", "HltExit", "InternalErrorExit", "InterruptedExit", "IoExit",
     "IrqWindowOpenExit", "MmioExit", "MsrExit", "ShutdownExit", "SystemEventExit", "UnknownExit",
     "VcpuExit", "decode_exit", "KICK_SIGNAL", "CpuidEntry", "Kvm", "KvmError",
     "KvmUnavailableError", "MsrFilterRange", "PinnedBuffer", "SyncSnapshot", "Vcpu", "Vm",
-    "install_kick_handler",
+    "atomic_fetch_or_u8", "install_kick_handler",
 ]

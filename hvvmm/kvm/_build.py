@@ -214,12 +214,14 @@ int hvvmm_run(int vcpu_fd);
 void *hvvmm_map_shared(int fd, size_t size);
 int hvvmm_unmap(void *address, size_t size);
 int hvvmm_install_kick_handler(int signo);
+unsigned char hvvmm_atomic_fetch_or_u8(uintptr_t address, unsigned char mask);
 """
 
 SOURCE = r"""
 #include <errno.h>
 #include <signal.h>
 #include <stddef.h>
+#include <stdint.h>
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
@@ -244,6 +246,14 @@ int hvvmm_run(int vcpu_fd)
 {
     int r = ioctl(vcpu_fd, KVM_RUN, 0);
     return r < 0 ? -errno : r;
+}
+
+/* A locked OR on one byte of memory the guest shares (SynIC event flags), so a guest clearing
+ * other bits of the byte at the same time keeps its change. The builtin compiles to `lock or`
+ * (or a cmpxchg loop) inline: no libatomic. */
+unsigned char hvvmm_atomic_fetch_or_u8(uintptr_t address, unsigned char mask)
+{
+    return __atomic_fetch_or((unsigned char *)address, mask, __ATOMIC_SEQ_CST);
 }
 
 /* The kvm_run page of a vCPU; NULL on failure (errno says why). */

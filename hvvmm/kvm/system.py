@@ -447,6 +447,12 @@ class PinnedBuffer:
             self._cdata = None
 
 
+def atomic_fetch_or_u8(address: int, mask: int) -> int:
+    """Atomically OR ``mask`` into the byte at host ``address`` (memory shared with the guest);
+    returns the old byte."""
+    return lib.hvvmm_atomic_fetch_or_u8(address, mask)
+
+
 def install_kick_handler() -> None:
     """Install the no-op handler for :data:`KICK_SIGNAL` (idempotent)."""
     _check(lib.hvvmm_install_kick_handler(KICK_SIGNAL), "sigaction")

@@ -29,23 +29,25 @@ FEATURE_OK = {
     "hv-idle": {("GUEST_IDLE", "read")},
     "hv-crash": {("CRASH_P0", "read"), ("CRASH_P0", "write"), ("CRASH_P4", "read"),
                  ("CRASH_CTL", "read"), ("CRASH_CTL", "write")},
+    "hv-synic": {("SCONTROL", "read"), ("SCONTROL", "write"), ("SVERSION", "read"),
+                 ("SIEFP", "read"), ("SIMP", "read"), ("EOM", "write"), ("SINT0", "read")},
+    "hv-stimer": {("STIMER0_CONFIG", "read"), ("STIMER0_CONFIG", "write"),
+                  ("STIMER0_COUNT", "read")},
 }
-# Read-only MSRs (writes #GP), and MSRs nothing implements yet (SynIC, stimers, APIC MSRs,
-# syndbg, reenlightenment, TSC invariant control) or no one defines: #GP in every preset.
+# Read-only MSRs (writes #GP), and MSRs nothing implements (the APIC MSRs of the refused
+# hv-vapic, syndbg, reenlightenment, TSC invariant control) or no one defines: #GP everywhere.
 ALWAYS_GP = {("VP_INDEX", "write"), ("VP_RUNTIME", "write"), ("TIME_REF_COUNT", "write"),
              ("TSC_FREQUENCY", "write"), ("APIC_FREQUENCY", "write"), ("GUEST_IDLE", "write"),
-             ("EOI", "write"), ("ICR", "read"), ("TPR", "read"), ("SCONTROL", "read"),
-             ("SCONTROL", "write"), ("SVERSION", "read"), ("SIEFP", "read"), ("SIMP", "read"),
-             ("EOM", "write"), ("SINT0", "read"), ("STIMER0_CONFIG", "read"),
-             ("STIMER0_CONFIG", "write"), ("STIMER0_COUNT", "read"), ("SYNDBG_OPTIONS", "read"),
+             ("EOI", "write"), ("ICR", "read"), ("TPR", "read"), ("SYNDBG_OPTIONS", "read"),
              ("REENLIGHTENMENT_CONTROL", "read"), ("TSC_INVARIANT_CONTROL", "read"),
              ("MSR_0x400000FE", "read"), ("MSR_0x400001FF", "write"),
              ("NESTED_SCONTROL", "read")}
 PRESET_FEATURES = {
     None: set(FEATURE_OK),  # the default: everything implemented
     "minimal": set(),
-    "linux": {"hv-time", "hv-frequencies", "hv-crash", "hv-idle"},
-    "windows": {"hv-runtime", "hv-time", "hv-frequencies", "hv-crash", "hv-idle"},
+    "linux": {"hv-time", "hv-frequencies", "hv-crash", "hv-idle", "hv-synic", "hv-stimer"},
+    "windows": {"hv-runtime", "hv-time", "hv-frequencies", "hv-crash", "hv-idle", "hv-synic",
+                "hv-stimer"},
     "minimal,hv-crash,hv-reset": {"hv-crash", "hv-reset"},
 }
 

@@ -160,6 +160,22 @@ class FakeOverlay:
         if self._platform.memory.contains(self._gpa, OVERLAY_PAGE):
             self._platform.memory.write(self._gpa + offset, data)
 
+    def read(self, offset: int, size: int) -> bytes:
+        """What the guest sees (a guest-writable overlay in RAM: the RAM, which the guest
+        writes through :meth:`FakePlatform.guest_write`)."""
+        assert self.mapped, "read of an unmapped overlay"
+        assert 0 <= offset and offset + size <= OVERLAY_PAGE, (offset, size)
+        if self._platform.memory.contains(self._gpa, OVERLAY_PAGE):
+            return self._platform.memory.read(self._gpa + offset, size)
+        return bytes(self.content[offset:offset + size])
+
+    def fetch_or_u8(self, offset: int, mask: int) -> int:
+        assert 0 <= mask <= 0xFF, mask
+        old = self.read(offset, 1)[0]
+        self.write(offset, bytes([old | mask]))
+        self._platform.fetch_or_calls.append((self._gpa + offset, mask))
+        return old
+
 
 class FakePlatform:
     """Guest RAM plus recorded requests; overlays emulated Propolis-style (the RAM below an
@@ -190,6 +206,23 @@ class FakePlatform:
         self.overlay_log: list[tuple[str, int, str]] = []
         self._hidden: dict[int, bytes] = {}
         self.fail_report_crash = False
+        # Services for the interrupt side (see "timers and interrupts" below).
+        self.host_epoch_ns = FAKE_HOST_EPOCH_NS
+        self.timers: list[FakeTimer] = []  # every timer ever started, in start order
+        self.interrupts: list[tuple[int, int]] = []  # (vp, vector) accepted by signal_interrupt
+        self.refused_interrupts: list[tuple[int, int]] = []
+        self.accept_interrupts = True  # False: signal_interrupt refuses (a disabled LAPIC)
+        self.vp_work: list[tuple[int, object]] = []  # run_on_vp requests, in order
+        self.run_vp_work_at_once = True  # False: queue until run_vp_work()
+        # A LAPIC register page per VP (KVM_GET_LAPIC layout) for edit_lapic: signal_interrupt
+        # sets the IRR bit, accept_interrupt() models the LAPIC injecting one (IRR -> ISR, unless
+        # lapic_sets_isr is False, like a host whose LAPIC never sets ISR bits), guest_eoi() the
+        # guest's EOI.
+        self.lapic = {vp: bytearray(LAPIC_PAGE) for vp in range(vp_count)}
+        self.lapic_sets_isr = True
+        self.lapic_edits: list[tuple[int, bool]] = []  # (vp, written) per edit_lapic call
+        self.fetch_or_calls: list[tuple[int, int]] = []  # (gpa, mask) of OverlayPage.fetch_or_u8
+        self.tlb_flushes: list[tuple[int, tuple[int, ...]]] = []  # (caller, targets) per flush
 
     # -- HvPlatform ---------------------------------------------------------------------------
 
@@ -244,6 +277,11 @@ class FakePlatform:
     def boot_zeroed_ranges(self):
         return list(self.zeroed_ranges)
 
+    def flush_guest_tlbs(self, vp_index: int, vps) -> None:
+        """hv-tlbflush: records ``(caller, targets)``; see ``self.tlb_flushes``."""
+        assert all(0 <= vp < self.vp_count for vp in vps), vps
+        self.tlb_flushes.append((vp_index, tuple(vps)))
+
     # -- test helpers -------------------------------------------------------------------------
 
     def advance(self, *, seconds: float = 0.0, ticks: int = 0) -> None:
@@ -264,4 +302,184 @@ class FakePlatform:
         overlay = self.overlays.get(base)
         if overlay is not None and overlay.readonly:
             raise PermissionError(f"#GP: write to the read-only {overlay.name} at {gpa:#x}")
+        if overlay is not None and gpa + len(data) <= base + OVERLAY_PAGE:
+            overlay.write(gpa - base, data)  # a guest-writable overlay (the SynIC pages)
+            return
         self.memory.write(gpa, data)
+
+    # -- timers and interrupts (HvPlatform services for the SynIC and the synthetic timers) ---
+    #
+    # Host time is derived from the guest TSC, so host time and partition reference time move
+    # together (:meth:`advance`); timers fire only when a test calls :meth:`fire_due_timers`
+    # or :meth:`advance_and_fire`, on the test's thread.
+
+    def host_time_ns(self) -> int:
+        elapsed = self.tsc - self.guest_tsc_at_reference_zero
+        return self.host_epoch_ns + elapsed * 1_000_000_000 // self.tsc_frequency_hz
+
+    def start_timer(self, deadline_ns: int, callback) -> "FakeTimer":
+        timer = FakeTimer(deadline_ns, callback, started_at_ns=self.host_time_ns())
+        self.timers.append(timer)
+        return timer
+
+    def signal_interrupt(self, vp_index: int, vector: int) -> bool:
+        assert 0 <= vp_index < self.vp_count, vp_index
+        if not self.accept_interrupts:
+            self.refused_interrupts.append((vp_index, vector))
+            return False
+        self.interrupts.append((vp_index, vector))
+        _set_lapic_bit(self.lapic[vp_index], LAPIC_IRR, vector)
+        return True
+
+    def run_on_vp(self, vp_index: int, work) -> None:
+        assert 0 <= vp_index < self.vp_count, vp_index
+        self.vp_work.append((vp_index, work))
+        if self.run_vp_work_at_once:
+            self.run_vp_work()
+
+    def edit_lapic(self, vp_index: int, edit) -> bool:
+        assert 0 <= vp_index < self.vp_count, vp_index
+        registers = bytearray(self.lapic[vp_index])
+        written = bool(edit(registers))
+        if written:
+            assert len(registers) == LAPIC_PAGE
+            self.lapic[vp_index][:] = registers
+        self.lapic_edits.append((vp_index, written))
+        return written
+
+    def lapic_bit(self, vp_index: int, base: int, vector: int) -> bool:
+        offset, mask = _lapic_bit_position(base, vector)
+        return bool(self.lapic[vp_index][offset] & mask)
+
+    def lapic_vectors(self, vp_index: int, base: int) -> list[int]:
+        """The vectors whose bit is set in the LAPIC register array at ``base`` (ISR, IRR)."""
+        page = self.lapic[vp_index]
+        vectors = []
+        for row in range(8):
+            word = int.from_bytes(page[base + 0x10 * row:base + 0x10 * row + 4], "little")
+            vectors.extend(32 * row + bit for bit in range(32) if word >> bit & 1)
+        return vectors
+
+    def accept_interrupt(self, vp_index: int) -> int | None:
+        """The LAPIC delivers its highest IRR vector whose priority class is above the highest
+        in-service one (the guest has IF = 1): its IRR bit clears and its ISR bit sets (unless
+        ``lapic_sets_isr`` is False). Returns the vector, or None if nothing can go."""
+        pending = self.lapic_vectors(vp_index, LAPIC_IRR)
+        in_service = self.lapic_vectors(vp_index, LAPIC_ISR)
+        if not pending:
+            return None
+        vector = max(pending)
+        if in_service and vector >> 4 <= max(in_service) >> 4:
+            return None
+        _clear_lapic_bit(self.lapic[vp_index], LAPIC_IRR, vector)
+        if self.lapic_sets_isr:
+            _set_lapic_bit(self.lapic[vp_index], LAPIC_ISR, vector)
+        return vector
+
+    def guest_eoi(self, vp_index: int) -> int | None:
+        """The guest writes the EOI register: the highest ISR bit clears."""
+        in_service = self.lapic_vectors(vp_index, LAPIC_ISR)
+        if not in_service:
+            return None
+        _clear_lapic_bit(self.lapic[vp_index], LAPIC_ISR, max(in_service))
+        return max(in_service)
+
+    def run_vp_work(self) -> int:
+        """Run the queued :meth:`run_on_vp` work; returns how many ran."""
+        ran = 0
+        while self.vp_work:
+            _vp, work = self.vp_work.pop(0)
+            work()
+            ran += 1
+        return ran
+
+    def pending_timers(self) -> list["FakeTimer"]:
+        """Timers started and neither cancelled nor fired, earliest first."""
+        return sorted((t for t in self.timers if t.pending), key=lambda t: t.deadline_ns)
+
+    def fire_due_timers(self) -> int:
+        """Fire every pending timer whose deadline is at or before the current host time, in
+        deadline order (including ones armed by the callbacks); returns how many fired."""
+        fired = 0
+        while True:
+            now = self.host_time_ns()
+            due = [t for t in self.pending_timers() if t.deadline_ns <= now]
+            if not due:
+                return fired
+            due[0].fire(now)
+            fired += 1
+            assert fired < 100_000, "timer callbacks keep re-arming at once"
+
+    def advance_to_ns(self, host_ns: int) -> None:
+        """Move the guest TSC (and with it host time) forward to host time ``host_ns``
+        (at least; never backwards)."""
+        delta = host_ns - self.host_time_ns()
+        if delta > 0:
+            self.tsc += -(-delta * self.tsc_frequency_hz // 1_000_000_000)
+        while self.host_time_ns() < host_ns:
+            self.tsc += 1
+
+    def advance_and_fire(self, *, seconds: float = 0.0, ticks: int = 0) -> int:
+        """Move time forward like :meth:`advance`, firing timers at their deadlines on the way
+        (so a callback sees the host time of its own deadline); returns how many fired."""
+        target = self.tsc + ticks + round(seconds * self.tsc_frequency_hz)
+        fired = 0
+        while True:
+            pending = self.pending_timers()
+            if not pending:
+                break
+            deadline = pending[0].deadline_ns
+            if deadline > self.host_time_ns():
+                before = self.tsc
+                self.advance_to_ns(deadline)
+                if self.tsc > target:  # the next deadline lies beyond the target
+                    self.tsc = before
+                    break
+            fired += self.fire_due_timers()
+        self.tsc = max(self.tsc, target)
+        return fired + self.fire_due_timers()
+
+
+LAPIC_PAGE = 1024  # struct kvm_lapic_state
+LAPIC_ISR = 0x100
+LAPIC_IRR = 0x200
+
+
+def _lapic_bit_position(base: int, vector: int) -> tuple[int, int]:
+    return base + 0x10 * (vector // 32) + (vector % 32) // 8, 1 << (vector % 8)
+
+
+def _set_lapic_bit(page: bytearray, base: int, vector: int) -> None:
+    offset, mask = _lapic_bit_position(base, vector)
+    page[offset] |= mask
+
+
+def _clear_lapic_bit(page: bytearray, base: int, vector: int) -> None:
+    offset, mask = _lapic_bit_position(base, vector)
+    page[offset] &= ~mask & 0xFF
+
+
+FAKE_HOST_EPOCH_NS = 5_000_000_000_000  # host monotonic time at reference time 0 (arbitrary)
+
+
+class FakeTimer:
+    """A timer of :class:`FakePlatform` (the ``TimerHandle`` protocol)."""
+
+    def __init__(self, deadline_ns: int, callback, *, started_at_ns: int):
+        self.deadline_ns = deadline_ns
+        self.callback = callback
+        self.started_at_ns = started_at_ns
+        self.cancelled = False
+        self.fired_at_ns: int | None = None
+
+    @property
+    def pending(self) -> bool:
+        return not self.cancelled and self.fired_at_ns is None
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def fire(self, now_ns: int) -> None:
+        assert now_ns >= self.deadline_ns, "a fake timer fired early"
+        self.fired_at_ns = now_ns
+        self.callback()

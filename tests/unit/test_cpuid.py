@@ -160,16 +160,18 @@ def test_identification_leaves():
 
 
 # Exact 0x40000003 EAX/EBX/EDX and 0x40000004 EAX/EBX for each preset.
-#   EAX: 0 VpRunTime, 1 RefCounter, 5 HypercallMsrs, 6 VpIndex, 7 Reset, 9 RefTsc, 10 GuestIdle,
-#        11 Frequencies; EBX 20 EnableExtendedHypercalls;
-#   EDX: 4 XMM input, 5 guest idle, 8 frequencies, 10 crash, 18 hypercall MSR lock;
-#   hints EAX 5 relaxed.
+#   EAX: 0 VpRunTime, 1 RefCounter, 2 SynicRegs, 5 HypercallMsrs, 6 VpIndex, 7 Reset, 9 RefTsc,
+#        10 GuestIdle, 11 Frequencies; EBX 4 PostMessages, 5 SignalEvents,
+#        20 EnableExtendedHypercalls;
+#   EDX: 4 XMM input, 5 guest idle, 8 frequencies, 10 crash, 14 extended GVA ranges for
+#        flushes, 18 hypercall MSR lock;
+#   hints EAX 2 remote TLB flush, 5 relaxed, 9 deprecate AutoEOI, 10 cluster IPI, 11 Ex masks.
 @pytest.mark.parametrize("spec, eax, ebx, edx, hints", [
     ("minimal", 0x060, 0, 0x40000, 0),
-    ("linux", 0xE62, 0x100000, 0x40520, 0x20),
-    ("windows", 0xE63, 0x100000, 0x40520, 0x20),
-    ("all", 0xEE3, 0x100000, 0x40530, 0x20),
-    (None, 0xEE3, 0x100000, 0x40530, 0x20),
+    ("linux", 0xE6E, 0x100030, 0xC0520, 0xE24),
+    ("windows", 0xE6F, 0x100030, 0x40520, 0xE24),
+    ("all", 0xEEF, 0x100030, 0xC4530, 0xE24),  # + hv-stimer (EAX 3), hv-stimer-direct (EDX 19)
+    (None, 0xEEF, 0x100030, 0xC4530, 0xE24),
     ("hv-vpindex,hv-reset", 0x0E0, 0, 0x40000, 0),
     ("hv-vpindex,hv-relaxed", 0x060, 0, 0x40000, 0x20),
     ("hv-spinlocks=0xfff", 0x020, 0, 0x40000, 0),
@@ -189,7 +191,12 @@ def test_linux_preset_matches_the_documented_dmesg_line():
     leaves = hyperv_cpuid_leaves(parse_hyperv_spec("linux"), 2)
     f, h = leaf(leaves, 0x40000003), leaf(leaves, 0x40000004)
     line = f"privilege flags low {f.eax:#x}, high {f.ebx:#x}, hints {h.eax:#x}, misc {f.edx:#x}"
-    assert line == "privilege flags low 0xe62, high 0x100000, hints 0x20, misc 0x40520"
+    # linux-guest.md §10's worked profile is "low 0xe6a, high 0x0, hints 0xe24, misc 0x80508".
+    # The hints are the same. The rest differs where hvvmm differs: SynIC (bit 2; QEMU's rules
+    # make stimers need it) with PostMessages/SignalEvents (EBX 4/5), extended hypercalls
+    # (EBX 20), guest idle paired with EDX bit 5 as the TLFS says, the HYPERCALL lock bit
+    # (EDX 18), and no CPU hot-add (EDX 3: hvvmm has none).
+    assert line == "privilege flags low 0xe6e, high 0x100030, hints 0xe24, misc 0xc0520"
 
 
 def test_forbidden_privileges_are_never_set():

@@ -1,0 +1,47 @@
+"""Smoke test of the Hyper-V benchmarks: they run with a handful of iterations and print figures.
+
+Not a performance test (no threshold on the ratios); it keeps bench/hv_roundtrip.py,
+bench/c/hv_loop.c and bench/tsc_page_exits.py working as hvvmm changes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pathlib
+import re
+import shutil
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.guest
+
+BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture()
+def bench_module():
+    if shutil.which("gcc") is None:
+        pytest.skip("the benchmarks need gcc")
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def test_hv_roundtrip_prints_both_ratios(bench_module, capsys):
+    ratios = bench_module("hv_roundtrip").main(["--count", "50", "--runs", "1"])
+    out = capsys.readouterr().out
+    assert set(ratios) == {"hypercall", "msr"}
+    assert all(ratio > 0 for ratio in ratios.values())
+    assert re.search(r"^hypercall .*ratio \d+\.\d\dx$", out, re.M), out
+    assert re.search(r"^synthetic MSR read .*ratio \d+\.\d\dx$", out, re.M), out
+
+
+def test_tsc_page_reads_cause_no_exits(bench_module, capsys):
+    counts = bench_module("tsc_page_exits").main(["--reads", "100"])
+    out = capsys.readouterr().out
+    assert counts["page_exits"] == 0, out
+    assert counts["msr_exits"] == counts["msr_reads"] == 100, out
+    assert "100 reads of the TSC page clock: 0 exits" in out
