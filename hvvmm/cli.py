@@ -120,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "let it go on")
     run.add_argument("--on-reset", choices=("exit", "restart"), default="exit",
                      help="when the guest resets: exit (status 10, default) or boot it again")
+    run.add_argument("--hyperv-testdev", action="store_true",
+                     help="QEMU's hyperv-testdev at port 0x3000 (SynIC test device of "
+                          "kvm-unit-tests; needs hv-synic)")
     _add_common(run)
 
     cpuid = commands.add_parser(
@@ -133,6 +136,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     info = commands.add_parser("info", help="report the host: KVM, capabilities, virtualization")
     _add_common(info)
+
+    # Listed here for --help only: main() hands "hvvmm qemu ..." to hvvmm.qemu before argparse.
+    commands.add_parser("qemu", add_help=False,
+                        help="run a qemu-system-x86_64 command line (a subset of QEMU's options; "
+                             "see hvvmm qemu -help)")
     return parser
 
 
@@ -193,7 +201,7 @@ def cmd_run(args) -> int:
                            console_input=console_input, timeout=args.timeout,
                            kvm_device=_kvm_device(),
                            hyperv=args.hyperv, cpu_features=args.cpu_features,
-                           on_crash=args.on_crash)
+                           on_crash=args.on_crash, hyperv_testdev=args.hyperv_testdev)
     trace = None
     try:
         if args.trace:
@@ -336,6 +344,11 @@ CAPABILITIES = (
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["qemu"]:  # QEMU's syntax, not argparse's: see hvvmm/qemu.py
+        from .qemu import main as qemu_main
+
+        return qemu_main(argv[1:])
     parser = build_parser()
     args = None
     try:
