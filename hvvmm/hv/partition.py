@@ -234,6 +234,14 @@ class Partition:
         self._call_owner[spec.code] = owner
         return spec
 
+    def add_test_hypercall(self, spec: HypercallSpec) -> HypercallSpec:
+        """For harnesses: answer an extra hypercall code that no enlightenment claims (a test
+        call, a vendor call under study). It goes through the same dispatcher, validation,
+        counters and trace as every other call. Refuses a code already registered."""
+        self.hypercalls.register(spec)  # raises HypercallTableError on a duplicate code
+        self._call_owner[spec.code] = "harness"
+        return spec
+
     def _require_attaching(self, what: str) -> str:
         if self._attaching is None:
             raise PartitionError(f"{what} is only for an enlightenment's attach()")

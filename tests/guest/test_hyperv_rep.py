@@ -1,9 +1,7 @@
 """Rep hypercalls that the VMM continues (tests/guests/hv_rep.c).
 
-No rep call exists among the implemented enlightenments, so the test registers one on the
-partition before the run: ``Partition.hypercalls`` (a :class:`HypercallTable`) takes new specs at
-any time, and the dispatcher reads ``max_reps_per_entry`` on every call. (``register_hypercall``
-is only for an enlightenment's ``attach``.)
+The test registers its own rep call on the partition before the run
+(``Partition.add_test_hypercall``); the dispatcher reads ``max_reps_per_entry`` on every call.
 
 Two ways to bound an entry are covered: the handler stopping after two elements of
 ``request.rep_inputs()``, and the dispatcher's ``max_reps_per_entry = 2``. Either way the guest
@@ -47,7 +45,7 @@ def test_rep_call_is_continued_and_completes(guest_image, bound):
     events = []
     with Machine(MachineConfig(kernel=guest_image("hv_rep"))) as machine:
         partition = machine.hyperv.partition
-        partition.hypercalls.register(HypercallSpec(
+        partition.add_test_hypercall(HypercallSpec(
             code=REP_CODE, name="TestRepCall", kind=HypercallKind.REP, handler=handler,
             rep_input_size=8, rep_output_size=8))
         if bound == "dispatcher":

@@ -500,3 +500,15 @@ def test_overlay_slot_linearizes_racing_changes():
     assert commits[-1] == "same" and platform.overlay_log[-1][:2] == ("unmap", 0x5000)
     slot.remove()
     assert slot.page is None and platform.overlays == {}
+
+
+def test_harness_hypercalls_go_through_the_dispatcher():
+    from hvvmm.hv.hypercall import HypercallResult, HypercallSpec, HypercallTableError
+
+    partition, _ = make_partition("minimal")
+    partition.add_test_hypercall(HypercallSpec(code=0x7F00, name="TestEcho",
+                                               handler=lambda request: HypercallResult()))
+    with pytest.raises(HypercallTableError):
+        partition.add_test_hypercall(HypercallSpec(code=0x7F00, handler=lambda request: None))
+    with pytest.raises(HypercallTableError):  # a code an enlightenment already answers
+        partition.add_test_hypercall(HypercallSpec(code=0x8001, handler=lambda request: None))
