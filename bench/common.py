@@ -20,9 +20,10 @@ HEADER_SIZE = 32
 
 
 def build_c(name: str) -> pathlib.Path:
-    """Compile bench/c/NAME.c with -O2 (cached by source hash)."""
+    """Compile bench/c/NAME.c with -O2 (cached by the hash of it and the shared headers)."""
     source = BENCH / "c" / f"{name}.c"
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    inputs = [source, *sorted((BENCH / "c").glob("*.h"))]
+    digest = hashlib.sha256(b"".join(path.read_bytes() for path in inputs)).hexdigest()[:12]
     binary = BUILD / f"{name}-{digest}"
     if not binary.exists():
         BUILD.mkdir(exist_ok=True)

@@ -21,16 +21,8 @@
  *
  * usage: hv_loop CODE_FILE LOAD_ADDRESS ENTRY hypercall|msr COUNT */
 #include <errno.h>
-#include <fcntl.h>
-#include <linux/kvm.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/ioctl.h>
-#include <sys/mman.h>
-#include <time.h>
-#include <unistd.h>
+
+#include "kvm_bench.h"
 
 #define MEM_SIZE (16u << 20)
 #define PAGE_SIZE 4096u
@@ -59,22 +51,6 @@
 
 #define EFER_LMA (1ull << 10)
 #define U32 0xffffffffull
-
-static void die(const char *what) { perror(what); exit(2); }
-
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + ts.tv_nsec;
-}
-
-static void flat(struct kvm_segment *s, uint16_t selector, uint8_t type)
-{
-    memset(s, 0, sizeof *s);
-    s->limit = 0xffffffff; s->selector = selector; s->type = type;
-    s->present = 1; s->db = 1; s->s = 1; s->g = 1;
-}
 
 static uint8_t *mem;
 static uint64_t guest_os_id, hypercall_msr;
@@ -184,16 +160,10 @@ int main(int argc, char **argv)
     if (!msr_mode && strcmp(argv[4], "hypercall")) { fprintf(stderr, "bad mode\n"); return 2; }
     long count = atol(argv[5]);
 
-    int kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
-    if (kvm < 0) die("/dev/kvm");
-    int vm = ioctl(kvm, KVM_CREATE_VM, 0);
-    if (vm < 0) die("KVM_CREATE_VM");
-    uint64_t identity = 0xfffbc000;
-    if (ioctl(vm, KVM_SET_IDENTITY_MAP_ADDR, &identity) < 0) die("identity map");
-    if (ioctl(vm, KVM_SET_TSS_ADDR, 0xfffbd000) < 0) die("KVM_SET_TSS_ADDR");
-    if (ioctl(vm, KVM_CREATE_IRQCHIP, 0) < 0) die("KVM_CREATE_IRQCHIP");
-    struct kvm_pit_config pit = { .flags = KVM_PIT_SPEAKER_DUMMY };
-    if (ioctl(vm, KVM_CREATE_PIT2, &pit) < 0) die("KVM_CREATE_PIT2");
+    struct bench_vm b;
+    bench_vm_create(&b, MEM_SIZE, argv[1], load);
+    mem = b.mem;
+    int vm = b.vm;
 
     struct kvm_enable_cap cap = { .cap = KVM_CAP_X86_USER_SPACE_MSR,
                                   .args = { KVM_MSR_EXIT_REASON_FILTER } };
@@ -208,32 +178,10 @@ int main(int argc, char **argv)
         .bitmap = deny1 };
     if (ioctl(vm, KVM_X86_SET_MSR_FILTER, &filter) < 0) die("KVM_X86_SET_MSR_FILTER");
 
-    mem = mmap(0, MEM_SIZE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    if (mem == MAP_FAILED) die("mmap");
-    struct kvm_userspace_memory_region region = {
-        .slot = 0, .guest_phys_addr = 0, .memory_size = MEM_SIZE,
-        .userspace_addr = (uintptr_t)mem };
-    if (ioctl(vm, KVM_SET_USER_MEMORY_REGION, &region) < 0) die("memory region");
-    FILE *f = fopen(argv[1], "rb");
-    if (!f) die(argv[1]);
-    size_t n = fread(mem + load, 1, MEM_SIZE - load, f);
-    fclose(f);
-    if (!n) die("empty code file");
-
-    int vcpu = ioctl(vm, KVM_CREATE_VCPU, 0);
-    if (vcpu < 0) die("KVM_CREATE_VCPU");
-    set_cpuid(kvm, vcpu);
-    int run_size = ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
-    struct kvm_run *run = mmap(0, run_size, PROT_READ | PROT_WRITE, MAP_SHARED, vcpu, 0);
-    if (run == MAP_FAILED) die("mmap kvm_run");
-    struct kvm_sregs sregs;
-    if (ioctl(vcpu, KVM_GET_SREGS, &sregs) < 0) die("KVM_GET_SREGS");
-    flat(&sregs.cs, 0x10, 0xb);
-    flat(&sregs.ds, 0x18, 0x3); sregs.es = sregs.fs = sregs.gs = sregs.ss = sregs.ds;
-    sregs.cr0 = 0x11; sregs.cr4 = 0; sregs.efer = 0;
-    if (ioctl(vcpu, KVM_SET_SREGS, &sregs) < 0) die("KVM_SET_SREGS");
-    struct kvm_regs regs = { .rip = entry, .rflags = 2 };
-    if (ioctl(vcpu, KVM_SET_REGS, &regs) < 0) die("KVM_SET_REGS");
+    bench_vcpu_create(&b, entry);
+    int vcpu = b.vcpu;
+    struct kvm_run *run = b.run;
+    set_cpuid(b.kvm, vcpu);
     run->kvm_valid_regs = KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS;
 
     long markers = 0, msr_reads = 0;
