@@ -15,6 +15,8 @@ import threading
 from dataclasses import dataclass
 from typing import Protocol
 
+from .logonce import LogOnce
+
 log = logging.getLogger(__name__)
 
 
@@ -64,7 +66,7 @@ class Bus:
         self.address_limit = address_limit
         self._ranges: list[BusRange] = []
         self._bases: list[int] = []
-        self._unhandled_logged: set[tuple[str, int]] = set()
+        self._log_once = LogOnce(log)  # the guest picks the addresses: bounded memory
         # address -> range, filled on first use: a guest hits few distinct addresses, so most
         # accesses cost one dict lookup instead of a bisect.
         self._cache: dict[int, BusRange | None] = {}
@@ -136,13 +138,9 @@ class Bus:
         entry.device.write(address - entry.base, size, value)
 
     def _log_unhandled(self, kind: str, address: int, size: int, value: int | None = None) -> None:
-        key = (kind, address)
-        if key in self._unhandled_logged:
-            return
-        self._unhandled_logged.add(key)
         detail = "" if value is None else f" value {value:#x}"
-        log.info("%s: unhandled %s of %d byte(s) at %#x%s (logged once per address)",
-                 self.name, kind, size, address, detail)
+        self._log_once((kind, address), logging.INFO, "%s: unhandled %s of %d byte(s) at %#x%s",
+                       self.name, kind, size, address, detail)
 
 
 def pio_bus() -> Bus:

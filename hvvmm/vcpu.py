@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from .bus import Bus
+from .logonce import LogOnce
 from .kvm import (KICK_SIGNAL, FailEntryExit, HltExit, InternalErrorExit, InterruptedExit, IoExit,
                   MmioExit, MsrExit, ShutdownExit, SystemEventExit, UnknownExit, Vcpu, VcpuExit,
                   constants)
@@ -73,7 +74,7 @@ class VcpuThread:
                  overlay_at: Callable[[int], object | None] = lambda gpa: None):
         self.machine = machine
         self._overlay_at = overlay_at
-        self._overlay_writes_logged: set[int] = set()
+        self._log_once = LogOnce(log)
         self.vcpu = vcpu
         self.index = vcpu.index
         self.pio_bus = pio_bus
@@ -212,11 +213,9 @@ class VcpuThread:
         The TLFS says such a write raises #GP. KVM reports it only after its emulator retired the
         instruction (RIP already past it), so a #GP injected now would point at the wrong
         instruction and break fault fix-ups; hvvmm drops the write and logs it instead."""
-        if overlay.gpa not in self._overlay_writes_logged:
-            self._overlay_writes_logged.add(overlay.gpa)
-            log.warning("vCPU %d wrote %d byte(s) to the read-only %s at %#x; the write was "
-                        "dropped (logged once per page)", self.index, exit.size, overlay.name,
-                        exit.address)
+        self._log_once(("overlay write", overlay.gpa), logging.WARNING,
+                       "vCPU %d wrote %d byte(s) to the read-only %s at %#x; the write was "
+                       "dropped", self.index, exit.size, overlay.name, exit.address)
 
     def _msr(self, exit: MsrExit) -> None:
         handler = self.msr_handler

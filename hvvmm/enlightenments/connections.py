@@ -75,7 +75,7 @@ from hvvmm.hv.hypercall import HypercallError, HypercallRequest, HypercallResult
 
 if TYPE_CHECKING:
     from hvvmm.enlightenments.synic import SynicState
-    from hvvmm.hv.msr import LogOnce
+    from hvvmm.logonce import LogOnce
     from hvvmm.hv.partition import Partition
 
 log = logging.getLogger(__name__)

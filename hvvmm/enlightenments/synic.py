@@ -133,7 +133,7 @@ from hvvmm.hv.msr import MsrAccessFault
 from hvvmm.hv.platform import OverlayError, OverlaySlot
 
 if TYPE_CHECKING:
-    from hvvmm.hv.msr import LogOnce
+    from hvvmm.logonce import LogOnce
     from hvvmm.hv.partition import Partition
     from hvvmm.hv.platform import HvPlatform, OverlayPage
 

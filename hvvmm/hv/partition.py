@@ -16,7 +16,7 @@ four entry points:
 Observability: per-VP counters of MSR accesses by index (reads, writes, faults) and of hypercalls
 by (code, status), and an optional ``on_event`` callback that receives a :class:`TraceEvent` for
 every access (``--trace FILE`` writes them as JSON lines). Guest-triggered log lines go through a
-:class:`~hvvmm.hv.msr.LogOnce` (once per distinct cause).
+:class:`~hvvmm.logonce.LogOnce` (once per distinct cause).
 
 Nothing here imports the KVM layer.
 """
@@ -52,7 +52,8 @@ from hvvmm.hv.hypercall import (
     HypercallSpec,
     HypercallTable,
 )
-from hvvmm.hv.msr import LogOnce, MsrAccessFault, MsrRegistry, MsrScope, SyntheticMsr
+from hvvmm.hv.msr import MsrAccessFault, MsrRegistry, MsrScope, SyntheticMsr
+from hvvmm.logonce import LogOnce
 
 if TYPE_CHECKING:
     from hvvmm.enlightenments.reference_time import ReferenceClock

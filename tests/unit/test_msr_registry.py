@@ -1,4 +1,4 @@
-"""hvvmm.hv.msr: the synthetic MSR registry, its #GP rules, and the LogOnce rate limiter."""
+"""hvvmm.hv.msr: the synthetic MSR registry and its #GP rules; hvvmm.logonce's rate limiter."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import logging
 import pytest
 
 from hvvmm.hv.hvdef import HV_X64_MSR_HYPERCALL, HV_X64_MSR_VP_INDEX
-from hvvmm.hv.msr import LogOnce, MsrAccessFault, MsrRegistry, MsrRegistryError, SyntheticMsr
+from hvvmm.hv.msr import MsrAccessFault, MsrRegistry, MsrRegistryError, SyntheticMsr
+from hvvmm.logonce import LogOnce
 
 U64 = (1 << 64) - 1
 
