@@ -1,7 +1,6 @@
 """``hvvmm qemu``: QEMU command lines as kvm-unit-tests and other harnesses write them, run on tiny
 guests, checked for QEMU's exit statuses and messages."""
 
-import os
 import pathlib
 import re
 import shutil

@@ -8,7 +8,6 @@ import random
 import threading
 import time
 
-from hvvmm.enlightenments import stimer as S
 from hvvmm.timers import TimerService
 
 try:
