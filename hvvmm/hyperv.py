@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from .hv.msr import MsrAccessFault
 from .hv.platform import CrashReport, OverlayPage
-from .kvm import KvmError, Vcpu
+from .kvm import KvmError, KvmUnavailableError, Vcpu
 from .kvm.system import GPR_INDEX, GPR_NAMES
 from .kvm import constants as kvmc
 from .timers import Timer, TimerService
@@ -139,8 +139,9 @@ class KvmHvPlatform:
         boot_vcpu = machine.vcpus[0].vcpu
         tsc_khz = boot_vcpu.tsc_khz()
         if not tsc_khz:
-            raise RuntimeError("KVM does not report the guest TSC frequency (KVM_GET_TSC_KHZ); "
-                               "the Hyper-V clocks need it")
+            raise KvmUnavailableError("KVM does not report the guest TSC frequency "
+                                      "(KVM_GET_TSC_KHZ), which the Hyper-V clocks need (use "
+                                      "--hyperv none)")
         self.tsc_frequency_hz = tsc_khz * 1000
         self.apic_frequency_hz = KVM_APIC_FREQUENCY_HZ
         # KVM starts every guest TSC at 0 when the vCPU is created; read it to be exact.
@@ -329,8 +330,8 @@ class HyperV:
         for cap, name in ((kvmc.KVM_CAP_X86_USER_SPACE_MSR, "KVM_CAP_X86_USER_SPACE_MSR"),
                           (kvmc.KVM_CAP_X86_MSR_FILTER, "KVM_CAP_X86_MSR_FILTER")):
             if not kvm.check_extension(cap):
-                raise RuntimeError(f"KVM on this host lacks {name}, which hvvmm needs to answer "
-                                   "the Hyper-V synthetic MSRs (use --hyperv none)")
+                raise KvmUnavailableError(f"KVM on this host lacks {name}, which hvvmm needs to "
+                                          "answer the Hyper-V synthetic MSRs (use --hyperv none)")
         # Every access to the synthetic MSR ranges exits to user space (reason FILTER), also for
         # MSRs hvvmm does not implement, which then #GP here rather than reach an in-kernel
         # Hyper-V on hosts that have one.

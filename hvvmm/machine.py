@@ -34,7 +34,7 @@ from .devices.fw_cfg import FW_CFG_IO_BASE, FW_CFG_PORT_COUNT, FwCfg
 from .devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_PORT_COUNT
 from .devices.port80 import POST_CODE_PORT, POST_CODE_PORT_COUNT, PostCodePort
 from .devices.serial import COM1_IRQ, SERIAL_COM1_BASE, SERIAL_PORT_COUNT, Serial
-from .kvm import KICK_SIGNAL, Kvm, PinnedBuffer, Vm, install_kick_handler
+from .kvm import KICK_SIGNAL, Kvm, KvmUnavailableError, PinnedBuffer, Vm, install_kick_handler
 from .kvm import constants as kvmc
 from .memory import GuestMemory
 from .memslots import MemslotManager
@@ -205,7 +205,10 @@ class ConsoleBuffer:
 
     def flush(self) -> None:
         if self._sink is not None:
-            self._sink.flush()
+            try:
+                self._sink.flush()
+            except (OSError, ValueError):  # the stream went away (closed pipe, closed file)
+                pass
 
     def getvalue(self) -> bytes:
         with self._lock:
@@ -283,7 +286,6 @@ class Machine:
         self._started = False
         self._closed = False
         self.console = ConsoleBuffer(config.console_capture_limit, config.console)
-        self._observers: list[ExitObserver] = []
         self.hyperv = None  # hvvmm.hyperv.HyperV when the guest gets the Hyper-V interface
         self.hyperv_testdev = None  # hvvmm.devices.hyperv_testdev.HypervTestDev if configured
         self.crash_reports: list = []
@@ -321,7 +323,8 @@ class Machine:
                           (kvmc.KVM_CAP_IMMEDIATE_EXIT, "immediate exit"),
                           (kvmc.KVM_CAP_SET_TSS_ADDR, "TSS address")):
             if not kvm.check_extension(cap):
-                raise RuntimeError(f"KVM on this host lacks the {name} capability hvvmm needs")
+                raise KvmUnavailableError(f"KVM on this host lacks the {name} capability hvvmm "
+                                          "needs")
 
         res.vm = vm = kvm.create_vm()
         vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
@@ -499,6 +502,8 @@ class Machine:
 
     def wait(self, timeout: float | None = None) -> MachineResult:
         """Wait until the guest ends or ``timeout`` (default: the config's) passes."""
+        if not self._started:
+            raise RuntimeError("wait() on a machine that was not started (use run() or start())")
         if timeout is None:
             timeout = self.config.timeout
         if not self._done.wait(timeout):

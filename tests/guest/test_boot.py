@@ -144,3 +144,9 @@ def test_stop_from_another_thread(guest_image):
         threading.Timer(0.3, machine.stop).start()
         result = machine.wait(timeout=RUN_TIMEOUT)
     assert result.kind is ExitKind.STOPPED
+
+
+def test_wait_without_start_is_an_error_not_a_hang(guest_image):
+    with Machine(MachineConfig(kernel=guest_image("hello"))) as machine:
+        with pytest.raises(RuntimeError, match="not started"):
+            machine.wait(timeout=1)
