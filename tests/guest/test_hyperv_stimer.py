@@ -8,15 +8,8 @@ implemented and hv-stimer is in the default registry."""
 import pytest
 
 from hvvmm import ExitKind, Machine, MachineConfig
-from hvvmm.enlightenments import REGISTRY
 
-pytestmark = [
-    pytest.mark.guest,
-    pytest.mark.skipif(
-        not (REGISTRY.lookup("hv-stimer") is not None and REGISTRY["hv-stimer"].implemented
-             and REGISTRY["hv-synic"].implemented),
-        reason="hv-stimer needs hv-synic, which is not implemented (registered) yet"),
-]
+pytestmark = pytest.mark.guest
 
 RUN_TIMEOUT = 120
 FULL = "hv-vpindex,hv-time,hv-synic,hv-stimer,hv-stimer-direct"

@@ -153,10 +153,12 @@ class Rig:
     """A partition with hv-stimer on a FakePlatform, and helpers for writing and moving time."""
 
     def __init__(self, spec: str = SPEC_DIRECT, vp_count: int = 2,
-                 platform: FakePlatform | None = None):
+                 platform: FakePlatform | None = None,
+                 registry: EnlightenmentRegistry | None = None):
+        """``registry`` defaults to the fake SynIC's; pass the real one to test against it."""
         self.platform = platform if platform is not None else \
             FakePlatform(vp_count=vp_count, guest_tsc_at_reference_zero=12345)
-        self.registry = stimer_registry()
+        self.registry = registry if registry is not None else stimer_registry()
         self.partition = Partition(parse_hyperv_spec(spec, registry=self.registry),
                                    self.platform, registry=self.registry)
         self.state: S.SyntheticTimers = self.partition.state[S.NAME]

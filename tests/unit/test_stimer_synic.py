@@ -15,55 +15,29 @@ from hypothesis import strategies as st
 from hvvmm.enlightenments import REGISTRY
 from hvvmm.enlightenments import stimer as S
 from hvvmm.hv import hvdef
-from hvvmm.hv.features import parse_hyperv_spec
 from hvvmm.hv.msr import MsrAccessFault
-from hvvmm.hv.partition import Partition
 
 try:
     from hvfakes import FakePlatform
-    from test_stimer import (AUTO, ENABLE, MS, PERIODIC, config_msr, count_msr,
-                             direct_config, sint_config, true_reference_time)
+    from test_stimer import (AUTO, ENABLE, MS, PERIODIC, Rig, config_msr, count_msr,
+                             direct_config, sint_config)
 except ImportError:  # tests/ imported as a package
     from tests.unit.hvfakes import FakePlatform
-    from tests.unit.test_stimer import (AUTO, ENABLE, MS, PERIODIC, config_msr,
-                                        count_msr, direct_config, sint_config,
-                                        true_reference_time)
-
-pytestmark = pytest.mark.skipif(
-    REGISTRY.lookup("hv-synic") is None or not REGISTRY["hv-synic"].implemented
-    or not REGISTRY["hv-stimer"].implemented,
-    reason="the real SynIC is not implemented")
+    from tests.unit.test_stimer import (AUTO, ENABLE, MS, PERIODIC, Rig, config_msr,
+                                        count_msr, direct_config, sint_config)
 
 SPEC = "hv-vpindex,hv-time,hv-synic,hv-stimer,hv-stimer-direct"
 SIMP_GPA = 0x10000
 SLOT = 256
 
 
-class Guest:
+class Guest(Rig):
     """A partition with the real SynIC and hv-stimer; helpers act as the guest would."""
 
     def __init__(self, vp_count: int = 2):
-        self.platform = FakePlatform(vp_count=vp_count, guest_tsc_at_reference_zero=777)
-        self.partition = Partition(parse_hyperv_spec(SPEC), self.platform)
-        self.state: S.SyntheticTimers = self.partition.state[S.NAME]
-        self.signals: list[tuple[int, int, int, int]] = []
-
-        def observe(vp, index, expiration, bound):
-            ref = true_reference_time(self.platform)
-            assert bound <= ref
-            self.signals.append((vp, index, expiration, ref))
-
-        self.state.observer = observe
-
-    @property
-    def now(self) -> int:
-        return true_reference_time(self.platform)
-
-    def wr(self, msr: int, value: int, vp: int = 0) -> None:
-        self.partition.msr_write(vp, msr, value)
-
-    def rd(self, msr: int, vp: int = 0) -> int:
-        return self.partition.msr_read(vp, msr)
+        super().__init__(SPEC, platform=FakePlatform(vp_count=vp_count,
+                                                      guest_tsc_at_reference_zero=777),
+                         registry=REGISTRY)
 
     def synic_on(self, vp: int = 0, sints=(2, 3)) -> None:
         self.wr(hvdef.HV_X64_MSR_SIMP, (SIMP_GPA + vp * 0x1000) | 1, vp)
@@ -91,8 +65,6 @@ class Guest:
             self.wr(hvdef.HV_X64_MSR_EOM, 0, vp)
         return message
 
-    def advance_ms(self, ms: float) -> int:
-        return self.platform.advance_and_fire(seconds=ms / 1000)
 
 
 @pytest.fixture
