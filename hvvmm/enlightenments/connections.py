@@ -325,18 +325,25 @@ class Connections:
             return None
         return self._synics.vps[vp]
 
-    def hv_post_message(self, request: HypercallRequest) -> HypercallResult:
-        connection, reserved, message_type, payload_size = \
-            POST_MESSAGE_INPUT.unpack_from(request.header, 0)
+    def _find_port(self, connection: int, reserved: int, ports: dict, other_kind: dict):
+        """The port behind ``connection`` in ``ports``, checked in TLFS order: reserved input
+        bits, then an id the other kind of port owns (INVALID_PORT_ID), then an unknown id
+        (INVALID_CONNECTION_ID)."""
         if reserved or connection & ~HV_CONNECTION_ID_MASK:
             raise HypercallError(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT,
                                  message="reserved input bits set")
         with self._lock:
-            port = self._message_ports.get(connection)
-            event_port = connection in self._event_ports
+            port = ports.get(connection)
+            owned_by_other_kind = connection in other_kind
         if port is None:
-            raise HypercallError(HvStatus.HV_STATUS_INVALID_PORT_ID if event_port
+            raise HypercallError(HvStatus.HV_STATUS_INVALID_PORT_ID if owned_by_other_kind
                                  else HvStatus.HV_STATUS_INVALID_CONNECTION_ID)
+        return port
+
+    def hv_post_message(self, request: HypercallRequest) -> HypercallResult:
+        connection, reserved, message_type, payload_size = \
+            POST_MESSAGE_INPUT.unpack_from(request.header, 0)
+        port = self._find_port(connection, reserved, self._message_ports, self._event_ports)
         if message_type == HVMSG_NONE or message_type & HV_MESSAGE_TYPE_HYPERVISOR_BIT \
                 or payload_size > HV_MESSAGE_PAYLOAD_MAX:
             raise HypercallError(HvStatus.HV_STATUS_INVALID_PARAMETER)
@@ -358,15 +365,7 @@ class Connections:
 
     def hv_signal_event(self, request: HypercallRequest) -> HypercallResult:
         connection, flag_number, reserved = SIGNAL_EVENT_INPUT.unpack_from(request.header, 0)
-        if reserved or connection & ~HV_CONNECTION_ID_MASK:
-            raise HypercallError(HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT,
-                                 message="reserved input bits set")
-        with self._lock:
-            port = self._event_ports.get(connection)
-            message_port = connection in self._message_ports
-        if port is None:
-            raise HypercallError(HvStatus.HV_STATUS_INVALID_PORT_ID if message_port
-                                 else HvStatus.HV_STATUS_INVALID_CONNECTION_ID)
+        port = self._find_port(connection, reserved, self._event_ports, self._message_ports)
         if flag_number >= port.flag_count:
             raise HypercallError(HvStatus.HV_STATUS_INVALID_PARAMETER)
         if port.handler is not None:
