@@ -433,10 +433,7 @@ class HyperV:
         partition = self.partition
         if not (exit.is_write and exit.size == 1 and exit.count == 1
                 and partition.hypercall_port_active()):
-            if exit.is_write:
-                vcpu_thread.pio_bus.write(exit.port, exit.size, exit.data[0])
-            else:
-                exit.data[:] = b"\xff" * len(exit.data)
+            vcpu_thread.bus_io(exit)
             return
         registers = VcpuRegisters(vcpu_thread.vcpu, self._sync_regs)
         outcome = partition.hypercall(vcpu_thread.index, registers)

@@ -164,7 +164,7 @@ class VcpuThread:
                             exit.data[:] = pio.read(exit.port, exit.size).to_bytes(exit.size,
                                                                                    "little")
                     else:
-                        self._string_io(exit)
+                        self.bus_io(exit)
                 elif kind is InterruptedExit:
                     if machine.stopping:
                         return
@@ -186,8 +186,9 @@ class VcpuThread:
         finally:
             self.exit_count += count
 
-    def _string_io(self, exit: IoExit) -> None:
-        """``rep ins``/``rep outs``: ``count`` accesses, data back to back."""
+    def bus_io(self, exit: IoExit) -> None:
+        """Any port access on the PIO bus: ``count`` accesses of ``size`` bytes, data back to
+        back (``rep ins``/``rep outs``). The loop inlines the single-access case."""
         size, port, data, pio = exit.size, exit.port, exit.data, self.pio_bus
         for i in range(exit.count):
             item = data[i * size:(i + 1) * size]
