@@ -346,6 +346,9 @@ class HyperV:
         self._closed = False
         self.platform = KvmHvPlatform(machine)
         # No trace events until someone listens: building one costs microseconds per exit.
+        # No time budget for rep calls either: the TLFS says a hypervisor continues a call after
+        # about 50 us, but no rep call hvvmm implements does per-element work worth splitting
+        # (the TLB flushes flush everything at once), so, like KVM, calls run to completion.
         self.partition = Partition(config, self.platform)
         machine.pio_bus.register(HYPERCALL_PORT, 1, _ReservedPort(), "hyperv-hypercall")
         self._sync_regs = bool(kvm.check_extension(kvmc.KVM_CAP_SYNC_REGS) & SYNC_MASK

@@ -68,6 +68,7 @@ from hvvmm.hv.hvdef import (
     hypercall_name,
     status_name,
 )
+from hvvmm.logonce import LogOnce
 from hvvmm.memory import GuestMemoryError
 
 if TYPE_CHECKING:
@@ -502,7 +503,6 @@ class HypercallOutcome:
         return " ".join(parts)
 
 
-OnHypercall = Callable[[int, int, "int | None", int], None]
 
 
 # --------------------------------------------------------------------------------------------
@@ -529,15 +529,14 @@ class HypercallDispatcher:
     ``xmm_fast_input`` / ``xmm_fast_output`` mirror CPUID 0x40000003 EDX bits 4 / 15.
     ``max_reps_per_entry`` and ``time_budget`` (seconds) bound one entry of a rep call; when a
     call makes progress but does not finish, it is continued (TLFS: "the hypervisor attempts to
-    limit hypercall execution to 50us"). ``None`` means unbounded. ``on_hypercall(vp_index, code,
-    status, reps)`` is called after every dispatch; ``status`` is None when no result was written
-    (#UD or continuation).
+    limit hypercall execution to 50us"). ``None`` means unbounded. ``log_once`` is the
+    partition's rate limiter for guest-triggered log lines.
     """
 
     def __init__(self, table: HypercallTable, memory: "GuestMemory", *,
                  xmm_fast_input: bool = False, xmm_fast_output: bool = False,
                  max_reps_per_entry: int | None = None, time_budget: float | None = None,
-                 on_hypercall: OnHypercall | None = None,
+                 log_once: LogOnce | None = None,
                  clock: Callable[[], float] = time.monotonic):
         if max_reps_per_entry is not None and max_reps_per_entry < 1:
             raise ValueError("max_reps_per_entry must be at least 1")
@@ -549,11 +548,9 @@ class HypercallDispatcher:
         self.xmm_fast_output = xmm_fast_output
         self.max_reps_per_entry = max_reps_per_entry
         self.time_budget = time_budget
-        self.on_hypercall = on_hypercall
         self._clock = clock
-        self._unknown_logged: set[int] = set()
-        self._failed_logged: set[int] = set()
-        self._callback_failed = False
+        # The guest picks the codes: logging once per code must not grow without bound.
+        self._log_once = log_once if log_once is not None else LogOnce(log)
 
     # -- public -------------------------------------------------------------------------------
 
@@ -583,7 +580,6 @@ class HypercallDispatcher:
         if not call.name:
             call.name = call._spec.name if call._spec is not None else hypercall_name(call.code)
         call._io = None  # do not keep the vCPU's registers alive through the outcome
-        self._notify(outcome)
         return outcome
 
     # -- decoding -----------------------------------------------------------------------------
@@ -646,10 +642,9 @@ class HypercallDispatcher:
         spec = self.table.get(call.code)
         # 2. unknown or unavailable code
         if spec is None or not spec.is_available():
-            if call.code not in self._unknown_logged:
-                self._unknown_logged.add(call.code)
-                log.warning("vp%d: hypercall %s not implemented or not available "
-                            "(logged once per code)", call.vp_index, hypercall_name(call.code))
+            self._log_once(("hypercall_unknown", call.code), logging.WARNING,
+                           "vp%d: hypercall %s not implemented or not available",
+                           call.vp_index, hypercall_name(call.code))
             raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE,
                           "unknown code" if spec is None else "not available")
         call._spec = spec
@@ -873,15 +868,9 @@ class HypercallDispatcher:
         INVALID_HYPERCALL_CODE was rejected because guests read it as "not implemented" and turn
         the feature off for good, hiding the bug. Logged with the traceback once per code.
         """
-        code = call.code
-        if code not in self._failed_logged:
-            self._failed_logged.add(code)
-            log.exception("vp%d: handler for %s failed; returning "
-                          "HV_STATUS_INVALID_HYPERCALL_INPUT (logged once per code)",
-                          call.vp_index, hypercall_name(code))
-        else:
-            log.debug("vp%d: handler for %s failed again", call.vp_index, hypercall_name(code),
-                      exc_info=True)
+        self._log_once(("hypercall_handler_failed", call.code), logging.ERROR,
+                       "vp%d: handler for %s failed; returning HV_STATUS_INVALID_HYPERCALL_INPUT",
+                       call.vp_index, hypercall_name(call.code), exc_info=True)
         return self._complete(call, HvStatus.HV_STATUS_INVALID_HYPERCALL_INPUT, call.rep_start,
                               "handler failed")
 
@@ -907,14 +896,3 @@ class HypercallDispatcher:
         call.reps_completed = reps
         call.retried = True
         return call
-
-    def _notify(self, outcome: HypercallOutcome) -> None:
-        if self.on_hypercall is None:
-            return
-        try:
-            self.on_hypercall(outcome.vp_index, outcome.code, outcome.status,
-                              outcome.reps_completed)
-        except Exception:  # noqa: BLE001 -- an observer must not break the guest's call
-            if not self._callback_failed:
-                self._callback_failed = True
-                log.exception("on_hypercall callback failed (logged once)")

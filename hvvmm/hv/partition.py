@@ -95,6 +95,9 @@ class TraceEvent:
         return json.dumps(self.to_dict(), sort_keys=True)
 
 
+UNKNOWN_HYPERCALL = -1  # the counter key for every code no feature registered
+
+
 @dataclass
 class VpState:
     """Per-VP emulator bookkeeping. Only the VP's own thread updates it."""
@@ -111,7 +114,8 @@ class VpState:
         def hypercall_key(key: tuple[int, int | None]) -> str:
             code, status = key
             outcome = "#UD or continued" if status is None else status_name(status)
-            return f"{hypercall_name(code)}/{outcome}"
+            name = "unknown codes" if code == UNKNOWN_HYPERCALL else hypercall_name(code)
+            return f"{name}/{outcome}"
         return {
             "msr_reads": {msr_name(i): n for i, n in sorted(self.msr_reads.items())},
             "msr_writes": {msr_name(i): n for i, n in sorted(self.msr_writes.items())},
@@ -158,7 +162,8 @@ class Partition:
         self.hypercalls = HypercallTable()
         self.dispatcher = HypercallDispatcher(self.hypercalls, platform.memory,
                                               time_budget=hypercall_time_budget,
-                                              max_reps_per_entry=max_reps_per_entry)
+                                              max_reps_per_entry=max_reps_per_entry,
+                                              log_once=self.log_once)
         self.vps = {index: VpState(index) for index in range(vp_count)}
         self.state: dict[str, object] = {}
         self.reference_clock: "ReferenceClock | None" = None
@@ -352,7 +357,9 @@ class Partition:
         (``hypercall-trap.md`` §6). Never raises for guest input."""
         vp = self._vp(vp_index)
         outcome = self.dispatcher.dispatch(io, vp_index)
-        vp.hypercalls[(outcome.code, outcome.status)] += 1
+        # Codes nobody registered share one counter: the guest picks them, 65536 of them.
+        code = outcome.code if outcome.code in self.hypercalls else UNKNOWN_HYPERCALL
+        vp.hypercalls[(code, outcome.status)] += 1
         if self.on_event is not None:
             result: dict[str, Any]
             if outcome.inject_ud:

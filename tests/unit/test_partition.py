@@ -512,3 +512,14 @@ def test_harness_hypercalls_go_through_the_dispatcher():
         partition.add_test_hypercall(HypercallSpec(code=0x7F00, handler=lambda request: None))
     with pytest.raises(HypercallTableError):  # a code an enlightenment already answers
         partition.add_test_hypercall(HypercallSpec(code=0x8001, handler=lambda request: None))
+
+
+def test_a_guest_sweeping_hypercall_codes_grows_neither_counters_nor_log_memory():
+    partition, _ = make_partition("minimal")
+    for code in range(0x7000, 0x7000 + 3000):
+        regs = FakeRegisters(gprs={"rcx": code, "rdx": 0, "r8": 0})
+        outcome = partition.hypercall(0, regs)
+        assert outcome.status == HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE
+    counters = partition.counters()["vp0"]["hypercalls"]
+    assert counters == {"unknown codes/HV_STATUS_INVALID_HYPERCALL_CODE": 3000}
+    assert len(partition.log_once._seen) <= 1024

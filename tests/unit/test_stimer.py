@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 
 from hvvmm.enlightenments import REGISTRY, Enlightenment, EnlightenmentRegistry
 from hvvmm.enlightenments import stimer as S
+from hvvmm.enlightenments.reference_time import reference_time, tsc_offset, tsc_scale
 from hvvmm.hv import hvdef
 from hvvmm.hv.features import parse_hyperv_spec
 from hvvmm.hv.msr import MsrAccessFault
@@ -144,9 +145,12 @@ def stimer_registry(fake_synic: bool = True) -> EnlightenmentRegistry:
 
 
 def true_reference_time(platform: FakePlatform) -> int:
-    """Exact reference time (100 ns) at the fake's current TSC."""
-    return (platform.tsc - platform.guest_tsc_at_reference_zero) * 10**7 \
-        // platform.tsc_frequency_hz
+    """Reference time (100 ns) at the fake's current TSC, computed the way the guest computes it
+    (the TSC page formula, which TIME_REF_COUNT shares). That, not the exact quotient, is the
+    clock a timer must never fire early against: the two differ by up to one unit of rounding."""
+    scale = tsc_scale(platform.tsc_frequency_hz)
+    offset = tsc_offset(platform.guest_tsc_at_reference_zero, scale)
+    return reference_time(platform.tsc, scale, offset)
 
 
 class Rig:
