@@ -83,6 +83,9 @@ def hypercall_page_bytes(port: int = HYPERCALL_PORT) -> bytes:
 HYPERCALL_PAGE = hypercall_page_bytes()
 
 
+MAX_IDENTITIES_LOGGED = 8  # distinct GUEST_OS_ID values logged per boot
+
+
 class CoreState:
     """Partition-wide GUEST_OS_ID / HYPERCALL state, the hypercall overlay, per-VP assist MSRs.
 
@@ -96,6 +99,8 @@ class CoreState:
         self.slot = OverlaySlot(partition.platform, "hypercall page", readonly=True,
                                 lock=self.lock)
         self.guest_os_id = 0
+        self._logged_identity = 0
+        self._identities_logged = 0
         self.hypercall_msr = 0
         self.vp_assist_page = [0] * partition.vp_count
 
@@ -121,8 +126,17 @@ class CoreState:
             # been enabled, it will become disabled" -- whatever the Locked bit says.
             self.slot.remove(commit=self._clear_enable)
             return
-        self._log_once(("guest_os_id", value), logging.INFO, "vp%d: guest OS identity %#018x: %s",
-                       vp_index, value, decode_guest_os_id(value))
+        # Each new identity is logged, a few per boot: the guest picks the values, so neither
+        # the log nor the partition's shared log-once budget may grow with them.
+        with self.lock:
+            new_identity = value != self._logged_identity and \
+                self._identities_logged < MAX_IDENTITIES_LOGGED
+            if new_identity:
+                self._logged_identity = value
+                self._identities_logged += 1
+        if new_identity:
+            log.info("vp%d: guest OS identity %#018x: %s", vp_index, value,
+                     decode_guest_os_id(value))
 
     def _clear_enable(self) -> None:
         self.hypercall_msr &= ~HV_X64_MSR_HYPERCALL_ENABLE
@@ -135,7 +149,7 @@ class CoreState:
     def write_hypercall(self, vp_index: int, value: int) -> None:
         with self.lock:
             if self.hypercall_msr & HV_X64_MSR_HYPERCALL_LOCKED:
-                self._log_once(("hypercall_locked", value), logging.INFO,
+                self._log_once("hypercall_locked", logging.INFO,
                                "vp%d: write %#x to the locked HYPERCALL MSR ignored (TLFS: only a "
                                "reset clears Locked)", vp_index, value)
                 return
@@ -179,6 +193,8 @@ class CoreState:
 
         def commit() -> None:
             self.guest_os_id = 0
+            self._logged_identity = 0
+            self._identities_logged = 0
             self.hypercall_msr = 0
             self.vp_assist_page = [0] * len(self.vp_assist_page)
 

@@ -44,6 +44,9 @@ NAME = "hv-crash"
 SUPPORTED_CRASH_CTL = HV_CRASH_CTL_CRASH_NOTIFY | HV_CRASH_CTL_CRASH_NOTIFY_MSG
 
 
+MAX_REPORTS_PER_BOOT = 8
+
+
 class CrashState:
     """P0..P4 and the reports sent so far."""
 
@@ -52,7 +55,8 @@ class CrashState:
         self._platform = partition.platform
         self._lock = partition.lock
         self.parameters = [0] * HV_X64_MSR_CRASH_PARAMS
-        self.reports: list[CrashReport] = []
+        self.reports_this_boot = 0  # up to MAX_REPORTS_PER_BOOT; later ones are only counted
+        self.repeated_notifications = 0
 
     def reader(self, number: int):
         return lambda vp_index: self.parameters[number]
@@ -70,14 +74,20 @@ class CrashState:
         if not value & HV_CRASH_CTL_CRASH_NOTIFY:
             return  # nothing to log without CrashNotify (TLFS)
         with self._lock:
+            # A guest in a loop of CrashNotify writes must not make the VMM re-read its message
+            # and pile up reports without end: a few per boot are reported (several VPs may
+            # crash), the rest only counted.
+            if self.reports_this_boot >= MAX_REPORTS_PER_BOOT:
+                self.repeated_notifications += 1
+                log.debug("vp%d: CrashNotify again (%d beyond the reported ones this boot)",
+                          vp_index, self.repeated_notifications)
+                return
+            self.reports_this_boot += 1
             parameters = tuple(self.parameters)
         # Outside the partition lock: the report reads guest RAM and the guest TSC, and the
         # platform may write files or stop the VM.
         report = self._build_report(vp_index, value, parameters)
-        with self._lock:
-            self.reports.append(report)
-            first = len(self.reports) == 1
-        log.log(logging.INFO if first else logging.DEBUG, "%s", report.summary())  # the VMM reports it
+        log.info("%s", report.summary())  # the VMM reports it to the user
         try:
             self._platform.report_crash(report)
         except Exception:  # noqa: BLE001 -- a platform failure must not become a guest #GP
@@ -117,6 +127,8 @@ class CrashState:
     def reset(self) -> None:
         with self._lock:
             self.parameters = [0] * HV_X64_MSR_CRASH_PARAMS
+            self.reports_this_boot = 0
+            self.repeated_notifications = 0
 
 
 def attach(partition: "Partition") -> CrashState:

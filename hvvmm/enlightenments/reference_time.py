@@ -192,7 +192,7 @@ class ReferenceTimeState:
             except OverlayError as error:
                 # TLFS: an unusable page number is not a fault; the page is just not there. The
                 # guest still reads the MSR value it wrote and falls back to TIME_REF_COUNT.
-                self._log_once(("tsc_page_unplaceable", gpa), logging.WARNING,
+                self._log_once("tsc_page_unplaceable", logging.WARNING,
                                "vp%d: reference TSC page not placed at %#x: %s", vp_index, gpa,
                                error)
                 self.slot.remove()

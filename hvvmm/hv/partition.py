@@ -413,8 +413,10 @@ class Partition:
     def _msr_fault(self, vp: VpState, fault: MsrAccessFault) -> None:
         op = "write" if fault.write else "read"
         vp.msr_faults[(fault.index, op)] += 1
-        self.log_once(("msr_fault", fault.index, op, fault.reason), logging.WARNING,
-                      "vp%d: %s", vp.index, fault)
+        # Keyed by MSR and operation only: reasons can carry guest values (reserved bits set,
+        # the page address), and every distinct key spends the shared log-once budget.
+        self.log_once(("msr_fault", fault.index, op), logging.WARNING, "vp%d: %s", vp.index,
+                      fault)
         if self.on_event is not None:
             inputs = {"value": f"{fault.value:#x}"} if fault.value is not None else {}
             self._emit(vp.index, f"msr_{op}", fault.index, msr_name(fault.index), inputs,

@@ -186,3 +186,15 @@ def test_vp_assist_page_is_accepted_per_vp_without_an_overlay(vm):
     assert partition.msr_read(0, hvdef.HV_X64_MSR_VP_ASSIST_PAGE) == 0x3001
     assert partition.msr_read(1, hvdef.HV_X64_MSR_VP_ASSIST_PAGE) == 0x4001
     assert platform.overlays == {}
+
+
+def test_a_guest_writing_many_identities_logs_a_bounded_number(vm, caplog):
+    from hvvmm.enlightenments.core import MAX_IDENTITIES_LOGGED
+
+    partition, _ = vm
+    with caplog.at_level(logging.INFO):
+        for value in range(1, 3000):
+            partition.msr_write(0, GUEST_OS_ID, value)
+    infos = [r for r in caplog.records if "guest OS identity" in r.getMessage()]
+    assert len(infos) == MAX_IDENTITIES_LOGGED
+    assert len(partition.log_once._seen) < 10

@@ -162,3 +162,16 @@ def test_report_without_hv_time():
     partition.msr_write(0, CTL, NOTIFY)
     assert platform.crashes[0].reference_time_100ns is None
     assert json.loads(platform.crashes[0].to_json())["reference_time_100ns"] is None
+
+
+def test_a_crash_notify_loop_is_reported_a_bounded_number_of_times(vm):
+    from hvvmm.enlightenments.crash import MAX_REPORTS_PER_BOOT
+
+    partition, platform = vm
+    for _ in range(500):
+        partition.msr_write(0, CTL, NOTIFY)
+    assert len(platform.crashes) == MAX_REPORTS_PER_BOOT
+    assert partition.state["hv-crash"].repeated_notifications == 500 - MAX_REPORTS_PER_BOOT
+    partition.reset()
+    partition.msr_write(0, CTL, NOTIFY)
+    assert len(platform.crashes) == MAX_REPORTS_PER_BOOT + 1
