@@ -31,7 +31,10 @@ class Timer:
         self.cancelled = False
 
     def cancel(self) -> None:
-        self.cancelled = True  # the heap entry is skipped when it comes up
+        if not self.cancelled:
+            self.cancelled = True  # the heap entry is skipped when it comes up...
+            self.callback = None  # ...and what the callback holds is freed now
+            self._service._cancelled()
 
 
 class TimerService:
@@ -43,6 +46,7 @@ class TimerService:
         self._sequence = itertools.count()
         self._cond = threading.Condition(threading.Lock())
         self._closed = False
+        self._cancelled_in_heap = 0
         self._thread = threading.Thread(target=self._main, name=name, daemon=True)
         self._thread.start()
 
@@ -61,6 +65,18 @@ class TimerService:
                 self._cond.notify()
         return timer
 
+    def _cancelled(self) -> None:
+        """A timer in the heap was cancelled. Cancelled entries leave the heap when their
+        deadline comes up, which can be an hour away; a guest rewriting a timer in a loop would
+        pile them up, so once they are most of the heap it is rebuilt without them (as asyncio
+        does)."""
+        with self._cond:
+            self._cancelled_in_heap += 1
+            if self._cancelled_in_heap > 64 and self._cancelled_in_heap * 2 > len(self._heap):
+                self._heap = [entry for entry in self._heap if not entry[2].cancelled]
+                heapq.heapify(self._heap)
+                self._cancelled_in_heap = 0
+
     def close(self) -> None:
         with self._cond:
             self._closed = True
@@ -78,6 +94,7 @@ class TimerService:
                         return
                     while self._heap and self._heap[0][2].cancelled:
                         heapq.heappop(self._heap)
+                        self._cancelled_in_heap = max(self._cancelled_in_heap - 1, 0)
                     if not self._heap:
                         self._cond.wait()
                         continue
@@ -85,12 +102,13 @@ class TimerService:
                     remaining = deadline - self._clock()
                     if remaining <= 0:
                         timer = heapq.heappop(self._heap)[2]
+                        callback = timer.callback  # cancel() may clear it once the lock is free
                         break
                     self._cond.wait(remaining / 1e9)
-            if timer.cancelled:
+            if timer.cancelled or callback is None:
                 continue
             try:
-                timer.callback()
+                callback()
             except Exception:  # a callback bug must not stop every other timer
                 log.exception("timer callback failed")
 

@@ -43,3 +43,18 @@ def test_close_joins_the_thread():
     service.start_timer(time.monotonic_ns() + 10**12, lambda: None)
     service.close()
     assert threading.active_count() == before
+
+
+def test_cancelled_timers_do_not_pile_up():
+    # A guest rewriting a synthetic timer cancels and re-arms it on every write; the cancelled
+    # entries must not stay in the heap until their (far) deadlines.
+    service = TimerService()
+    try:
+        far = service.now_ns() + 3600 * 10**9
+        live = service.start_timer(far, lambda: None)
+        for _ in range(10_000):
+            service.start_timer(far, lambda: None).cancel()
+        assert len(service._heap) < 200
+        assert not live.cancelled and any(entry[2] is live for entry in service._heap)
+    finally:
+        service.close()
