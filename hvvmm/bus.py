@@ -64,15 +64,13 @@ class Bus:
     def __init__(self, name: str, address_limit: int):
         self.name = name
         self.address_limit = address_limit
-        self._ranges: list[BusRange] = []
-        self._bases: list[int] = []
         self._log_once = LogOnce(log)  # the guest picks the addresses: bounded memory
-        # address -> range, filled on first use: a guest hits few distinct addresses, so most
-        # accesses cost one dict lookup instead of a bisect.
-        self._cache: dict[int, BusRange | None] = {}
-        # Devices are registered from the main thread while vCPU threads may be routing accesses;
-        # the lists are replaced, never mutated in place, so lookups need no lock.
-        self._lock = threading.Lock()
+        # One snapshot (sorted bases, their ranges, a cache address -> range), replaced whole
+        # when a device is added or removed: vCPU threads route accesses while the host may
+        # register devices, and a lookup must never mix two versions. The cache is filled on
+        # first use; a guest hits few distinct addresses, so most accesses cost one dict lookup.
+        self._table: tuple[list[int], list[BusRange], dict[int, BusRange | None]] = ([], [], {})
+        self._lock = threading.Lock()  # serializes writers only
 
     def register(self, base: int, length: int, device: BusDevice, name: str | None = None) -> None:
         """Give ``device`` the addresses ``[base, base+length)``; overlaps are refused."""
@@ -80,47 +78,40 @@ class Bus:
         if length <= 0 or base < 0 or base + length > self.address_limit:
             raise BusError(f"{self.name}: bad range {base:#x}+{length:#x} for {name}")
         with self._lock:
-            for other in self._ranges:
+            ranges = self._table[1]
+            for other in ranges:
                 if base < other.end and other.base < base + length:
                     raise BusError(f"{self.name}: {name} at {base:#x}+{length:#x} overlaps "
                                    f"{other.name} at {other.base:#x}+{other.length:#x}")
-            ranges = list(self._ranges)
-            index = bisect.bisect(self._bases, base)
-            ranges.insert(index, BusRange(base, length, device, name))
-            self._ranges = ranges
-            self._bases = [r.base for r in ranges]
-            self._cache = {}
+            self._publish(sorted([*ranges, BusRange(base, length, device, name)],
+                                 key=lambda r: r.base))
 
     def unregister(self, base: int) -> None:
         with self._lock:
-            ranges = [r for r in self._ranges if r.base != base]
-            if len(ranges) == len(self._ranges):
+            ranges = [r for r in self._table[1] if r.base != base]
+            if len(ranges) == len(self._table[1]):
                 raise BusError(f"{self.name}: nothing registered at {base:#x}")
-            self._ranges = ranges
-            self._bases = [r.base for r in ranges]
-            self._cache = {}
+            self._publish(ranges)
+
+    def _publish(self, ranges: list[BusRange]) -> None:
+        self._table = ([r.base for r in ranges], ranges, {})
 
     @property
     def ranges(self) -> tuple[BusRange, ...]:
-        return tuple(self._ranges)
+        return tuple(self._table[1])
 
     def find(self, address: int, size: int = 1) -> BusRange | None:
         """The range that holds the whole access ``[address, address+size)``, if any."""
-        cache = self._cache
+        bases, ranges, cache = self._table
         try:
             entry = cache[address]
         except KeyError:
-            entry = self._lookup(address)
+            index = bisect.bisect(bases, address) - 1
+            entry = ranges[index] if index >= 0 and address < ranges[index].end else None
             if len(cache) < 4096:  # bounded: the guest chooses the addresses
                 cache[address] = entry
         if entry is not None and address + size <= entry.end:
             return entry
-        return None
-
-    def _lookup(self, address: int) -> BusRange | None:
-        index = bisect.bisect(self._bases, address) - 1
-        if index >= 0 and address < self._ranges[index].end:
-            return self._ranges[index]
         return None
 
     def read(self, address: int, size: int) -> int:

@@ -107,3 +107,36 @@ def test_unclaimed_address_memory_is_bounded():
     for address in range(0, 50_000 * 8, 8):
         bus.read(address, 4)
     assert len(bus._log_once._seen) <= 1024
+
+
+def test_lookups_stay_consistent_while_devices_come_and_go():
+    # The host may add or remove devices while vCPU threads route accesses.
+    import threading
+
+    bus = pio_bus()
+    device_b = Register()
+    bus.register(0x200, 8, device_b, "b")
+    stop = threading.Event()
+    errors = []
+
+    def churn():
+        while not stop.is_set():
+            bus.register(0x100, 8, Register(), "a")
+            bus.unregister(0x100)
+
+    def route():
+        try:
+            for _ in range(50_000):
+                entry = bus.find(0x204, 2)
+                assert entry is not None and entry.device is device_b
+        except Exception as exc:  # noqa: BLE001 -- reported below
+            errors.append(exc)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        route()
+    finally:
+        stop.set()
+        thread.join()
+    assert errors == []
