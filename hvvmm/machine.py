@@ -196,11 +196,21 @@ class ConsoleBuffer:
 
     def write(self, data: bytes) -> int:
         with self._lock:
-            room = self._limit - len(self._data)
-            self._data += data[:max(room, 0)]
-            self.dropped += max(len(data) - max(room, 0), 0)
-        if self._sink is not None:
-            self._sink.write(data)
+            room = max(self._limit - len(self._data), 0)
+            self._data += data[:room]
+            if len(data) > room:
+                if not self.dropped:
+                    log.warning("console capture is full (%d bytes); later guest output is not "
+                                "kept in memory", self._limit)
+                self.dropped += len(data) - room
+        sink = self._sink
+        if sink is not None:
+            try:
+                sink.write(data)
+            except (OSError, ValueError) as exc:  # a closed pipe or file: stop copying, keep capturing
+                self._sink = None
+                log.warning("guest console output stream failed (%s); output is still captured",
+                            exc)
         return len(data)
 
     def flush(self) -> None:
