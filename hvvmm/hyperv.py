@@ -61,7 +61,8 @@ class VcpuRegisters:
             self._cs_base, self._cs_l, self._ss_dpl, self._cr0, self._efer = (
                 state.cs_base, state.cs_l, state.ss_dpl, state.cr0, state.efer)
         else:
-            regs, sregs = vcpu.get_regs(), vcpu.get_sregs()
+            self._regs = regs = vcpu.get_regs()
+            sregs = vcpu.get_sregs()
             self._gprs = [getattr(regs, name) for name in GPR_NAMES]
             self._cs_base, self._cs_l, self._ss_dpl = sregs.cs.base, sregs.cs.l, sregs.ss.dpl
             self._cr0, self._efer = sregs.cr0, sregs.efer
@@ -119,10 +120,9 @@ class VcpuRegisters:
             if self._sync:
                 self._vcpu.write_sync_gprs(self._dirty)
             else:
-                regs = self._vcpu.get_regs()
                 for index, value in self._dirty.items():
-                    setattr(regs, GPR_NAMES[index], value)
-                self._vcpu.set_regs(regs)
+                    setattr(self._regs, GPR_NAMES[index], value)
+                self._vcpu.set_regs(self._regs)
             self._dirty.clear()
         if self._fpu_dirty:
             self._vcpu.set_fpu(self._fpu)
@@ -351,12 +351,14 @@ class HyperV:
         # (the TLB flushes flush everything at once), so, like KVM, calls run to completion.
         self.partition = Partition(config, self.platform)
         machine.pio_bus.register(HYPERCALL_PORT, 1, _ReservedPort(), "hyperv-hypercall")
-        self._sync_regs = bool(kvm.check_extension(kvmc.KVM_CAP_SYNC_REGS) & SYNC_MASK
-                               == SYNC_MASK)
+        # Hypercall registers come from the kvm_run page (KVM_CAP_SYNC_REGS) when KVM offers
+        # it, else through KVM_GET/SET_REGS; tests switch it off to cover that path.
+        self.use_sync_regs = bool(kvm.check_extension(kvmc.KVM_CAP_SYNC_REGS) & SYNC_MASK
+                                  == SYNC_MASK)
         for vcpu_thread in machine.vcpus:
             vcpu_thread.msr_handler = self
             vcpu_thread.vcpu_ports[HYPERCALL_PORT] = self
-            if self._sync_regs:
+            if self.use_sync_regs:
                 vcpu_thread.vcpu.enable_sync_regs(SYNC_MASK)
 
     def add_listener(self, listener) -> None:
@@ -438,7 +440,7 @@ class HyperV:
                 and partition.hypercall_port_active()):
             vcpu_thread.bus_io(exit)
             return
-        registers = VcpuRegisters(vcpu_thread.vcpu, self._sync_regs)
+        registers = VcpuRegisters(vcpu_thread.vcpu, self.use_sync_regs)
         outcome = partition.hypercall(vcpu_thread.index, registers)
         if outcome.inject_ud:
             registers.inject_ud()

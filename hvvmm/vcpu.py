@@ -84,7 +84,6 @@ class VcpuThread:
         # lookup per port exit.
         self.vcpu_ports: dict[int, PortHandler] = {}
         self.observers: list[ExitObserver] = []
-        self.exit_count = 0
         self._work: collections.deque[Callable[[], None]] = collections.deque()
         self.thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -143,48 +142,43 @@ class VcpuThread:
         observers = self.observers
         vcpu_ports = self.vcpu_ports
         pio = self.pio_bus
-        count = 0
-        try:
-            while True:
-                exit = run()
-                count += 1
-                if observers:
-                    for observer in observers:
-                        observer(self.index, exit)
-                kind = type(exit)
-                if kind is IoExit:
-                    handler = vcpu_ports.get(exit.port)
-                    if handler is not None:
-                        handler.handle_port(self, exit)
-                    elif exit.count == 1:
-                        # The common case, kept inline: one access of 1, 2 or 4 bytes.
-                        if exit.is_write:
-                            pio.write(exit.port, exit.size, int.from_bytes(exit.data, "little"))
-                        else:
-                            exit.data[:] = pio.read(exit.port, exit.size).to_bytes(exit.size,
-                                                                                   "little")
+        while True:
+            exit = run()
+            if observers:
+                for observer in observers:
+                    observer(self.index, exit)
+            kind = type(exit)
+            if kind is IoExit:
+                handler = vcpu_ports.get(exit.port)
+                if handler is not None:
+                    handler.handle_port(self, exit)
+                elif exit.count == 1:
+                    # The common case, kept inline: one access of 1, 2 or 4 bytes.
+                    if exit.is_write:
+                        pio.write(exit.port, exit.size, int.from_bytes(exit.data, "little"))
                     else:
-                        self.bus_io(exit)
-                elif kind is InterruptedExit:
-                    if machine.stopping:
-                        return
-                    machine.park_if_requested(self.index)
-                    work = self._work
-                    while work:
-                        work.popleft()()
-                elif kind is MmioExit:
-                    self._mmio(exit)
-                elif kind is MsrExit:
-                    self._msr(exit)
-                elif kind is HltExit:
-                    # Only without an in-kernel LAPIC, which hvvmm always creates.
-                    continue
+                        exit.data[:] = pio.read(exit.port, exit.size).to_bytes(exit.size,
+                                                                               "little")
                 else:
-                    stop = self._terminal_exit(exit)
-                    machine.request_stop(stop)
+                    self.bus_io(exit)
+            elif kind is InterruptedExit:
+                if machine.stopping:
                     return
-        finally:
-            self.exit_count += count
+                machine.park_if_requested(self.index)
+                work = self._work
+                while work:
+                    work.popleft()()
+            elif kind is MmioExit:
+                self._mmio(exit)
+            elif kind is MsrExit:
+                self._msr(exit)
+            elif kind is HltExit:
+                # Only without an in-kernel LAPIC, which hvvmm always creates.
+                continue
+            else:
+                stop = self._terminal_exit(exit)
+                machine.request_stop(stop)
+                return
 
     def bus_io(self, exit: IoExit) -> None:
         """Any port access on the PIO bus: ``count`` accesses of ``size`` bytes, data back to
@@ -199,11 +193,15 @@ class VcpuThread:
 
     def _mmio(self, exit: MmioExit) -> None:
         if exit.is_write:
-            if self.mmio_bus.find(exit.address, exit.size) is None:
-                overlay = self._overlay_at(exit.address)
-                if overlay is not None:
-                    self._overlay_write(exit, overlay)
-                    return
+            entry = self.mmio_bus.find(exit.address, exit.size)
+            if entry is not None:
+                entry.device.write(exit.address - entry.base, exit.size,
+                                   int.from_bytes(exit.data, "little"))
+                return
+            overlay = self._overlay_at(exit.address)
+            if overlay is not None:
+                self._overlay_write(exit, overlay)
+                return
             self.mmio_bus.write(exit.address, exit.size, int.from_bytes(exit.data, "little"))
         else:
             exit.data[:] = self.mmio_bus.read(exit.address, exit.size).to_bytes(exit.size,

@@ -120,17 +120,12 @@ class Vm:
         self.kvm = kvm
         self.fd = _check(lib.hvvmm_ioctl_value(kvm.fd, lib.KVM_CREATE_VM, 0), "KVM_CREATE_VM")
         os.set_inheritable(self.fd, False)
-        self._msr_filter_keepalive: list = []
 
     def _ioctl(self, request: int, arg, what: str) -> int:
         return _check(lib.hvvmm_ioctl(self.fd, request, arg), what)
 
     def _ioctl_value(self, request: int, arg: int, what: str) -> int:
         return _check(lib.hvvmm_ioctl_value(self.fd, request, arg), what)
-
-    def check_extension(self, cap: int) -> int:
-        """Per-VM capability check (some capabilities differ per VM type)."""
-        return max(lib.hvvmm_ioctl_value(self.fd, lib.KVM_CHECK_EXTENSION, cap), 0)
 
     def set_user_memory_region(self, slot: int, gpa: int, size: int, host_address: int,
                                readonly: bool = False) -> None:
@@ -177,18 +172,20 @@ class Vm:
             raise ValueError(f"at most {lib.KVM_MSR_FILTER_MAX_RANGES} MSR filter ranges")
         msr_filter = ffi.new("struct kvm_msr_filter *")
         msr_filter.flags = lib.KVM_MSR_FILTER_DEFAULT_ALLOW
-        keepalive = []
+        # cffi frees an ffi.new() buffer with its Python object, and the struct only holds raw
+        # pointers: keep every bitmap referenced until the ioctl, which copies them.
+        bitmaps = []
         for i, entry in enumerate(denied):
             if entry.count <= 0:
                 raise ValueError("an MSR filter range needs at least one MSR")
             bitmap = ffi.new("__u8[]", (entry.count + 7) // 8)  # all zero: deny
-            keepalive.append(bitmap)
+            bitmaps.append(bitmap)
             msr_filter.ranges[i].flags = entry.flags
             msr_filter.ranges[i].nmsrs = entry.count
             msr_filter.ranges[i].base = entry.base
             msr_filter.ranges[i].bitmap = bitmap
         self._ioctl(lib.KVM_X86_SET_MSR_FILTER, msr_filter, "KVM_X86_SET_MSR_FILTER")
-        self._msr_filter_keepalive = keepalive  # KVM copies the bitmaps; kept for clarity
+        del bitmaps  # only now may they go
 
     def create_vcpu(self, index: int) -> "Vcpu":
         return Vcpu(self, index)
@@ -266,8 +263,6 @@ class Vcpu:
         self._run_page = run_page
         self.run_struct = ffi.cast("struct kvm_run *", run_page)
         self._run_view = memoryview(ffi.buffer(run_page, self._run_size))
-        self._sync = ffi.cast("struct kvm_sync_regs *",
-                              ffi.cast("char *", run_page) + lib.HVVMM_SYNC_REGS_OFFSET)
 
     # -- running ------------------------------------------------------------------------------
 
@@ -294,11 +289,6 @@ class Vcpu:
         """Ask KVM to copy the ``mask`` (KVM_SYNC_X86_*) register sets into kvm_run on each exit."""
         self.run_struct.kvm_valid_regs = mask
 
-    @property
-    def sync_regs(self):
-        """``struct kvm_sync_regs *`` inside the run page (valid after an exit if enabled)."""
-        return self._sync
-
     def sync_snapshot(self) -> SyncSnapshot:
         """The sync-regs area as plain ints (valid after an exit with sync regs enabled)."""
         return SyncSnapshot(self._run_view)
@@ -310,10 +300,6 @@ class Vcpu:
         for index, value in values.items():
             _U64.pack_into(view, _SYNC_GPRS_OFFSET + 8 * index, value & 0xFFFF_FFFF_FFFF_FFFF)
         self.run_struct.kvm_dirty_regs |= lib.KVM_SYNC_X86_REGS
-
-    def mark_sync_regs_dirty(self, mask: int) -> None:
-        """Tell KVM to load the ``mask`` register sets from kvm_run on the next ``KVM_RUN``."""
-        self.run_struct.kvm_dirty_regs |= mask
 
     # -- register state -----------------------------------------------------------------------
 
@@ -343,10 +329,6 @@ class Vcpu:
 
     def set_fpu(self, fpu) -> None:
         self._ioctl(lib.KVM_SET_FPU, fpu, "KVM_SET_FPU")
-
-    def get_xmm(self, index: int) -> int:
-        """XMM register ``index`` as a 128-bit integer."""
-        return int.from_bytes(ffi.buffer(self.get_fpu().xmm[index]), "little")
 
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         indices = list(indices)
@@ -428,7 +410,7 @@ class Vcpu:
             return
         self._run_view.release()
         lib.hvvmm_unmap(self._run_page, self._run_size)
-        self._run_page = self.run_struct = self._sync = None
+        self._run_page = self.run_struct = None
         os.close(self.fd)
         self.fd = -1
 

@@ -29,8 +29,9 @@ def element(data: bytes, index: int) -> bytes:
     return struct.pack("<Q", value & 0xFFFF_FFFF_FFFF_FFFF)
 
 
+@pytest.mark.parametrize("sync_regs", [True, False], ids=["sync-regs", "get-set-regs"])
 @pytest.mark.parametrize("bound", ["handler", "dispatcher"])
-def test_rep_call_is_continued_and_completes(guest_image, bound):
+def test_rep_call_is_continued_and_completes(guest_image, bound, sync_regs):
     entries = []
 
     def handler(request):
@@ -50,6 +51,7 @@ def test_rep_call_is_continued_and_completes(guest_image, bound):
             rep_input_size=8, rep_output_size=8))
         if bound == "dispatcher":
             partition.dispatcher.max_reps_per_entry = PER_ENTRY
+        machine.hyperv.use_sync_regs = sync_regs  # False: as on a host without sync regs
         machine.hyperv.add_listener(events.append)
         result = machine.run(timeout=RUN_TIMEOUT)
         counters = machine.hyperv.counters()
