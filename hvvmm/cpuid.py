@@ -347,8 +347,9 @@ def hyperv_cpuid_leaves(config: HyperVConfig, vcpu_count: int, *,
         # address bits, 0 = not reported.
         CpuidEntry(HYPERV_CPUID_ENLIGHTMENT_INFO, eax=reg(HYPERV_CPUID_ENLIGHTMENT_INFO, "eax"),
                    ebx=config.spinlock_retries),
-        # Limits: max VPs and max logical processors = the VM's vCPUs (no Ex hypercalls, so never
-        # "no limit", REQ); ECX (interrupt-remapping vectors) not reported.
+        # Limits: max VPs and max logical processors = the VM's vCPUs. 0xFFFFFFFF ("no limit",
+        # REQ) is allowed with the Ex hypercalls, but a real count costs nothing and tells the
+        # guest the truth; ECX (interrupt-remapping vectors) not reported.
         CpuidEntry(HYPERV_CPUID_IMPLEMENT_LIMITS, eax=vcpu_count, ebx=vcpu_count),
         # Hardware features in use: informational; hvvmm cannot tell what the host KVM uses, so
         # zero, as QEMU.

@@ -117,8 +117,7 @@ class ReferenceClock:
 
     def __init__(self, platform: "HvPlatform"):
         self._platform = platform
-        self.tsc_hz = int(platform.tsc_frequency_hz)
-        self.scale = tsc_scale(self.tsc_hz)
+        self.scale = tsc_scale(int(platform.tsc_frequency_hz))
         self.offset = 0
         self._last = 0
         self._lock = threading.Lock()
@@ -130,10 +129,6 @@ class ReferenceClock:
         with self._lock:
             self.offset = offset
             self._last = 0
-
-    def at_tsc(self, tsc: int) -> int:
-        """Reference time (100 ns) at guest TSC ``tsc``, exactly as the TSC page computes it."""
-        return reference_time(tsc, self.scale, self.offset)
 
     def now(self, vp_index: int) -> int:
         """Reference time now, as VP ``vp_index`` sees it. Never goes backwards across VPs (a

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from hvvmm.hv.partition import Partition
 
 NAME = "hv-spinlocks"
-SPIN_COUNT_MINIMUM = 0xFFF  # QEMU refuses smaller retry counts ("hv-spinlocks" property)
 
 
 def attach(partition: "Partition") -> None:

@@ -481,9 +481,8 @@ class HypercallOutcome:
                  "x64" if self.long_mode else "x86"]
         if self.fast:
             parts.append("fast")
-        var = (self.control & HV_HYPERCALL_VARHEAD_MASK) >> HV_HYPERCALL_VARHEAD_OFFSET
-        if var:
-            parts.append(f"var={var}")
+        if self._variable_header_size:
+            parts.append(f"var={self._variable_header_size}")
         if self.rep_count or self.rep_start:
             parts.append(f"rep {self.rep_start}/{self.rep_count}")
         if self.input_gpa is not None:

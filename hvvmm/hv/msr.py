@@ -18,21 +18,16 @@ into the guest. The reasons, checked in this order:
 RsvdP ("preserved") bits are not in ``reserved_mask``: the guest must write back what it read, and
 the handler decides what to keep.
 
-This module also holds :class:`LogOnce`, the small rate limiter every guest-triggered log line in
-the Hyper-V emulator goes through (OpenVMM ``tracelimit``): the guest decides how often an access
-happens, so each distinct cause is logged once at its level and afterwards only at DEBUG.
+Guest-triggered log lines go through :class:`hvvmm.logonce.LogOnce`.
 """
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Callable, Iterator, Literal
 
 from hvvmm.hv.hvdef import HV_U64_MASK, msr_name
 
-
-log = logging.getLogger(__name__)
 
 MsrScope = Literal["vp", "partition"]
 MsrReader = Callable[[int], int]  # read(vp_index) -> value

@@ -19,7 +19,8 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
-from hvvmm.hv.hvdef import HV_PAGE_SIZE, GuestOsId, decode_guest_os_id
+from hvvmm.hv.hvdef import (HV_CRASH_CTL_CRASH_NOTIFY, HV_CRASH_CTL_CRASH_NOTIFY_MSG, HV_PAGE_SIZE,
+                             GuestOsId, decode_guest_os_id)
 
 if TYPE_CHECKING:
     from hvvmm.memory import GuestMemory
@@ -287,11 +288,11 @@ class CrashReport:
 
     @property
     def crash_notify(self) -> bool:
-        return bool(self.crash_ctl & (1 << 63))
+        return bool(self.crash_ctl & HV_CRASH_CTL_CRASH_NOTIFY)
 
     @property
     def crash_message(self) -> bool:
-        return bool(self.crash_ctl & (1 << 62))
+        return bool(self.crash_ctl & HV_CRASH_CTL_CRASH_NOTIFY_MSG)
 
     def to_dict(self) -> dict:
         """A JSON-ready dict; 64-bit values as hex strings (JSON numbers lose precision)."""
