@@ -492,16 +492,16 @@ class SyntheticTimers:
                 delivery = self._expired_locked(timer, expiration, now, host_now)
                 if delivery is not None and self.observer is not None:
                     self.observer(vp_index, timer.index, delivery.signal.expiration, now)
+                # Under the lock, in both modes: once a CONFIG/COUNT write has returned, no
+                # interrupt or message of the old setting can follow it. Neither call blocks on
+                # a vCPU (the SynIC takes its own VP lock, then at most a LAPIC edit of that VP;
+                # lock order stimer -> SynIC -> LAPIC everywhere, nothing takes them reversed).
                 if delivery is not None and delivery.direct:
-                    # Under the lock: once a CONFIG/COUNT write has returned, no interrupt of
-                    # the old setting can follow it. signal_interrupt does not block on a vCPU
-                    # (at most on a LAPIC edit of that VP, two ioctls that take no stimer lock).
                     self._signal_locked(vp_index, delivery)
-                    delivery = None
+                elif delivery is not None:
+                    self._deliver_message_locked(vp_index, delivery, now)
                 if timer.expiration is not None:
                     arm = self._arm_locked(timer, host_now + MIN_REARM_NS)
-        if delivery is not None:  # the message first: it is what the guest is waiting for
-            self._deliver_message_signal(vp_index, delivery, now)
         if arm is not None:
             self._arm(vp_index, arm)
         if self.map.want_resync(host_now):
@@ -556,23 +556,22 @@ class SyntheticTimers:
                            "expiry is lost", vp_index, timer.index, delivery.vector)
         return ok
 
-    def _deliver_message_signal(self, vp_index: int, delivery: _Delivery,
+    def _deliver_message_locked(self, vp_index: int, delivery: _Delivery,
                                 delivery_time: int) -> bool:
-        """Place a timer message (no lock held). Returns whether it was placed; if not, it
+        """Place a timer message (VP lock held). Returns whether it was placed; if not, it
         stays pending for the next EOM or expiry."""
         timer = delivery.timer
         message = timer_message(timer.index, delivery.signal.expiration,
                                 max(delivery_time, delivery.signal.expiration))
         ok = self._deliver_message(vp_index, delivery.sint, message)
-        with self.vps[vp_index].lock:
-            delivery.signal.in_flight = False
-            if timer.pending is delivery.signal:
-                if ok:
-                    timer.pending = None
-                else:
-                    timer.counters.deferred += 1
+        delivery.signal.in_flight = False
+        if timer.pending is delivery.signal:
             if ok:
-                timer.counters.delivered += 1
+                timer.pending = None
+            else:
+                timer.counters.deferred += 1
+        if ok:
+            timer.counters.delivered += 1
         return ok
 
     def _deliver_message(self, vp_index: int, sint: int, message: bytes) -> bool:
@@ -607,7 +606,6 @@ class SyntheticTimers:
             if not any(t.pending is not None and not t.pending.in_flight for t in vp.timers):
                 return
         now = self.map.sample(vp_index)
-        deliveries = []
         with vp.lock:
             for timer in vp.timers:
                 signal = timer.pending
@@ -619,13 +617,11 @@ class SyntheticTimers:
                     timer.counters.lazy_skipped += 1
                     continue
                 signal.in_flight = True
-                deliveries.append(_Delivery(timer, signal, False, 0, timer.sint))
                 if self.observer is not None:
                     self.observer(vp_index, timer.index, signal.expiration, now)
-        for delivery in deliveries:
-            if self._deliver_message_signal(vp_index, delivery, now):
-                with vp.lock:
-                    delivery.timer.counters.retried += 1
+                if self._deliver_message_locked(vp_index, _Delivery(timer, signal, False, 0,
+                                                                    timer.sint), now):
+                    timer.counters.retried += 1
 
     # -- lifecycle -----------------------------------------------------------------------------
 

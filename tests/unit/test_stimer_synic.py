@@ -225,3 +225,33 @@ def test_random_guest_activity(ops):
     assert guest.partition.handler_failures == 0
     with pytest.raises(MsrAccessFault):
         guest.wr(config_msr(0), 1 << 20)
+
+
+def test_no_message_of_the_old_setting_after_the_disabling_write_returns(guest):
+    # The timer thread delivers an expiry while the guest's vCPU disables the timer: the
+    # message must be placed before the guest's write returns, never after it.
+    import threading
+
+    guest.synic_on()
+    guest.wr(count_msr(0), MS)
+    guest.wr(config_msr(0), sint_config(2, ENABLE, PERIODIC))
+    state = guest.state
+    deliver = state._deliver_message
+    order = []
+    writers = []
+
+    def racing_delivery(vp, sint, message):
+        if not writers:
+            writer = threading.Thread(
+                target=lambda: (guest.wr(config_msr(0), 0), order.append("write returned")))
+            writers.append(writer)
+            writer.start()
+            writer.join(0.2)  # a write that does not wait for the delivery returns now
+        order.append("message placed")
+        return deliver(vp, sint, message)
+
+    state._deliver_message = racing_delivery
+    guest.advance_ms(1.5)
+    writers[0].join(5)
+    assert order == ["message placed", "write returned"]
+    assert guest.rd(config_msr(0)) == 0
