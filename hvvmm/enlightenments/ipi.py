@@ -58,6 +58,7 @@ from hvvmm.enlightenments import AttachError, Enlightenment, recommendations
 from hvvmm.hv.hvdef import HvEnlightenmentInformation, HvStatus, HypercallCode
 from hvvmm.hv.hypercall import HypercallError, HypercallRequest, HypercallResult, HypercallSpec
 from hvvmm.hv.vpset import HV_VP_SET_HEADER_SIZE, VpSet, decode_vp_set, processor_mask_vps
+from hvvmm.hv.platform import raise_interrupt
 
 if TYPE_CHECKING:
     from hvvmm.hv.partition import Partition
@@ -116,7 +117,7 @@ class IpiState:
 
     def _deliver(self, caller: int, vector: int, targets: VpSet) -> None:
         for vp in targets.members(self.vp_count):
-            if self._platform.signal_interrupt(vp, vector):
+            if raise_interrupt(self._platform, vp, vector, self._log_once, "IPI"):
                 self.sent += 1
                 continue
             self.refused += 1

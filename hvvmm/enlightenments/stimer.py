@@ -92,6 +92,7 @@ from hvvmm.hv.hvdef import (
     HvFeatures,
     HvPartitionPrivilege,
 )
+from hvvmm.hv.platform import raise_interrupt
 
 if TYPE_CHECKING:
     from hvvmm.enlightenments.reference_time import ReferenceClock
@@ -540,13 +541,8 @@ class SyntheticTimers:
     def _signal_locked(self, vp_index: int, delivery: _Delivery) -> bool:
         """Raise a direct-mode timer's vector (VP lock held; the platform call never blocks)."""
         timer = delivery.timer
-        try:
-            ok = bool(self.platform.signal_interrupt(vp_index, delivery.vector))
-        except OSError as error:
-            ok = False
-            self._log_once(("stimer_direct_failed", vp_index), logging.WARNING,
-                           "vp%d: stimer%d direct interrupt %#x failed: %s", vp_index,
-                           timer.index, delivery.vector, error)
+        ok = raise_interrupt(self.platform, vp_index, delivery.vector, self._log_once,
+                             f"stimer{timer.index}")
         if ok:
             timer.counters.delivered += 1
         else:

@@ -130,7 +130,7 @@ from hvvmm.hv.hvdef import (
     HypercallCode,
 )
 from hvvmm.hv.msr import MsrAccessFault
-from hvvmm.hv.platform import OverlayError, OverlaySlot
+from hvvmm.hv.platform import OverlayError, OverlaySlot, raise_interrupt
 
 if TYPE_CHECKING:
     from hvvmm.logonce import LogOnce
@@ -549,13 +549,7 @@ class VpSynic:
     def _interrupt(self, register: int) -> bool:
         """Send the SINT's vector (no lock held); arm the AutoEOI check if it needs one."""
         vector = register & HV_SYNIC_SINT_VECTOR_MASK
-        try:
-            accepted = bool(self._platform.signal_interrupt(self.vp_index, vector))
-        except Exception:  # noqa: BLE001 -- a platform failure must not reach the sender
-            self._log_once(("sint_signal_failed", self.vp_index), logging.ERROR,
-                           "vp%d: raising SINT vector %#x failed", self.vp_index, vector,
-                           exc_info=True)
-            return False
+        accepted = raise_interrupt(self._platform, self.vp_index, vector, self._log_once, "SINT")
         with self.lock:
             self.counters["interrupts" if accepted else "interrupts_refused"] += 1
         if accepted and register & HV_SYNIC_SINT_AUTO_EOI:

@@ -15,6 +15,7 @@ exit handler could never park. :class:`OverlaySlot` is how the emulator keeps th
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
@@ -23,6 +24,7 @@ from hvvmm.hv.hvdef import (HV_CRASH_CTL_CRASH_NOTIFY, HV_CRASH_CTL_CRASH_NOTIFY
                              GuestOsId, decode_guest_os_id)
 
 if TYPE_CHECKING:
+    from hvvmm.logonce import LogOnce
     from hvvmm.memory import GuestMemory
 
 
@@ -252,6 +254,20 @@ class OverlaySlot:
                 commit()
         if stale is not None:
             self._platform.unmap_overlay(stale)
+
+
+def raise_interrupt(platform: "HvPlatform", vp_index: int, vector: int, log_once: "LogOnce",
+                    source: str) -> bool:
+    """Send ``vector`` to VP ``vp_index`` for a guest-triggered ``source`` (an IPI, a SINT, a
+    timer). True if the LAPIC accepted it. A platform failure (an ioctl error) is logged once
+    per source and VP and reads as not accepted: the interrupt is lost, and no exception reaches
+    a hypercall or MSR handler that has already delivered to other targets."""
+    try:
+        return bool(platform.signal_interrupt(vp_index, vector))
+    except Exception:  # noqa: BLE001 -- one policy for every caller, see the docstring
+        log_once((source, "raise_interrupt_failed", vp_index), logging.ERROR,
+                 "vp%d: %s: sending vector %#x failed", vp_index, source, vector, exc_info=True)
+        return False
 
 
 # --------------------------------------------------------------------------------------------
