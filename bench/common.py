@@ -109,4 +109,4 @@ class MarkerSink:
 def run_c_baseline(binary: pathlib.Path, *args) -> str:
     """Run a C baseline with ``args`` (stringified); its stdout, stripped."""
     return subprocess.run([str(binary), *map(str, args)], check=True, capture_output=True,
-                          text=True).stdout.strip()
+                          text=True, timeout=300).stdout.strip()

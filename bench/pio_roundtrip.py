@@ -55,7 +55,7 @@ def run_hvvmm(kernel: pathlib.Path, exits: int) -> float:
 
 def run_c(binary: pathlib.Path, code: pathlib.Path, entry: int, exits: int) -> float:
     out = subprocess.run([str(binary), str(code), hex(LOAD_ADDRESS), hex(entry), str(exits)],
-                         check=True, capture_output=True, text=True).stdout
+                         check=True, capture_output=True, text=True, timeout=300).stdout
     return float(out)
 
 

@@ -7,6 +7,7 @@ import sys
 import time
 
 import pytest
+from procutil import read_line
 
 pytestmark = pytest.mark.guest
 
@@ -68,7 +69,7 @@ def test_signals_stop_the_cli_cleanly(guest_image, signum, status):
                             stdin=subprocess.DEVNULL, text=True)
     try:
         # Wait until the guest runs, then signal.
-        assert proc.stdout.readline().strip() == "spinning"
+        assert read_line(proc).strip() == "spinning"
         proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=20)
     finally:

@@ -136,7 +136,6 @@ def test_a_vcpu_without_paging_is_left_alone(guest_image):
 HARDWARE = host_virtualization()
 
 
-@pytest.mark.realguest
 @pytest.mark.skipif(not HARDWARE.can_boot_stock_kernels,
                     reason="proving that a target's TLB is flushed needs a KVM on VT-x/AMD-V, "
                            "where guest TLB entries survive exits (VPID/ASID); this host has "
@@ -152,7 +151,7 @@ def test_the_flush_really_flushes(guest_image):
                 pass
             return HypercallResult()
 
-        machine.hyperv.partition.hypercalls.register(HypercallSpec(
+        machine.hyperv.partition.add_test_hypercall(HypercallSpec(
             code=PARK_CODE, name="TestParkEveryone", handler=park_everyone, fast_allowed=True))
         result = machine.run(timeout=RUN_TIMEOUT * 3)
     console = machine.console_text

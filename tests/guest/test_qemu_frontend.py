@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from procutil import read_line
 
 pytestmark = pytest.mark.guest
 
@@ -106,7 +107,7 @@ def test_without_isa_debug_exit_at_0xf4_the_write_goes_nowhere(guest_image, devi
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, text=True)
     try:
-        assert proc.stdout.readline().strip() == "exiting with code 5"
+        assert read_line(proc).strip() == "exiting with code 5"
         time.sleep(0.5)
         assert proc.poll() is None, "the debug-exit write ended the run"
         proc.send_signal(signal.SIGTERM)
@@ -144,7 +145,7 @@ def test_reset_without_no_reboot_boots_again(reset_guest):
                             stdin=subprocess.DEVNULL, text=True)
     try:
         for _ in range(3):
-            assert proc.stdout.readline().strip() == "booted"
+            assert read_line(proc).strip() == "booted"
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=20)
     finally:
@@ -186,8 +187,14 @@ def test_help_as_harnesses_read_it():
 
 
 def test_console_script_if_installed():
+    import importlib.metadata
+
     script = pathlib.Path(sys.executable).with_name("hvvmm-qemu")
-    if not script.exists():
-        pytest.skip("hvvmm-qemu is not installed in this environment (pip install -e .)")
+    try:
+        importlib.metadata.distribution("hvvmm")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("hvvmm is not installed in this environment (run from a source tree)")
+    assert script.exists(), "hvvmm is installed but its hvvmm-qemu console script is missing"
+
     proc = subprocess.run([str(script), "-version"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and proc.stdout.startswith("QEMU emulator version")

@@ -21,8 +21,9 @@ BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
 
 @pytest.fixture()
 def bench_module():
-    if shutil.which("gcc") is None:
-        pytest.skip("the benchmarks need gcc")
+    missing = [tool for tool in ("gcc", "as", "ld") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the benchmarks need gcc and binutils; missing: {', '.join(missing)}")
     sys.path.insert(0, str(BENCH))
     try:
         yield importlib.import_module

@@ -162,7 +162,8 @@ def test_concurrent_builds(tmp_path):
 
 @pytest.mark.parametrize("source", sorted(p.name for p in GUESTS.glob("*.c")))
 def test_test_guests_build(shared, source):
-    build_guest([GUESTS / source], output_dir=shared)
+    image = build_guest([GUESTS / source], output_dir=shared)
+    assert guestbuild.find_multiboot_header(image.read_bytes()) is not None
 
 
 def test_default_guest(tmp_path, monkeypatch):

@@ -132,6 +132,7 @@ def test_output_errors_do_not_propagate() -> None:
     out.close()
     wr(dev, THR, 0x41)  # ValueError on a closed file: logged, output discarded
     wr(dev, THR, 0x42)
+    assert rd(dev, LSR) == LSR_THRE | LSR_TEMT  # the UART keeps working for the guest
 
 
 def test_ier_and_mcr_reserved_bits_read_zero() -> None:

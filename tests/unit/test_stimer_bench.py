@@ -16,8 +16,9 @@ BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
 
 
 def test_stimer_accuracy_runs_every_mode(capsys):
-    if shutil.which("gcc") is None:
-        pytest.skip("the benchmark needs gcc")
+    missing = [tool for tool in ("gcc", "as", "ld") if shutil.which(tool) is None]
+    if missing:
+        pytest.skip(f"the benchmark needs gcc and binutils; missing: {', '.join(missing)}")
     sys.path.insert(0, str(BENCH))
     try:
         import stimer_accuracy

@@ -1,0 +1,29 @@
+"""Reading from a guest process without ever blocking past a deadline."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import time
+
+
+def read_line(proc: subprocess.Popen, timeout: float = 30.0) -> str:
+    """The next line ``proc`` writes to stdout, without the newline. Raises AssertionError if no
+    whole line arrives within ``timeout`` seconds (a guest that never prints must fail the test,
+    not hang it). Reads the raw pipe a byte at a time, so nothing past the line is consumed and a
+    later ``communicate()`` still sees the rest."""
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    line = bytearray()
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"no output line within {timeout:g} s (got {bytes(line)!r})")
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if ready:
+            byte = os.read(fd, 1)
+            if not byte:
+                raise AssertionError(f"output ended before a whole line (got {bytes(line)!r})")
+            line += byte
+    return line[:-1].decode(errors="replace")
