@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Union
 
 from hvvmm.enlightenments.synic import (
+    check_sint,
     HV_EVENT_FLAGS_COUNT,
     HV_MESSAGE_HEADER_SIZE,
     HV_MESSAGE_PAYLOAD_MAX,
@@ -70,7 +71,7 @@ from hvvmm.enlightenments.synic import (
     VpSynic,
     build_message,
 )
-from hvvmm.hv.hvdef import HV_SYNIC_SINT_COUNT, HvStatus, HypercallCode
+from hvvmm.hv.hvdef import HvStatus, HypercallCode
 from hvvmm.hv.hypercall import HypercallError, HypercallRequest, HypercallResult, HypercallSpec
 
 if TYPE_CHECKING:
@@ -229,8 +230,10 @@ class Connections:
             raise ConnectionSetupError("a connection needs a handler, or a VP and a SINT")
         if not isinstance(vp, int) or not (0 <= vp < self.vp_count or vp == HV_ANY_VP):
             raise ConnectionSetupError(f"VP {vp!r} outside 0..{self.vp_count - 1} (or HV_ANY_VP)")
-        if not isinstance(sint, int) or not 0 <= sint < HV_SYNIC_SINT_COUNT:
-            raise ConnectionSetupError(f"SINT {sint!r} outside 0..15")
+        try:
+            check_sint(sint)
+        except ValueError as error:
+            raise ConnectionSetupError(str(error)) from None
 
     # -- host-side sending ----------------------------------------------------------------------
 
@@ -242,7 +245,7 @@ class Connections:
         EOM. Raises :class:`MessageQueueFull` when sixteen messages already wait there."""
         synic = self._synics.synic(vp)
         message = build_message(message_type, bytes(payload), sender=sender)
-        entry = self._enqueue(synic.vp_index, _sint(sint), message, ("host", vp, sint),
+        entry = self._enqueue(synic.vp_index, check_sint(sint), message, ("host", vp, sint),
                               HOST_MESSAGE_BUFFERS)
         if entry is None:
             raise MessageQueueFull(f"{HOST_MESSAGE_BUFFERS} host messages already wait for "
@@ -382,12 +385,6 @@ class Connections:
 
 def _handler_result(status: int | None) -> HypercallResult:
     return HypercallResult(status=HvStatus.HV_STATUS_SUCCESS if status is None else int(status))
-
-
-def _sint(sint: int) -> int:
-    if not isinstance(sint, int) or not 0 <= sint < HV_SYNIC_SINT_COUNT:
-        raise ValueError(f"SINT {sint!r} outside 0..15")
-    return sint
 
 
 def register_hypercalls(partition: "Partition", connections: Connections) -> None:

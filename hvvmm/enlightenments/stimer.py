@@ -92,6 +92,7 @@ from hvvmm.hv.hvdef import (
     HvFeatures,
     HvPartitionPrivilege,
 )
+from hvvmm.enlightenments.synic import build_message, parse_message
 from hvvmm.hv.platform import raise_interrupt
 
 if TYPE_CHECKING:
@@ -118,7 +119,6 @@ STIMER_CONFIG_RSVDZ = (0x7 << 13) | (HV_U64_MASK & ~((1 << 20) - 1))  # 15:13 an
 
 # The message (TLFS datatypes/hv_message.md, hv_timer_message_payload.md; LHDR)
 HVMSG_TIMER_EXPIRED = 0x8000_0010
-MESSAGE_HEADER = struct.Struct("<IBBHQ")  # MessageType, PayloadSize, MessageFlags, Reserved, Sender
 TIMER_PAYLOAD = struct.Struct("<IIQQ")  # TimerIndex, Reserved, ExpirationTime, DeliveryTime
 
 # Host-side timing. Reference time counts 100 ns units.
@@ -136,16 +136,15 @@ def timer_message(index: int, expiration_time: int, delivery_time: int) -> bytes
     """The ``HV_MESSAGE`` header and ``HV_TIMER_MESSAGE_PAYLOAD`` of a timer expiry (40 bytes;
     the rest of the 256-byte slot is not part of the message, as KVM writes ``sizeof(header) +
     payload_size``)."""
-    payload = TIMER_PAYLOAD.pack(index, 0, expiration_time & HV_U64_MASK,
-                                 delivery_time & HV_U64_MASK)
-    return MESSAGE_HEADER.pack(HVMSG_TIMER_EXPIRED, len(payload), 0, 0, 0) + payload
+    return build_message(HVMSG_TIMER_EXPIRED, TIMER_PAYLOAD.pack(
+        index, 0, expiration_time & HV_U64_MASK, delivery_time & HV_U64_MASK))
 
 
 def decode_timer_message(message: bytes) -> tuple[int, int, int, int, int]:
     """``(message_type, payload_size, timer_index, expiration_time, delivery_time)``."""
-    message_type, size, _flags, _reserved, _sender = MESSAGE_HEADER.unpack_from(message, 0)
-    index, _reserved, expiration, delivery = TIMER_PAYLOAD.unpack_from(message,
-                                                                       MESSAGE_HEADER.size)
+    message_type, size, _flags, _sender, payload = parse_message(message)
+    index, _reserved, expiration, delivery = TIMER_PAYLOAD.unpack_from(
+        payload.ljust(TIMER_PAYLOAD.size, b"\0"))
     return message_type, size, index, expiration, delivery
 
 

@@ -144,8 +144,7 @@ NAME = "hv-synic"
 # -- registers (TLFS inter-partition-communication.md "SynIC MSRs"; LHDR hvgdk_mini.h) ----------
 HV_SYNIC_VERSION_1 = 1
 HV_SYNIC_CONTROL_ENABLE = 1 << 0
-HV_SYNIC_SIMP_ENABLE = 1 << 0
-HV_SYNIC_SIEFP_ENABLE = 1 << 0
+HV_SYNIC_PAGE_ENABLE = 1 << 0  # SIMP and SIEFP: bit 0 enables, 63:12 the GPFN
 HV_SYNIC_SINT_VECTOR_MASK = 0xFF
 HV_SYNIC_SINT_MASKED = 1 << 16
 HV_SYNIC_SINT_AUTO_EOI = 1 << 17
@@ -161,7 +160,6 @@ HV_MESSAGE_HEADER_SIZE = 16
 HV_MESSAGE_PAYLOAD_MAX = HV_MESSAGE_SIZE - HV_MESSAGE_HEADER_SIZE  # 240
 HVMSG_NONE = 0
 HV_MESSAGE_FLAG_PENDING = 1 << 0  # MessageFlags bit 0, MessagePending
-MESSAGE_TYPE_OFFSET = 0
 MESSAGE_FLAGS_OFFSET = 5
 MESSAGE_HEADER = struct.Struct("<IBBHQ")  # MessageType, PayloadSize, MessageFlags, Reserved, Sender
 
@@ -348,7 +346,7 @@ class _SynicPage:
 
     def page_locked(self) -> "OverlayPage | None":
         """The overlay to write into, if the page is enabled and shown where the MSR says."""
-        if not self.msr & 1:
+        if not self.msr & HV_SYNIC_PAGE_ENABLE:
             return None
         page = self.slot.page
         if page is None or page.gpa != self.msr & HV_PAGE_MASK:
@@ -362,13 +360,13 @@ class _SynicPage:
         with self.lock:
             self.msr = value
             current = self.slot.page
-            if value & 1 and current is not None and current.gpa == gpa:
+            if value & HV_SYNIC_PAGE_ENABLE and current is not None and current.gpa == gpa:
                 return False  # already there: nothing moves
             if current is not None:
                 # From now on page_locked() refuses the old overlay, so nothing else lands in it.
                 self._content = current.read(0, HV_PAGE_SIZE)
             content = self._content
-        if not value & 1:
+        if not value & HV_SYNIC_PAGE_ENABLE:
             self.slot.remove()
             return False
         try:
@@ -446,13 +444,10 @@ class VpSynic:
             self._listeners = tuple(c for c in self._listeners if c is not callback)
 
     def sint_vector(self, sint: int) -> int:
-        return self.sints[_check_sint(sint)] & HV_SYNIC_SINT_VECTOR_MASK
+        return self.sints[check_sint(sint)] & HV_SYNIC_SINT_VECTOR_MASK
 
     def sint_masked(self, sint: int) -> bool:
-        return bool(self.sints[_check_sint(sint)] & HV_SYNIC_SINT_MASKED)
-
-    def sint_auto_eoi(self, sint: int) -> bool:
-        return bool(self.sints[_check_sint(sint)] & HV_SYNIC_SINT_AUTO_EOI)
+        return bool(self.sints[check_sint(sint)] & HV_SYNIC_SINT_MASKED)
 
     @property
     def enabled(self) -> bool:
@@ -471,7 +466,7 @@ class VpSynic:
         """Raise SINT ``sint``'s interrupt with no message or flag (QEMU's
         ``hyperv_sint_route_set_sint``; the hyperv-testdev). False if SCONTROL is clear or the
         SINT is masked or Polling, or the LAPIC refused the vector."""
-        _check_sint(sint)
+        check_sint(sint)
         with self.lock:
             if not self.enabled:
                 return False
@@ -484,7 +479,7 @@ class VpSynic:
 
     def post(self, sint: int, message: bytes) -> Delivery:
         """:meth:`deliver_message` with the reason when the message was not written."""
-        _check_sint(sint)
+        check_sint(sint)
         if not HV_MESSAGE_HEADER_SIZE <= len(message) <= HV_MESSAGE_SIZE:
             raise ValueError(f"a message is 16 to 256 bytes, not {len(message)}")
         if _U32.unpack_from(message, 0)[0] == HVMSG_NONE:
@@ -516,7 +511,7 @@ class VpSynic:
 
     def set_event_flag(self, sint: int, flag: int) -> Delivery:
         """:meth:`signal_event` with the reason when the flag was not newly set."""
-        _check_sint(sint)
+        check_sint(sint)
         if not 0 <= flag < HV_EVENT_FLAGS_COUNT:
             raise ValueError(f"event flag {flag!r} outside 0..{HV_EVENT_FLAGS_COUNT - 1}")
         with self.lock:
@@ -625,7 +620,8 @@ def _deliverable(register: int) -> bool:
     return not register & HV_SYNIC_SINT_MASKED or bool(register & HV_SYNIC_SINT_POLLING)
 
 
-def _check_sint(sint: int) -> int:
+def check_sint(sint: int) -> int:
+    """``sint`` if it names one of the 16 SINTs, else ValueError."""
     if not isinstance(sint, int) or not 0 <= sint < HV_SYNIC_SINT_COUNT:
         raise ValueError(f"SINT {sint!r} outside 0..{HV_SYNIC_SINT_COUNT - 1}")
     return sint
