@@ -32,6 +32,9 @@ import enum
 import logging
 from typing import Protocol
 
+from hvvmm.enlightenments.synic import check_sint
+from hvvmm.logonce import LogOnce
+
 log = logging.getLogger(__name__)
 
 HYPERV_TESTDEV_BASE = 0x3000
@@ -86,7 +89,7 @@ class HypervTestDev:
         self.event_connections: dict[int, tuple[int, int]] = {}
         self.writes = 0
         self.ignored = 0
-        self._complained: set[tuple] = set()
+        self._log_once = LogOnce(log, max_keys=64)
 
     def read(self, offset: int, size: int) -> int:
         return 0
@@ -106,7 +109,7 @@ class HypervTestDev:
 
     def _control(self, control: int, vp: int, sint: int, conn_id: int) -> None:
         if control == HvTestDevControl.SINT_ROUTE_CREATE:
-            self.routes.add((vp, sint))
+            self.routes.add((vp, check_sint(sint)))  # QEMU refuses a bad route when creating it
         elif control == HvTestDevControl.SINT_ROUTE_DESTROY:
             if (vp, sint) not in self.routes:
                 self._ignore(("no_route", vp, sint), "no SINT route vp %d sint %d to destroy",
@@ -139,11 +142,7 @@ class HypervTestDev:
 
     def _ignore(self, key: tuple, message: str, *args: object) -> None:
         self.ignored += 1
-        level = logging.DEBUG
-        if key not in self._complained and len(self._complained) < 64:
-            self._complained.add(key)
-            level = logging.WARNING
-        log.log(level, "hyperv-testdev: " + message + " (ignored)", *args)
+        self._log_once(key, logging.WARNING, "hyperv-testdev: " + message + " (ignored)", *args)
 
     def reset(self) -> None:
         """Forget the routes and take down the connections this device created."""

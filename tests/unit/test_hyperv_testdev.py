@@ -148,3 +148,9 @@ def test_event_connection_sets_flag_conn_id():
     assert hypercall(partition, 0, fast, 0x21 | 1 << 32) == HvStatus.HV_STATUS_INVALID_PARAMETER
     device.write(0, 4, encode(C.EVT_CONN_DESTROY, 1, 9, 0x21))
     assert hypercall(partition, 0, fast, 0x21) == HvStatus.HV_STATUS_INVALID_CONNECTION_ID
+
+
+def test_a_route_to_a_sint_that_does_not_exist_is_refused():
+    device = HypervTestDev(Recorder())
+    device.write(0, 4, encode(C.SINT_ROUTE_CREATE, 0, 16))
+    assert device.routes == set() and device.ignored == 1
