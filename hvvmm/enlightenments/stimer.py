@@ -52,7 +52,7 @@ Semantics, as implemented:
   re-arms if the bound says the time has not come yet.
 * Message mode (DirectMode = 0): an ``HV_MESSAGE`` of type ``HVMSG_TIMER_EXPIRED`` (0x80000010),
   PayloadSize 24, flags/sender 0, payload ``{u32 TimerIndex, u32 Reserved, u64 ExpirationTime,
-  u64 DeliveryTime}`` [P] to SIM slot SINTx via the SynIC (``partition.synic(vp).deliver_message``).
+  u64 DeliveryTime}`` [P] to SIM slot SINTx via the SynIC (``partition.state["hv-synic"].synic(vp).deliver_message``).
   If the slot is busy (or the SIMP/SCONTROL is off, or the SINT masked) the message stays pending
   with the ExpirationTime of the expiry it reports (ref. §9.3; the SynIC sets MessagePending on a
   busy slot) and is retried from the SynIC's EOM listeners (the guest wrote EOM, or SCONTROL, SIMP
@@ -364,8 +364,8 @@ class SyntheticTimers:
         self.map = ReferenceHostMap(self.platform, clock)
         self.vps = tuple(VpTimers(vp) for vp in range(partition.vp_count))
         self._log_once = partition.log_once
-        self._eom_hooked: set[int] = set()
-        self._hook_lock = threading.Lock()
+        # A VP's SynIC (hv-synic's state); EOM listeners are registered once, at attach.
+        self._synic_of = partition.state["hv-synic"].synic
         # observer(vp_index, timer_index, expiration, reference_time_lower_bound): called for
         # every signal about to be raised or message about to be placed (benchmarks, tests).
         # Direct mode calls it with the VP lock held: keep it short, no emulator calls.
@@ -423,8 +423,6 @@ class SyntheticTimers:
         if stale is not None:
             stale.cancel()
         if arm is not None:
-            if not timer.direct:
-                self._hook_eom(vp_index)
             self._arm(vp_index, arm)
 
     @staticmethod
@@ -571,8 +569,7 @@ class SyntheticTimers:
 
     def _deliver_message(self, vp_index: int, sint: int, message: bytes) -> bool:
         try:
-            synic = self.partition.synic(vp_index)  # type: ignore[attr-defined]
-            return bool(synic.deliver_message(sint, message))
+            return bool(self._synic_of(vp_index).deliver_message(sint, message))
         except Exception:  # noqa: BLE001 -- a SynIC bug must not stop the timer thread
             self._log_once(("stimer_deliver_failed", vp_index), logging.ERROR,
                            "vp%d: delivering a timer message to SINT%d failed", vp_index, sint,
@@ -580,19 +577,6 @@ class SyntheticTimers:
             return False
 
     # -- EOM (vCPU thread): retry deferred messages ---------------------------------------------
-
-    def _hook_eom(self, vp_index: int) -> None:
-        with self._hook_lock:
-            if vp_index in self._eom_hooked:
-                return
-            self._eom_hooked.add(vp_index)
-        try:
-            synic = self.partition.synic(vp_index)  # type: ignore[attr-defined]
-            synic.add_eom_listener(lambda *_args: self.on_eom(vp_index))
-        except Exception:  # noqa: BLE001
-            self._log_once(("stimer_eom_hook_failed", vp_index), logging.ERROR,
-                           "vp%d: cannot listen for EOM; deferred timer messages are retried "
-                           "only at the next expiry", vp_index, exc_info=True)
 
     def on_eom(self, vp_index: int) -> None:
         """The guest wrote EOM on VP ``vp_index``: retry its timers' deferred messages."""
@@ -675,10 +659,12 @@ def attach(partition: "Partition") -> SyntheticTimers:
                if not callable(getattr(partition.platform, name, None))]
     if lacking:
         raise AttachError(f"{NAME} needs a platform with {', '.join(lacking)}")
-    if not callable(getattr(partition, "synic", None)):
-        raise AttachError(f"{NAME} needs the SynIC (partition.synic) for message mode")
+    if not callable(getattr(partition.state.get("hv-synic"), "synic", None)):
+        raise AttachError(f"{NAME} needs the SynIC (hv-synic) for message mode")
     state = SyntheticTimers(partition, clock,
                             direct_available=DIRECT_NAME in partition.attached)
+    for vp in range(partition.vp_count):  # a deferred message is retried at the guest's EOM
+        state._synic_of(vp).add_eom_listener(lambda vp=vp: state.on_eom(vp))
     config_reserved = STIMER_CONFIG_RSVDZ
     if not state.direct_available:
         config_reserved |= STIMER_DIRECT_MODE  # not advertised (EDX bit 19) -> #GP

@@ -634,7 +634,7 @@ def check_sint(sint: int) -> int:
 
 class SynicState:
     """Every VP's :class:`VpSynic` and the partition's :class:`Connections`; kept by the partition
-    under ``"hv-synic"``. ``partition.synic(vp_index)`` is :meth:`synic`."""
+    under ``"hv-synic"``, where other features (hv-stimer) get a VP's SynIC with :meth:`synic`."""
 
     def __init__(self, partition: "Partition"):
         from hvvmm.enlightenments.connections import Connections
@@ -697,9 +697,7 @@ def attach(partition: "Partition") -> SynicState:
             write=lambda vp_index, value, sint=sint: state.vps[vp_index].write_sint(sint, value),
             reserved_mask=HV_SYNIC_SINT_RESERVED)
     register_hypercalls(partition, state.connections)
-    # The per-VP API other features use (hv-stimer: ``partition.synic(vp).deliver_message``).
-    partition.synic = state.synic  # type: ignore[attr-defined]
-    return state
+    return state  # other features find it as partition.state["hv-synic"]
 
 
 ENLIGHTENMENT = Enlightenment(

@@ -2,7 +2,7 @@
 
 Driven by FakePlatform's controllable clock and timers (host time follows the guest TSC, timers
 fire only when a test moves time) and a small fake SynIC with the interface of
-``partition.synic(vp)``: ``deliver_message``, ``add_eom_listener``, ``sint_vector``,
+``partition.state["hv-synic"].synic(vp)``: ``deliver_message``, ``add_eom_listener``, ``sint_vector``,
 ``sint_masked``. ``test_stimer_synic.py`` runs the message paths against the real SynIC."""
 
 from __future__ import annotations
@@ -121,11 +121,15 @@ class FakeSynic:
             listener()
 
 
+class FakeSynics(list):
+    """The fake SynICs of every VP, with the real SynicState's ``synic(vp)`` accessor."""
+
+    def synic(self, vp: int) -> FakeSynic:
+        return self[vp]
+
+
 def _fake_synic_attach(partition):
-    platform = partition.platform
-    synics = [FakeSynic(vp, platform) for vp in range(partition.vp_count)]
-    partition.synic = lambda vp: synics[vp]  # the real Partition.synic(vp) has this shape
-    return synics
+    return FakeSynics(FakeSynic(vp, partition.platform) for vp in range(partition.vp_count))
 
 
 FAKE_SYNIC = Enlightenment(name="hv-synic", summary="fake SynIC for the stimer tests", tlfs="",

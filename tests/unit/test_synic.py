@@ -101,10 +101,10 @@ def test_declaration_and_cpuid():
         == HvEnlightenmentInformation.HV_DEPRECATING_AEOI_RECOMMENDED == 1 << 9
     assert not bits.get((HYPERV_CPUID_FEATURES, "edx"))  # polling mode not advertised
     partition, _ = make()
-    assert callable(partition.synic)
-    assert partition.synic(1).vp_index == 1
+    synics = partition.state["hv-synic"]
+    assert synics.synic(1).vp_index == 1
     with pytest.raises(ValueError):
-        partition.synic(2)
+        synics.synic(2)
 
 
 def test_reset_values_and_read_only_registers():
@@ -171,7 +171,7 @@ def test_rsvdp_bits_of_scontrol_simp_siefp_read_back():
     assert partition.msr_read(0, M.HV_X64_MSR_SIMP) == simp_gpa(0) | 0xFFF
     assert partition.msr_read(0, M.HV_X64_MSR_SIEFP) == siefp_gpa(0) | 0x2
     assert set(platform.overlays) == {simp_gpa(0)}
-    assert partition.synic(0).enabled
+    assert partition.state["hv-synic"].synic(0).enabled
 
 
 # -- the SIM/SIEF overlays ------------------------------------------------------------------------
@@ -197,7 +197,7 @@ def test_overlay_lifecycle_hides_and_uncovers_ram():
 def test_overlay_moves_with_its_contents_and_reset_clears_it():
     partition, platform = make()
     enable(partition)
-    synic = partition.synic(0)
+    synic = partition.state["hv-synic"].synic(0)
     assert synic.deliver_message(0, message(7))
     assert synic.signal_event(0, 9)
     partition.msr_write(0, M.HV_X64_MSR_SIMP, 0x30000 | 1)
@@ -222,7 +222,7 @@ def test_unplaceable_page_is_no_fault_and_takes_nothing():
     partition.msr_write(0, M.HV_X64_MSR_SIMP, (1 << 30) | 1)  # beyond the GPA space
     assert partition.msr_read(0, M.HV_X64_MSR_SIMP) == (1 << 30) | 1
     assert platform.overlays == {}
-    assert partition.synic(0).post(0, message()) is Delivery.PAGE_DISABLED
+    assert partition.state["hv-synic"].synic(0).post(0, message()) is Delivery.PAGE_DISABLED
     assert partition.handler_failures == 0
 
 
@@ -232,7 +232,7 @@ def test_unplaceable_page_is_no_fault_and_takes_nothing():
 def test_message_slot_state_machine_with_eom_redelivery():
     partition, platform = make()
     enable(partition, 1, {3: VECTOR + 3})
-    synic = partition.synic(1)
+    synic = partition.state["hv-synic"].synic(1)
     eoms = []
     synic.add_eom_listener(lambda: eoms.append("eom"))
 
@@ -270,7 +270,7 @@ def test_message_type_is_written_last():
     writes = []
     original = page.write
     page.write = lambda offset, data: (writes.append((offset, len(data))), original(offset, data))
-    assert partition.synic(0).deliver_message(0, build_message(0x1234, b"x" * 240))
+    assert partition.state["hv-synic"].synic(0).deliver_message(0, build_message(0x1234, b"x" * 240))
     assert writes[-1] == (0, 4)
     assert sum(size for _offset, size in writes) == 256
 
@@ -280,7 +280,7 @@ def test_slot_freed_while_setting_pending_is_delivered_at_once():
     it may not see the flag: the re-read after the locked OR catches it."""
     partition, platform = make()
     enable(partition)
-    synic = partition.synic(0)
+    synic = partition.state["hv-synic"].synic(0)
     assert synic.deliver_message(0, message(1))
     page = platform.overlays[simp_gpa(0)]
     original = page.fetch_or_u8
@@ -310,7 +310,7 @@ def test_message_refused_without_pending_flag(setup, outcome):
         partition.msr_write(0, M.HV_X64_MSR_SIMP, simp_gpa(0))
     else:
         partition.msr_write(0, M.HV_X64_MSR_SINT0, VECTOR | HV_SYNIC_SINT_MASKED)
-    assert partition.synic(0).post(0, message()) is outcome
+    assert partition.state["hv-synic"].synic(0).post(0, message()) is outcome
     assert platform.interrupts == []
     if setup != "simp_off":
         assert platform.guest_read(simp_gpa(0), 16) == bytes(16)
@@ -318,7 +318,7 @@ def test_message_refused_without_pending_flag(setup, outcome):
 
 def test_becoming_able_to_take_messages_calls_the_listeners():
     partition, _ = make()
-    synic = partition.synic(0)
+    synic = partition.state["hv-synic"].synic(0)
     calls = []
     synic.add_eom_listener(lambda: calls.append(1))
     partition.msr_write(0, M.HV_X64_MSR_SINT0, VECTOR)  # unmasked
@@ -332,7 +332,7 @@ def test_becoming_able_to_take_messages_calls_the_listeners():
 def test_polling_sint_gets_messages_and_events_without_interrupts():
     partition, platform = make()
     enable(partition, 0, {4: VECTOR | HV_SYNIC_SINT_MASKED | HV_SYNIC_SINT_POLLING})
-    synic = partition.synic(0)
+    synic = partition.state["hv-synic"].synic(0)
     assert synic.deliver_message(4, message())
     assert synic.signal_event(4, 0)
     assert not synic.raise_sint(4)
@@ -342,7 +342,7 @@ def test_polling_sint_gets_messages_and_events_without_interrupts():
 def test_listener_failure_is_logged_not_a_gp(caplog):
     partition, _ = make()
     enable(partition)
-    synic = partition.synic(0)
+    synic = partition.state["hv-synic"].synic(0)
     calls = []
 
     def bad():
@@ -360,7 +360,7 @@ def test_listener_failure_is_logged_not_a_gp(caplog):
 def test_bad_messages_are_programming_errors():
     partition, _ = make()
     enable(partition)
-    synic = partition.synic(0)
+    synic = partition.state["hv-synic"].synic(0)
     with pytest.raises(ValueError):
         synic.deliver_message(0, bytes(16))  # HvMessageTypeNone
     with pytest.raises(ValueError):
@@ -377,7 +377,7 @@ def test_bad_messages_are_programming_errors():
 def test_event_flag_set_once_interrupt_only_on_0_to_1():
     partition, platform = make()
     enable(partition, 0, {9: VECTOR + 9})
-    synic = partition.synic(0)
+    synic = partition.state["hv-synic"].synic(0)
     assert synic.signal_event(9, 2047)
     assert not synic.signal_event(9, 2047)  # already set: no interrupt
     assert synic.set_event_flag(9, 2047) is Delivery.BUSY
@@ -393,7 +393,7 @@ def test_event_flag_set_once_interrupt_only_on_0_to_1():
 def test_event_flag_keeps_the_guests_other_bits():
     partition, platform = make()
     enable(partition, 0, {0: VECTOR})
-    synic = partition.synic(0)
+    synic = partition.state["hv-synic"].synic(0)
     for flag in (0, 1, 2):
         assert synic.signal_event(0, flag)
     platform.guest_write(siefp_gpa(0), b"\x05")  # the guest cleared flag 1
@@ -415,14 +415,14 @@ def test_event_refused(setup, outcome):
         partition.msr_write(0, M.HV_X64_MSR_SIEFP, 0)
     else:
         partition.msr_write(0, M.HV_X64_MSR_SINT0, VECTOR | HV_SYNIC_SINT_MASKED)
-    assert partition.synic(0).set_event_flag(0, 5) is outcome
-    assert not partition.synic(0).signal_event(0, 5)
+    assert partition.state["hv-synic"].synic(0).set_event_flag(0, 5) is outcome
+    assert not partition.state["hv-synic"].synic(0).signal_event(0, 5)
     assert platform.interrupts == [] and platform.fetch_or_calls == []
 
 
 def test_raise_sint():
     partition, platform = make()
-    synic = partition.synic(1)
+    synic = partition.state["hv-synic"].synic(1)
     partition.msr_write(1, M.HV_X64_MSR_SINT0 + 2, VECTOR + 2)
     assert not synic.raise_sint(2)  # SCONTROL clear
     partition.msr_write(1, M.HV_X64_MSR_SCONTROL, 1)
@@ -441,7 +441,7 @@ def test_raise_sint():
 def auto_eoi_setup(**platform_args):
     partition, platform = make(**platform_args)
     enable(partition, 0, {0: 0xB0, 3: 0xB3 | HV_SYNIC_SINT_AUTO_EOI})
-    return partition, platform, partition.synic(0)
+    return partition, platform, partition.state["hv-synic"].synic(0)
 
 
 def test_auto_eoi_clears_isr_after_the_lapic_took_the_vector():
@@ -576,7 +576,7 @@ def test_lapic_bit_layout():
 def test_concurrent_senders():
     partition, platform = make(vp_count=2)
     enable(partition, 0, {s: 0x40 + s for s in range(16)})
-    synic = partition.synic(0)
+    synic = partition.state["hv-synic"].synic(0)
     flags_set = []
     delivered = []
 
@@ -619,7 +619,7 @@ def test_random_register_writes_never_raise_out(writes):
         if index not in (M.HV_X64_MSR_EOM,):
             assert partition.msr_read(vp, index) == value
     for vp in (0, 1):
-        synic = partition.synic(vp)
+        synic = partition.state["hv-synic"].synic(vp)
         for sint in (0, 15):
             synic.post(sint, message())
             synic.set_event_flag(sint, 100)
