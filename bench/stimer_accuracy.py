@@ -176,7 +176,8 @@ def run_ping(kernel, pings: int, via_synic: bool, gap_s: float = 0.001) -> list[
                     if via_synic:
                         message = S.timer_message(0, i, start // 100)
                         give_up = time.monotonic() + 5
-                        while not partition.state["hv-synic"].synic(0).deliver_message(SINT, message):
+                        synic = partition.state["hv-synic"].synic(0)
+                        while not synic.deliver_message(SINT, message):
                             if time.monotonic() > give_up:  # the guest never freed the slot
                                 raise RuntimeError(f"ping {i}: the message slot stayed busy")
                             time.sleep(0.0001)

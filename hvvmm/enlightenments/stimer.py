@@ -52,7 +52,8 @@ Semantics, as implemented:
   re-arms if the bound says the time has not come yet.
 * Message mode (DirectMode = 0): an ``HV_MESSAGE`` of type ``HVMSG_TIMER_EXPIRED`` (0x80000010),
   PayloadSize 24, flags/sender 0, payload ``{u32 TimerIndex, u32 Reserved, u64 ExpirationTime,
-  u64 DeliveryTime}`` [P] to SIM slot SINTx via the SynIC (``partition.state["hv-synic"].synic(vp).deliver_message``).
+  u64 DeliveryTime}`` [P] to SIM slot SINTx via the SynIC
+  (``partition.state["hv-synic"].synic(vp).deliver_message``).
   If the slot is busy (or the SIMP/SCONTROL is off, or the SINT masked) the message stays pending
   with the ExpirationTime of the expiry it reports (ref. §9.3; the SynIC sets MessagePending on a
   busy slot) and is retried from the SynIC's EOM listeners (the guest wrote EOM, or SCONTROL, SIMP

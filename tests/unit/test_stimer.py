@@ -2,8 +2,8 @@
 
 Driven by FakePlatform's controllable clock and timers (host time follows the guest TSC, timers
 fire only when a test moves time) and a small fake SynIC with the interface of
-``partition.state["hv-synic"].synic(vp)``: ``deliver_message``, ``add_eom_listener``, ``sint_vector``,
-``sint_masked``. ``test_stimer_synic.py`` runs the message paths against the real SynIC."""
+``partition.state["hv-synic"].synic(vp)``: ``deliver_message``, ``add_eom_listener``,
+``sint_vector``, ``sint_masked``. ``test_stimer_synic.py`` runs the message paths against the real SynIC."""
 
 from __future__ import annotations
 

@@ -270,7 +270,8 @@ def test_message_type_is_written_last():
     writes = []
     original = page.write
     page.write = lambda offset, data: (writes.append((offset, len(data))), original(offset, data))
-    assert partition.state["hv-synic"].synic(0).deliver_message(0, build_message(0x1234, b"x" * 240))
+    synic = partition.state["hv-synic"].synic(0)
+    assert synic.deliver_message(0, build_message(0x1234, b"x" * 240))
     assert writes[-1] == (0, 4)
     assert sum(size for _offset, size in writes) == 256
 
