@@ -28,27 +28,11 @@
 #define RESULT_MAGIC 0x5717e700u
 #define MAX_TICKS 20000
 
-#define STIMER_ENABLE (1ull << 0)
-#define STIMER_PERIODIC (1ull << 1)
-#define STIMER_AUTO_ENABLE (1ull << 3)
-#define STIMER_DIRECT (1ull << 12)
-#define STIMER_VECTOR(v) ((uint64_t)(v) << 4)
-#define STIMER_SINTX(s) ((uint64_t)(s) << 16)
 #define HV_SYNIC_CONTROL_ENABLE 1ull
 #define HV_SYNIC_SIMP_ENABLE 1ull
-#define HVMSG_NONE 0u
-#define HVMSG_TIMER_EXPIRED 0x80000010u
 
 enum { MODE_PERIODIC = 1, MODE_ONESHOT = 2, MODE_MESSAGE = 3, MODE_PING = 4 };
 
-struct hv_message {
-    volatile uint32_t type;
-    uint8_t payload_size;
-    volatile uint8_t flags;    /* bit 0 MessagePending */
-    uint16_t reserved;
-    uint64_t sender;
-    uint64_t payload[30];
-};
 
 static uint8_t tsc_page_mem[HV_PAGE_SIZE] __attribute__((aligned(HV_PAGE_SIZE)));
 static struct hv_message simp[16] __attribute__((aligned(HV_PAGE_SIZE)));

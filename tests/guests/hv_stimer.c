@@ -27,15 +27,8 @@
 #ifndef HV_STIMER_DIRECT_MODE_AVAILABLE
 #define HV_STIMER_DIRECT_MODE_AVAILABLE (1u << 19)
 #endif
-#define STIMER_ENABLE (1ull << 0)
-#define STIMER_PERIODIC (1ull << 1)
-#define STIMER_AUTO_ENABLE (1ull << 3)
-#define STIMER_DIRECT (1ull << 12)
-#define STIMER_VECTOR(v) ((uint64_t)(v) << 4)
-#define STIMER_SINTX(s) ((uint64_t)(s) << 16)
 #define CONFIG(n) (HV_X64_MSR_STIMER0_CONFIG + 2 * (n))
 #define COUNT(n) (HV_X64_MSR_STIMER0_COUNT + 2 * (n))
-#define HVMSG_TIMER_EXPIRED 0x80000010u
 #define MS 10000ull                          /* reference units per millisecond */
 #define DIRECT_VECTOR 0xe0
 #define AP_VECTOR 0xe1
@@ -46,14 +39,6 @@
 #define MAX_STAMPS 64
 #define BUSY_TYPE 0x12345u
 
-struct hv_message {
-    volatile uint32_t type;
-    uint8_t payload_size;
-    volatile uint8_t flags;                  /* bit 0 MessagePending */
-    uint16_t reserved;
-    uint64_t sender;
-    volatile uint64_t payload[30];
-};
 
 static uint8_t tsc_page_mem[HV_PAGE_SIZE] __attribute__((aligned(HV_PAGE_SIZE)));
 static struct hv_message simp[16] __attribute__((aligned(HV_PAGE_SIZE)));

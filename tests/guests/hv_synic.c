@@ -60,14 +60,6 @@ static const bool sint_auto_eoi[16] = { [3] = true, [8] = true, [10] = true, [14
 #define HOST_EVT_CONN 0x600   /* -> CPU 1, SINT 5, flag 600 */
 #define HOST_MSG_CONN 0x700   /* -> CPU 1, SINT 6 */
 
-struct hv_message {
-    volatile uint32_t type;
-    volatile uint8_t size;
-    volatile uint8_t flags;
-    uint16_t reserved;
-    uint64_t sender;
-    volatile uint64_t payload[30];
-};
 struct hv_post_message_input {
     uint32_t connection_id, reserved, message_type, payload_size;
     uint64_t payload[30];
@@ -275,7 +267,7 @@ static void test_host_messages(void)
     struct hv_message *m = slot(0, HOST_MSG_SINT);
     hits[0][vec] = 0;
     hv_test_mark(1);  /* the host posts "first", then "second" into SINT 2 */
-    bool first = wait_hits(0, vec, 1) && m->type == 0x1001 && m->size == 8 &&
+    bool first = wait_hits(0, vec, 1) && m->type == 0x1001 && m->payload_size == 8 &&
                  m->payload[0] == 0x7473726966ull /* "first" */;
     report(first, "host message 1 delivered with one interrupt (type %#x)", m->type);
     settle();
@@ -311,7 +303,7 @@ static bool msg_ok(int dst, uint16_t status)
     struct hv_message *m = slot(dst, MSG_SINT);
     wait_hits(dst, sint_vector[MSG_SINT], 1);  /* the other vCPU may not run at once */
     settle();
-    return status == 0 && m->type == MSG_TYPE && m->size == 8 && !(m->flags & 1) &&
+    return status == 0 && m->type == MSG_TYPE && m->payload_size == 8 && !(m->flags & 1) &&
            m->payload[0] == msg_counter[dst] && atomic_read(&hits[dst][sint_vector[MSG_SINT]]) == 1;
 }
 

@@ -233,6 +233,27 @@ static inline int write_u8_safe(volatile uint8_t *p, uint8_t v)
     return exception_vector();
 }
 
+/* SynIC message slot (TLFS datatypes/hv_message.md): 256 bytes; the guest sets type back to
+ * HVMSG_NONE when done and writes EOM if MessagePending (flags bit 0) was set. */
+#define HVMSG_NONE 0u
+#define HVMSG_TIMER_EXPIRED 0x80000010u
+struct hv_message {
+    volatile uint32_t type;
+    volatile uint8_t payload_size;
+    volatile uint8_t flags;                  /* bit 0 MessagePending */
+    uint16_t reserved;
+    uint64_t sender;
+    volatile uint64_t payload[30];
+};
+
+/* Synthetic timer CONFIG bits (TLFS timers.md "Synthetic Timer Configuration Register") */
+#define STIMER_ENABLE (1ull << 0)
+#define STIMER_PERIODIC (1ull << 1)
+#define STIMER_AUTO_ENABLE (1ull << 3)
+#define STIMER_DIRECT (1ull << 12)
+#define STIMER_VECTOR(v) ((uint64_t)(v) << 4)
+#define STIMER_SINTX(s) ((uint64_t)(s) << 16)
+
 /* Host-visible phase marks: tests put a device on this port (absent: ignored). */
 #define HV_TEST_MARK_PORT 0x5e8
 static inline void hv_test_mark(uint32_t phase) { outl(HV_TEST_MARK_PORT, phase); }
