@@ -170,17 +170,17 @@ def memory_layout(size: int) -> list[tuple[int, int]]:
 
 
 def memory_map(size: int) -> list[multiboot.MemoryMapEntry]:
-    """The firmware memory map a PC reports for ``size`` bytes of RAM (E820 types)."""
+    """The firmware memory map a PC reports for ``size`` bytes of RAM (E820 types): the RAM of
+    :func:`memory_layout`, less the EBDA and BIOS areas below 1 MiB."""
     available, reserved = 1, 2
-    low = min(size, LOW_RAM_LIMIT)
+    (_, low), *high = memory_layout(size)
     entries = [
         multiboot.MemoryMapEntry(0, EBDA_START, available),
         multiboot.MemoryMapEntry(EBDA_START, 0xA_0000 - EBDA_START, reserved),
         multiboot.MemoryMapEntry(BIOS_AREA[0], BIOS_AREA[1] - BIOS_AREA[0], reserved),
         multiboot.MemoryMapEntry(1 * MiB, low - 1 * MiB, available),
     ]
-    if size > low:
-        entries.append(multiboot.MemoryMapEntry(HIGH_RAM_BASE, size - low, available))
+    entries += [multiboot.MemoryMapEntry(gpa, length, available) for gpa, length in high]
     return entries
 
 
@@ -346,7 +346,7 @@ class Machine:
         for region in memory:
             res.host_buffers.append(PinnedBuffer(region.buffer))
         supported = kvm.supported_cpuid()
-        self.memslots = res.memslots = MemslotManager(
+        res.memslots = MemslotManager(
             vm.set_user_memory_region, memory, [pinned.address for pinned in res.host_buffers],
             lambda: self.exclusive(current_vcpu_index()),
             physical_address_bits=physical_address_bits(supported))
@@ -459,6 +459,11 @@ class Machine:
     def memory(self) -> GuestMemory:
         assert self._res.memory is not None
         return self._res.memory
+
+    @property
+    def memslots(self) -> MemslotManager:
+        assert self._res.memslots is not None
+        return self._res.memslots
 
     @property
     def kvm(self) -> Kvm:
