@@ -31,6 +31,8 @@ import threading
 import time
 from typing import Callable
 
+from hvvmm.logonce import LogOnce
+
 log = logging.getLogger(__name__)
 
 CMOS_BASE = 0x70
@@ -128,7 +130,7 @@ class Cmos:
         self._index = 0
         self.nmi_disabled = False
         self._offset = 0  # guest time minus clock time, whole seconds
-        self._logged: set[str] = set()
+        self._log_once = LogOnce(log)
         self._data[RTC_REG_A] = REG_A_DEFAULT
         self._data[RTC_REG_B] = REG_B_DEFAULT
         self._data[RTC_REG_D] = REG_D_VRT
@@ -196,7 +198,8 @@ class Cmos:
         elif index == RTC_REG_B:
             self._write_reg_b(reg_b, value)
         elif index in (RTC_REG_C, RTC_REG_D):
-            self._log_once(f"ro-{index}", "cmos: write to read-only register %#x ignored", index)
+            self._log_once(f"ro-{index}", logging.INFO,
+                           "cmos: write to read-only register %#x ignored", index)
         else:
             self._data[index] = value
 
@@ -213,7 +216,8 @@ class Cmos:
             hour = self._decode_hour(self._data[RTC_HOURS], old)
             self._data[RTC_HOURS] = self._encode_hour(hour, new)
         if new & (REG_B_PIE | REG_B_AIE | REG_B_UIE):
-            self._log_once("irq", "cmos: RTC interrupts (register B %#x) are not emulated", new)
+            self._log_once("irq", logging.INFO,
+                           "cmos: RTC interrupts (register B %#x) are not emulated", new)
         self._data[RTC_REG_B] = new
 
     # -- time ---------------------------------------------------------------------------------
@@ -272,7 +276,3 @@ class Cmos:
         hour = cls._decode(value & ~HOURS_PM, reg_b) % 12
         return hour + 12 if value & HOURS_PM else hour
 
-    def _log_once(self, key: str, message: str, *args: object) -> None:
-        if key not in self._logged:
-            self._logged.add(key)
-            log.info(message + " (logged once)", *args)

@@ -23,6 +23,8 @@ import logging
 import struct
 import threading
 
+from hvvmm.logonce import LogOnce
+
 log = logging.getLogger(__name__)
 
 FW_CFG_IO_BASE = 0x510
@@ -78,7 +80,7 @@ class FwCfg:
         if len(uuid) != 16:
             raise ValueError("fw_cfg: the UUID is 16 bytes")
         self._lock = threading.Lock()
-        self._logged: set[str] = set()
+        self._log_once = LogOnce(log)
         self._items: dict[int, bytes] = {}
         self._files: dict[str, int] = {}  # name -> key
         self._selected = FW_CFG_INVALID  # the item key selected, write-channel bit dropped
@@ -133,7 +135,8 @@ class FwCfg:
 
     def read(self, offset: int, size: int) -> int:
         if size != 1 or offset not in (FW_CFG_PORT_SEL, FW_CFG_PORT_DATA):
-            self._log_once(f"read-{offset}-{size}", "fw_cfg: unsupported %d-byte read at offset %d",
+            self._log_once(f"read-{offset}-{size}", logging.INFO,
+                           "fw_cfg: unsupported %d-byte read at offset %d",
                            size, offset)
             return (1 << (8 * size)) - 1
         with self._lock:
@@ -148,9 +151,11 @@ class FwCfg:
         if offset == FW_CFG_PORT_SEL and size == 2:
             self._select(value & 0xFFFF)
         elif size == 1 and offset in (FW_CFG_PORT_SEL, FW_CFG_PORT_DATA):
-            self._log_once("data-write", "fw_cfg: data writes are not supported; ignored")
+            self._log_once("data-write", logging.INFO,
+                           "fw_cfg: data writes are not supported; ignored")
         else:
-            self._log_once(f"write-{offset}-{size}", "fw_cfg: unsupported %d-byte write at offset "
+            self._log_once(f"write-{offset}-{size}", logging.INFO,
+                           "fw_cfg: unsupported %d-byte write at offset "
                            "%d", size, offset)
 
     def _select(self, key: int) -> None:
@@ -159,7 +164,3 @@ class FwCfg:
             self._selected = key & ~FW_CFG_WRITE_CHANNEL
             self._offset = 0
 
-    def _log_once(self, key: str, message: str, *args: object) -> None:
-        if key not in self._logged:
-            self._logged.add(key)
-            log.info(message + " (logged once)", *args)

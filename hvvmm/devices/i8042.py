@@ -24,6 +24,7 @@ import threading
 from typing import Callable
 
 from hvvmm.bus import IrqLine
+from hvvmm.logonce import LogOnce
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class I8042:
         self._irq = irq
         self._irq_level = False
         self._lock = threading.Lock()
-        self._logged: set[str] = set()
+        self._log_once = LogOnce(log)
         self.mode = MODE_DEFAULT
         self.outport = OUTPORT_DEFAULT
         self._status = STATUS_DEFAULT
@@ -172,7 +173,8 @@ class I8042:
             elif value == KBD_CCMD_RESET:
                 reset = True
             elif value != KBD_CCMD_NO_OP:
-                self._log_once(f"cmd-{value:#x}", "i8042: unknown controller command %#x ignored",
+                self._log_once(f"cmd-{value:#x}", logging.INFO,
+                               "i8042: unknown controller command %#x ignored",
                                value)
             self._update_irq()
         if reset:
@@ -190,7 +192,8 @@ class I8042:
             elif command == KBD_CCMD_WRITE_OBUF:
                 self._queue_byte(value)
             else:
-                self._log_once("kbd-write", "i8042: no keyboard; byte %#x for it ignored", value)
+                self._log_once("kbd-write", logging.INFO,
+                               "i8042: no keyboard; byte %#x for it ignored", value)
             self._update_irq()
         if reset:
             self._reset()
@@ -200,7 +203,8 @@ class I8042:
     def _set_outport(self, value: int) -> bool:
         """Store the output port; True when it asserts CPU reset (bit 0 clear)."""
         if not value & KBD_OUT_A20:
-            self._log_once("a20", "i8042: guest disabled A20; not emulated (A20 stays enabled)")
+            self._log_once("a20", logging.INFO,
+                           "i8042: guest disabled A20; not emulated (A20 stays enabled)")
         if not value & KBD_OUT_RESET:
             self.outport = value | KBD_OUT_RESET  # the reset pulse ends with the reset
             return True
@@ -209,14 +213,15 @@ class I8042:
 
     def _reset(self) -> None:
         # Outside the lock: the callback may stop vCPUs that are waiting on this device.
-        self._log_once("reset", "i8042: guest reset the machine")
+        self._log_once("reset", logging.INFO, "i8042: guest reset the machine")
         self._on_reset()
 
     def _queue_byte(self, value: int) -> None:
         if len(self._queue) < OUTPUT_QUEUE_LIMIT:
             self._queue.append(value & 0xFF)
         else:
-            self._log_once("queue-full", "i8042: output buffer overflow; reply dropped")
+            self._log_once("queue-full", logging.INFO,
+                           "i8042: output buffer overflow; reply dropped")
 
     def _update_irq(self) -> None:
         level = bool(self._queue) and bool(self.mode & KBD_MODE_KBD_INT)
@@ -224,7 +229,3 @@ class I8042:
             self._irq_level = level
             self._irq.set_level(level)
 
-    def _log_once(self, key: str, message: str, *args: object) -> None:
-        if key not in self._logged:
-            self._logged.add(key)
-            log.info(message + " (logged once)", *args)

@@ -26,6 +26,7 @@ import threading
 from typing import BinaryIO
 
 from hvvmm.bus import IrqLine
+from hvvmm.logonce import LogOnce
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +128,7 @@ class Serial:
         self._out = out
         self._input_limit = input_limit
         self._lock = threading.Lock()
-        self._logged: set[str] = set()
+        self._log_once = LogOnce(log)
         self.dropped_input = 0  # host bytes dropped because the input queue was full
         self._dll = DEFAULT_BAUD_DIVISOR & 0xFF
         self._dlm = DEFAULT_BAUD_DIVISOR >> 8
@@ -176,7 +177,8 @@ class Serial:
             if dropped:
                 self.dropped_input += dropped
                 self._lsr_errors |= UART_LSR_OE
-                self._log_once("input-dropped", "serial: guest is not reading input; dropping host "
+                self._log_once("input-dropped", logging.INFO,
+                               "serial: guest is not reading input; dropping host "
                                "bytes beyond %d queued (counted in dropped_input; logged once)",
                                self._input_limit)
             self._fill_rx()
@@ -256,7 +258,8 @@ class Serial:
         elif offset == UART_SCR:
             self._scr = value
         elif offset in (UART_LSR, UART_MSR):
-            self._log_once(f"ro-{offset}", "serial: write to read-only register %d ignored "
+            self._log_once(f"ro-{offset}", logging.INFO,
+                           "serial: write to read-only register %d ignored "
                            "(logged once)", offset)
 
     def _write_fcr(self, value: int) -> None:
@@ -359,7 +362,3 @@ class Serial:
             # Under the lock, so the line always ends at the level of the latest state.
             self._irq.set_level(level)
 
-    def _log_once(self, key: str, message: str, *args: object) -> None:
-        if key not in self._logged:
-            self._logged.add(key)
-            log.info(message, *args)
