@@ -179,7 +179,7 @@ class Serial:
                 self._lsr_errors |= UART_LSR_OE
                 self._log_once("input-dropped", logging.INFO,
                                "serial: guest is not reading input; dropping host "
-                               "bytes beyond %d queued (counted in dropped_input; logged once)",
+                               "bytes beyond %d queued (counted in dropped_input)",
                                self._input_limit)
             self._fill_rx()
             self._update_irq()
