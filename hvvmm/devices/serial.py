@@ -259,8 +259,7 @@ class Serial:
             self._scr = value
         elif offset in (UART_LSR, UART_MSR):
             self._log_once(f"ro-{offset}", logging.INFO,
-                           "serial: write to read-only register %d ignored "
-                           "(logged once)", offset)
+                           "serial: write to read-only register %d ignored", offset)
 
     def _write_fcr(self, value: int) -> None:
         enable = bool(value & UART_FCR_FE)

@@ -123,7 +123,7 @@ class IpiState:
             self.refused += 1
             self._log_once(("ipi_refused", vp), logging.INFO,
                            "vp%d: IPI vector %#x to vp%d not accepted (its local APIC is "
-                           "disabled); dropped, as on hardware (logged once per target)",
+                           "disabled); dropped, as on hardware (per target)",
                            caller, vector, vp)
 
 
