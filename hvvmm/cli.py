@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import signal
 import sys
 from typing import BinaryIO, Sequence
 
 from . import __version__
+from .host import kvm_device, open_console
 from .machine import (DEFAULT_MEMORY, STATUS_BAD_IMAGE, STATUS_KVM_UNAVAILABLE, STATUS_USAGE,
                       STATUS_VM_ERROR, ConfigError, ExitKind, ImageError, MiB)
 
@@ -171,24 +171,16 @@ def _setup_logging(args) -> None:
     root.setLevel(level)
 
 
-def _console_streams(spec: str) -> tuple[BinaryIO | None, BinaryIO | int | None, BinaryIO | None]:
+def _console_streams(spec: str) -> tuple[BinaryIO | None, int | None, BinaryIO | None]:
     """(output stream, input source, file to close) for ``--serial``."""
-    if spec == "stdio":
-        try:
-            os.fstat(0)
-            stdin: int | None = 0
-        except OSError:
-            stdin = None  # no standard input at all (e.g. closed by the caller)
-        return sys.stdout.buffer, stdin, None
-    if spec == "none":
-        return None, None, None
-    if spec.startswith("file:") and len(spec) > 5:
-        try:
-            stream = open(spec[5:], "wb")
-        except OSError as exc:
-            raise UsageError(f"hvvmm run: cannot open serial output {spec[5:]}: {exc.strerror}")
-        return stream, None, stream
-    raise UsageError(f"hvvmm run: bad --serial {spec!r}: use stdio, none or file:PATH")
+    try:
+        return open_console(spec)
+    except OSError as exc:
+        raise UsageError(f"hvvmm run: cannot open serial output {spec[5:]}: "
+                         f"{exc.strerror}") from None
+    except ValueError:
+        raise UsageError(f"hvvmm run: bad --serial {spec!r}: use stdio, none or file:PATH") \
+            from None
 
 
 def cmd_run(args) -> int:
@@ -199,7 +191,7 @@ def cmd_run(args) -> int:
     config = MachineConfig(kernel=args.kernel, initrd=tuple(args.initrd), append=args.append,
                            smp=args.smp, memory=args.memory, console=output,
                            console_input=console_input, timeout=args.timeout,
-                           kvm_device=_kvm_device(),
+                           kvm_device=kvm_device(),
                            hyperv=args.hyperv, cpu_features=args.cpu_features,
                            on_crash=args.on_crash, hyperv_testdev=args.hyperv_testdev)
     trace = None
@@ -263,16 +255,12 @@ def _write_crash_report(path: str, report) -> None:
         log.error("cannot write the crash report to %s: %s", path, exc.strerror)
 
 
-def _kvm_device() -> str:
-    return os.environ.get("HVVMM_KVM_DEVICE", "/dev/kvm")
-
-
 def _open_kvm():
     """The KVM system fd, or None after printing why it cannot be opened."""
     from .kvm import Kvm, KvmUnavailableError
 
     try:
-        return Kvm(_kvm_device())
+        return Kvm(kvm_device())
     except KvmUnavailableError as exc:
         print(f"hvvmm: {exc}", file=sys.stderr)
         return None

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 
 @dataclass(frozen=True)
@@ -66,3 +68,28 @@ def kvm_access_problem(path: str = "/dev/kvm") -> str | None:
     if not os.access(path, os.R_OK | os.W_OK):
         return f"no read-write permission on {path}"
     return None
+
+
+def kvm_device() -> str:
+    """The KVM device to open: ``$HVVMM_KVM_DEVICE``, else /dev/kvm."""
+    return os.environ.get("HVVMM_KVM_DEVICE", "/dev/kvm")
+
+
+def open_console(target: str) -> tuple[BinaryIO | None, int | None, BinaryIO | None]:
+    """``(output stream, input fd, file to close)`` for a guest console sent to ``"stdio"``,
+    ``"none"`` or a file path (``"file:PATH"``). Standard input feeds the guest only if this
+    process has one (a caller may have closed it). OSError if the file cannot be opened; any
+    other target is ValueError. Both front ends (``hvvmm run``, ``hvvmm qemu``) use this."""
+    if target == "stdio":
+        try:
+            os.fstat(0)
+            stdin: int | None = 0
+        except OSError:
+            stdin = None
+        return sys.stdout.buffer, stdin, None
+    if target == "none":
+        return None, None, None
+    if target.startswith("file:") and len(target) > 5:
+        stream = open(target[5:], "wb")
+        return stream, None, stream
+    raise ValueError(f"not a console target: {target!r}")

@@ -42,6 +42,7 @@ from decimal import Decimal, InvalidOperation
 from typing import Callable, Sequence
 
 from . import __version__
+from .host import kvm_device, open_console
 
 PROG = "qemu-system-x86_64"
 # The QEMU release whose option syntax this front end follows (-action, hv-* names, -smp keys).
@@ -907,7 +908,7 @@ def _machine_config_kwargs(opts: QemuOptions) -> dict:
     """The MachineConfig fields for ``opts`` (everything but the console streams)."""
     kwargs = dict(kernel=opts.kernel, initrd=opts.initrd, append=opts.append or "",
                   smp=opts.smp, memory=opts.memory, timeout=None,
-                  kvm_device=os.environ.get("HVVMM_KVM_DEVICE", "/dev/kvm"),
+                  kvm_device=kvm_device(),
                   hyperv=opts.hyperv, cpu_features=opts.cpu_features,
                   on_crash="continue" if opts.panic_action == "none" else "stop",
                   debug_exit=opts.debug_exit)
@@ -969,22 +970,12 @@ class _Sink:
 
 def _console(opts: QemuOptions):
     """(output stream, input source, file to close) for the resolved COM1."""
-    if opts.serial == "stdio":
-        try:
-            os.fstat(0)
-            stdin: int | None = 0
-        except OSError:
-            stdin = None
-        return _Sink(sys.stdout.buffer), stdin, None
-    if opts.serial == "none":
-        return None, None, None
-    path = opts.serial[5:]
     try:
-        stream = open(path, "wb")
+        output, console_input, to_close = open_console(opts.serial)
     except OSError as exc:
-        raise QemuError(f"Could not open '{path}': {exc.strerror}",
+        raise QemuError(f"Could not open '{opts.serial[5:]}': {exc.strerror}",
                         ("-serial", opts.serial)) from None
-    return _Sink(stream), None, stream
+    return (_Sink(output) if output is not None else None), console_input, to_close
 
 
 class _LogFormatter(logging.Formatter):
