@@ -52,12 +52,12 @@ from __future__ import annotations
 
 import logging
 import struct
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterable
 
 from hvvmm.enlightenments import AttachError, Enlightenment, recommendations
 from hvvmm.hv.hvdef import HvEnlightenmentInformation, HvStatus, HypercallCode
 from hvvmm.hv.hypercall import HypercallError, HypercallRequest, HypercallResult, HypercallSpec
-from hvvmm.hv.vpset import HV_VP_SET_HEADER_SIZE, VpSet, decode_vp_set, processor_mask_vps
+from hvvmm.hv.vpset import HV_VP_SET_HEADER_SIZE, decode_vp_set, processor_mask_vps
 from hvvmm.hv.platform import raise_interrupt
 
 if TYPE_CHECKING:
@@ -102,7 +102,8 @@ class IpiState:
     def send_ipi(self, request: HypercallRequest) -> HypercallResult:
         header = request.header
         (mask,) = struct.unpack_from("<Q", header, 8)
-        targets = VpSet(all=False, vps=processor_mask_vps(mask, self.vp_count))
+        # Linux sends every IPI through this call: the mask's VPs go straight to delivery.
+        targets = sorted(processor_mask_vps(mask, self.vp_count))
         vector = check_vector_and_vtl(header)
         self._deliver(request.vp_index, vector, targets)
         return HypercallResult()
@@ -110,13 +111,13 @@ class IpiState:
     def send_ipi_ex(self, request: HypercallRequest) -> HypercallResult:
         header = request.header
         targets = decode_vp_set(header[IPI_EX_INPUT_SIZE - HV_VP_SET_HEADER_SIZE:]
-                                + request.variable_header, self.vp_count)
+                                + request.variable_header, self.vp_count).members(self.vp_count)
         vector = check_vector_and_vtl(header)
         self._deliver(request.vp_index, vector, targets)
         return HypercallResult()
 
-    def _deliver(self, caller: int, vector: int, targets: VpSet) -> None:
-        for vp in targets.members(self.vp_count):
+    def _deliver(self, caller: int, vector: int, targets: Iterable[int]) -> None:
+        for vp in targets:
             if raise_interrupt(self._platform, vp, vector, self._log_once, "IPI"):
                 self.sent += 1
                 continue
