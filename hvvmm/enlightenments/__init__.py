@@ -252,6 +252,10 @@ class EnlightenmentRegistry:
     def always_on(self) -> tuple[Enlightenment, ...]:
         return tuple(e for e in self if e.always_on)
 
+    def with_always_on(self, names: Iterable[str]) -> set[str]:
+        """``names`` plus the features that are on whenever Hyper-V is."""
+        return set(names) | {e.name for e in self.always_on()}
+
     def selectable_implemented(self) -> frozenset[str]:
         """Everything a user can switch on today (``hv-passthrough``, the ``all`` preset)."""
         return frozenset(e.name for e in self if e.implemented and e.selectable)
@@ -265,7 +269,7 @@ class EnlightenmentRegistry:
     def missing_requirements(self, enabled: Iterable[str]) -> dict[str, tuple[str, ...]]:
         """``{feature: missing requirements}`` for each enabled feature whose requirements are
         not all enabled."""
-        enabled = set(enabled) | {e.name for e in self.always_on()}
+        enabled = self.with_always_on(enabled)
         missing = {}
         for name in sorted(enabled):
             enlightenment = self._by_name[name]
@@ -287,7 +291,7 @@ class EnlightenmentRegistry:
     def cpuid_bits(self, enabled: Iterable[str]) -> dict[tuple[int, str], int]:
         """``{(leaf, register): bits}`` contributed by the enabled features plus the always-on
         ones (only implemented features contribute)."""
-        active = set(enabled) | {e.name for e in self.always_on()}
+        active = self.with_always_on(enabled)
         bits: dict[tuple[int, str], int] = {}
         for name in sorted(active):
             enlightenment = self._by_name[name]

@@ -107,7 +107,7 @@ class HyperVConfig:
         """Enabled features plus the always-on ones (empty when Hyper-V is off)."""
         if not self.enabled:
             return frozenset()
-        return self.features | {e.name for e in registry.always_on()}
+        return frozenset(registry.with_always_on(self.features))
 
     def describe(self) -> str:
         """The canonical spec: features in name order, then the non-default values."""
