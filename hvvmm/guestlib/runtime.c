@@ -794,8 +794,10 @@ void apic_send_ipi(uint32_t icr_low, uint32_t dest)
  * SMP
  * ---------------------------------------------------------------------- */
 extern char trampoline_start[], trampoline_end[];
+/* The one record of which CPUs are up: a count kept beside it could be read
+ * between an AP's two stores and disagree (smp_init() then returned 1 while
+ * cpu 1 was already running). */
 static volatile uint8_t cpu_is_online[MAX_CPUS];
-static int online_count = 1;
 static void (*volatile ap_main_fn)(int cpu);
 static bool bsp_x2apic;
 
@@ -809,7 +811,13 @@ int cpu_count(void)
     return count;
 }
 
-int cpus_online(void) { return atomic_read(&online_count); }
+int cpus_online(void)
+{
+    int online = 0;
+    for (int i = 0; i < MAX_CPUS; i++)
+        online += cpu_is_online[i] != 0;
+    return online;
+}
 
 /* entry.S: an AP arrives here on cpu_stacks[index], index = its APIC ID. */
 void ap_entry(int index) __attribute__((noreturn));
@@ -824,7 +832,6 @@ void ap_entry(int index)
         enable_x2apic();
     apic_enable();
     cpu_is_online[index] = 1;
-    atomic_inc(&online_count);
     if (ap_main_fn)
         ap_main_fn(index);
     halt_forever();
