@@ -27,3 +27,10 @@ def read_line(proc: subprocess.Popen, timeout: float = 30.0) -> str:
                 raise AssertionError(f"output ended before a whole line (got {bytes(line)!r})")
             line += byte
     return line[:-1].decode(errors="replace")
+
+
+def describe(proc: subprocess.CompletedProcess) -> str:
+    """A finished run for an assertion message: the status, then stdout and stderr whole (a
+    tuple would be shortened by pytest's repr and hide the guest's FAIL line)."""
+    return (f"exit status {proc.returncode}\n--- stdout ---\n{proc.stdout}"
+            f"\n--- stderr ---\n{proc.stderr}")

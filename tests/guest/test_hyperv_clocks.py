@@ -8,6 +8,7 @@ import time
 import pytest
 
 from hvvmm import ExitKind, Machine, MachineConfig
+from hvvmm.hv.hvdef import HV_X64_MSR_TIME_REF_COUNT
 
 pytestmark = pytest.mark.guest
 
@@ -18,12 +19,14 @@ PAGE_READS, MSR_READS = 1000, 200  # hv_clocks.c
 
 
 class PhaseMarks:
-    """The guest's phase marks: when each arrived (host clock), and every exit of vCPU 0 by the
-    phase it happened in. Sleeps ``HOST_DELAY_S`` while handling mark 1."""
+    """The guest's phase marks: when each arrived (host clock), every exit of vCPU 0 by the
+    phase it happened in, and vCPU 0's TIME_REF_COUNT reads (host time, value) by phase. Sleeps
+    ``HOST_DELAY_S`` while handling mark 1."""
 
     def __init__(self):
         self.arrived = {}
         self.exits = {}
+        self.clock_reads = {}
         self._phase = 0
         self._lock = threading.Lock()
 
@@ -47,12 +50,19 @@ class PhaseMarks:
             per_phase = self.exits.setdefault(self._phase, {})
             per_phase[exit.reason_name] = per_phase.get(exit.reason_name, 0) + 1
 
+    # the Hyper-V listener (runs on the vCPU thread right after the MSR value was computed)
+    def on_event(self, event):
+        if event.vp == 0 and event.kind == "msr_read" and event.number == HV_X64_MSR_TIME_REF_COUNT:
+            self.clock_reads.setdefault(self._phase, []).append(
+                (event.time, int(event.result["value"], 16)))
+
 
 def test_reference_clocks_agree_and_tick_at_the_right_rate(guest_image):
     marks = PhaseMarks()
     with Machine(MachineConfig(kernel=guest_image("hv_clocks"), smp=2)) as machine:
         machine.add_pio_device(MARK_PORT, 4, marks, "phase-marks")
         machine.add_exit_observer(marks.observe)
+        machine.hyperv.add_listener(marks.on_event)
         result = machine.run(timeout=RUN_TIMEOUT)
         counters = machine.hyperv.counters()
     console = machine.console_text
@@ -71,12 +81,18 @@ def test_reference_clocks_agree_and_tick_at_the_right_rate(guest_image):
     for vp in ("vp0", "vp1"):
         assert counters[vp]["msr_reads"]["HV_X64_MSR_TIME_REF_COUNT"] >= 1500
 
-    # Rate: the guest's reference time across the host's sleep vs the host's own clock.
+    # Rate: the guest's reference time across the host's sleep vs the host's own clock, both
+    # taken when the host answered the two TIME_REF_COUNT reads around the sleep (the guest's
+    # own instructions between a read and its mark are not in the interval, so a loaded host
+    # that delays the vCPU there cannot skew it).
     guest_units = int(re.search(r"host-timed interval: (\d+) units", console).group(1))
-    host_seconds = marks.arrived[2] - marks.arrived[1]
+    assert marks.arrived[2] - marks.arrived[1] >= HOST_DELAY_S
+    (time_a, value_a), (time_b, value_b) = marks.clock_reads[0][-1], marks.clock_reads[2][0]
+    assert value_b - value_a == guest_units  # the reads the guest reported
+    host_seconds = time_b - time_a
     assert host_seconds >= HOST_DELAY_S
     guest_seconds = guest_units * 100e-9
-    assert abs(guest_seconds - host_seconds) <= 0.02 * host_seconds + 0.002, \
+    assert abs(guest_seconds - host_seconds) <= 0.01 * host_seconds + 0.001, \
         (guest_seconds, host_seconds)
 
     # Reading the TSC page causes no exit at all; each TIME_REF_COUNT read is one MSR exit.

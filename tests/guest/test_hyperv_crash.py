@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from hvvmm import ExitKind, Machine, MachineConfig
+from procutil import describe
 
 pytestmark = pytest.mark.guest
 
@@ -99,7 +100,7 @@ def test_cli_crash_report_file(guest_image, tmp_path, with_message):
     if with_message:
         args += ["--append", "msg"]
     proc = hvvmm_run(*args)
-    assert proc.returncode == STATUS_CRASH, (proc.stdout, proc.stderr)
+    assert proc.returncode == STATUS_CRASH, describe(proc)
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("hvvmm: crash: guest crash reported by vp0 (Linux 6.1.192"), last
     assert "still running" not in proc.stdout
@@ -123,7 +124,7 @@ def test_cli_on_crash_continue(guest_image, tmp_path):
     path = tmp_path / "crash.json"
     proc = hvvmm_run("--kernel", str(guest_image("hv_crash")), "--append", "msg",
                      "--crash-report", str(path), "--on-crash", "continue")
-    assert proc.returncode == 1, (proc.stdout, proc.stderr)  # debug-exit 0: (0 << 1) | 1
+    assert proc.returncode == 1, describe(proc)  # debug-exit 0: (0 << 1) | 1
     assert "INFO: still running after the crash report" in proc.stdout
     assert "SUMMARY: " in proc.stdout and "FAIL" not in proc.stdout
     assert json.loads(path.read_text())["message"] == MESSAGE

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from hvvmm import ExitKind, Machine, MachineConfig
+from procutil import describe
 
 pytestmark = pytest.mark.guest
 
@@ -49,7 +50,7 @@ def test_cli_reset_exits_with_status_10(guest_image):
                                 str(RUN_TIMEOUT)),
                           capture_output=True, text=True, timeout=RUN_TIMEOUT + 30,
                           stdin=subprocess.DEVNULL)
-    assert proc.returncode == STATUS_RESET, (proc.stdout, proc.stderr)
+    assert proc.returncode == STATUS_RESET, describe(proc)
     assert proc.stdout.count(BANNER) == 1
     assert proc.stderr.strip().splitlines()[-1].startswith("hvvmm: reset:"), proc.stderr
 
