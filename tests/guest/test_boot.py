@@ -1,5 +1,7 @@
 """Tiny guests under /dev/kvm: boot, serial, debug-exit, SMP, exceptions, devices, timeouts."""
 
+import time
+
 import pytest
 
 from hvvmm import ExitKind, Machine, MachineConfig
@@ -55,9 +57,13 @@ def test_expected_faults_are_caught(guest_image):
 
 def test_timeout_ends_a_spinning_guest(guest_image):
     with Machine(MachineConfig(kernel=guest_image("spin"), smp=2)) as machine:
-        result = machine.run(timeout=1.0)
+        machine.start()
+        deadline = time.monotonic() + 30  # the guest is spinning once it says so
+        while "spinning" not in machine.console_text and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "spinning" in machine.console_text
+        result = machine.wait(timeout=1.0)
     assert result.kind is ExitKind.TIMEOUT and result.status == 124
-    assert "spinning" in machine.console_text
 
 
 def test_default_guest_reports_what_it_sees():
