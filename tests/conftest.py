@@ -5,8 +5,15 @@ from __future__ import annotations
 import pathlib
 
 import pytest
+from hypothesis import HealthCheck, settings
 
 from hvvmm.host import host_virtualization, kvm_access_problem
+
+# No per-example deadline and no too-slow health check: on a shared, loaded CI machine one
+# example can stall past hypothesis's default 200 ms although nothing is wrong. Speed is
+# measured under bench/.
+settings.register_profile("hvvmm", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("hvvmm")
 
 TESTS = pathlib.Path(__file__).resolve().parent
 GUEST_SOURCES = TESTS / "guests"

@@ -4,8 +4,25 @@ import time
 from hvvmm.timers import TimerService
 
 
+class HeldClock:
+    """``time.monotonic_ns`` held at its first value until :meth:`release`: timers armed while
+    it is held cannot come due before the test has armed them all, however long this thread is
+    delayed in between."""
+
+    def __init__(self):
+        self._held: int | None = time.monotonic_ns()
+
+    def __call__(self) -> int:
+        held = self._held
+        return time.monotonic_ns() if held is None else held
+
+    def release(self) -> None:
+        self._held = None
+
+
 def test_timers_fire_in_deadline_order_and_never_early():
-    service = TimerService()
+    clock = HeldClock()
+    service = TimerService(clock=clock)
     fired = []
     done = threading.Event()
     try:
@@ -14,6 +31,7 @@ def test_timers_fire_in_deadline_order_and_never_early():
             deadline = start + delay_ms * 1_000_000
             service.start_timer(deadline, lambda d=deadline: (fired.append((d, service.now_ns())),
                                                                len(fired) == 3 and done.set()))
+        clock.release()
         assert done.wait(5)
     finally:
         service.close()
@@ -22,7 +40,8 @@ def test_timers_fire_in_deadline_order_and_never_early():
 
 
 def test_cancelled_timer_does_not_fire_and_a_failing_callback_does_not_stop_others():
-    service = TimerService()
+    clock = HeldClock()
+    service = TimerService(clock=clock)
     fired = []
     done = threading.Event()
     try:
@@ -31,6 +50,7 @@ def test_cancelled_timer_does_not_fire_and_a_failing_callback_does_not_stop_othe
         timer = service.start_timer(now + 2_000_000, lambda: fired.append("cancelled"))
         timer.cancel()
         service.start_timer(now + 5_000_000, lambda: (fired.append("ok"), done.set()))
+        clock.release()
         assert done.wait(5)
     finally:
         service.close()
