@@ -31,7 +31,6 @@ N`` as QEMU does; 1 for every error.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import re
@@ -432,12 +431,6 @@ class _HvSpecBuilder:
         return ",".join(text for _, text in self.items), None
 
 
-def _hyperv_testdev_available() -> bool:
-    from .machine import MachineConfig
-
-    return any(f.name == "hyperv_testdev" for f in dataclasses.fields(MachineConfig))
-
-
 @dataclass(frozen=True)
 class DeviceInfo:
     name: str
@@ -457,7 +450,7 @@ IGNORED_DEVICES = ("pc-testdev", "pci-testdev")  # accepted with a warning, not 
 
 
 def supported_devices() -> list[DeviceInfo]:
-    return [d for d in DEVICES if d.name != "hyperv-testdev" or _hyperv_testdev_available()]
+    return list(DEVICES)
 
 
 def _opt_device(opts: QemuOptions, arg: str, where: tuple[str, ...]) -> None:
@@ -478,8 +471,6 @@ def _opt_device(opts: QemuOptions, arg: str, where: tuple[str, ...]) -> None:
         return
     if driver == "hyperv-testdev":
         _check_props(driver, props, (), where)
-        if not _hyperv_testdev_available():
-            raise QemuError("hyperv-testdev is not available in this build", where)
         opts.hyperv_testdev = True
         opts._testdev_where = where
         return

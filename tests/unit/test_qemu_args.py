@@ -328,37 +328,15 @@ def test_testdevs_ignored_with_a_warning(device):
                              "not emulated; ignored"]
 
 
-def test_hyperv_testdev_when_available(monkeypatch):
-    monkeypatch.setattr(qemu, "_hyperv_testdev_available", lambda: True)
+def test_hyperv_testdev():
     assert not parse().hyperv_testdev
     assert 'name "hyperv-testdev", bus ISA' in qemu.device_help_text()
     assert error("-device", "hyperv-testdev", "-cpu", "host,hv-vpindex") == (
         "qemu-system-x86_64: -device hyperv-testdev: hvvmm: hyperv-testdev needs the guest to "
         "have hv-synic (-cpu host,hv-vpindex,hv-synic or -cpu host,hv-passthrough)")
-    from hvvmm.enlightenments import REGISTRY
-
-    synic = REGISTRY.lookup("hv-synic")
-    if synic is not None and synic.implemented:
-        opts = parse("-cpu", "host,hv_passthrough", "-device", "hyperv-testdev")
-        assert opts.hyperv_testdev
-        assert qemu.machine_config(opts).hyperv_testdev
-
-
-def test_hyperv_testdev_when_not_available(monkeypatch):
-    monkeypatch.setattr(qemu, "_hyperv_testdev_available", lambda: False)
-    assert error("-device", "hyperv-testdev") == (
-        "qemu-system-x86_64: -device hyperv-testdev: hyperv-testdev is not available in this "
-        "build")
-    assert "hyperv-testdev" not in qemu.device_help_text()
-
-
-def test_hyperv_testdev_follows_machine_config():
-    from dataclasses import fields
-
-    from hvvmm.machine import MachineConfig
-
-    has_field = any(f.name == "hyperv_testdev" for f in fields(MachineConfig))
-    assert qemu._hyperv_testdev_available() is has_field
+    opts = parse("-cpu", "host,hv_passthrough", "-device", "hyperv-testdev")
+    assert opts.hyperv_testdev
+    assert qemu.machine_config(opts).hyperv_testdev
 
 
 @pytest.mark.parametrize("text", ["?", "help"])
@@ -366,10 +344,10 @@ def test_device_help(text):
     assert parse_args(["-device", text]).action == "device-help"
 
 
-def test_device_help_format(monkeypatch):
-    monkeypatch.setattr(qemu, "_hyperv_testdev_available", lambda: False)
+def test_device_help_format():
     assert qemu.device_help_text() == (
         "Misc devices:\n"
+        'name "hyperv-testdev", bus ISA\n'
         'name "isa-debug-exit", bus ISA\n'
         'name "pc-testdev", bus ISA, desc "accepted and ignored: hvvmm does not emulate it"\n')
 
