@@ -483,3 +483,33 @@ class FakeTimer:
         assert now_ns >= self.deadline_ns, "a fake timer fired early"
         self.fired_at_ns = now_ns
         self.callback()
+
+
+# -- a SynIC set up as a guest does it (shared by the SynIC and connection tests) ---------------
+
+
+def simp_gpa(vp: int) -> int:
+    """Where the tests put VP ``vp``'s SynIC message page (SIEFP is the next page)."""
+    return 0x20000 + vp * 0x2000
+
+
+def siefp_gpa(vp: int) -> int:
+    return 0x21000 + vp * 0x2000
+
+
+def enable_synic(partition, vp: int, sints: dict[int, int]) -> None:
+    """What a guest does: SIMP, SIEFP, SCONTROL, then the SINTs (sint -> register value)."""
+    from hvvmm.hv import hvdef
+
+    partition.msr_write(vp, hvdef.HV_X64_MSR_SIMP, simp_gpa(vp) | 1)
+    partition.msr_write(vp, hvdef.HV_X64_MSR_SIEFP, siefp_gpa(vp) | 1)
+    partition.msr_write(vp, hvdef.HV_X64_MSR_SCONTROL, 1)
+    for sint, value in sints.items():
+        partition.msr_write(vp, hvdef.HV_X64_MSR_SINT0 + sint, value)
+
+
+def synic_slot(platform: "FakePlatform", vp: int, sint: int):
+    """The parsed message in SIM slot ``sint`` of VP ``vp``."""
+    from hvvmm.enlightenments.synic import parse_message
+
+    return parse_message(platform.guest_read(simp_gpa(vp) + 256 * sint, 256))

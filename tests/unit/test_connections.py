@@ -18,7 +18,6 @@ from hvvmm.enlightenments.connections import (
 from hvvmm.enlightenments.synic import (
     HV_MESSAGE_FLAG_PENDING,
     HV_SYNIC_SINT_MASKED,
-    parse_message,
 )
 from hvvmm.hv import hvdef
 from hvvmm.hv.features import parse_hyperv_spec
@@ -26,9 +25,11 @@ from hvvmm.hv.hvdef import HV_HYPERCALL_FAST_BIT, HvStatus, HypercallCode
 from hvvmm.hv.partition import Partition
 
 try:
-    from hvfakes import FakePlatform, FakeRegisters
+    from hvfakes import (FakePlatform, FakeRegisters, enable_synic, siefp_gpa, simp_gpa,
+                         synic_slot)
 except ImportError:  # tests/ imported as a package
-    from tests.unit.hvfakes import FakePlatform, FakeRegisters
+    from tests.unit.hvfakes import (FakePlatform, FakeRegisters, enable_synic, siefp_gpa,
+                                    simp_gpa, synic_slot)
 
 M = hvdef
 S = HvStatus
@@ -40,25 +41,13 @@ MSG_SINT, EVT_SINT = 8, 9
 MSG_CONN, EVT_CONN = 0x10, 0x20
 
 
-def simp_gpa(vp: int) -> int:
-    return 0x20000 + vp * 0x2000
-
-
-def siefp_gpa(vp: int) -> int:
-    return 0x21000 + vp * 0x2000
-
-
 def make(spec: str = "hv-vpindex,hv-synic", *, enable_vps=(0, 1), connections=True):
     platform = FakePlatform(vp_count=2)
     partition = Partition(parse_hyperv_spec(spec), platform)
     if "hv-synic" not in partition.state:
         return partition, platform, None
     for vp in enable_vps:
-        partition.msr_write(vp, M.HV_X64_MSR_SIMP, simp_gpa(vp) | 1)
-        partition.msr_write(vp, M.HV_X64_MSR_SIEFP, siefp_gpa(vp) | 1)
-        partition.msr_write(vp, M.HV_X64_MSR_SCONTROL, 1)
-        partition.msr_write(vp, M.HV_X64_MSR_SINT0 + MSG_SINT, 0xB0)
-        partition.msr_write(vp, M.HV_X64_MSR_SINT0 + EVT_SINT, 0xB1)
+        enable_synic(partition, vp, {MSG_SINT: 0xB0, EVT_SINT: 0xB1})
     table = partition.state["hv-synic"].connections
     if connections:  # kvm-unit-tests hyperv_connections: one of each per VP
         for vp in (0, 1):
@@ -95,7 +84,7 @@ def signal(partition, platform, vp: int, connection: int, flag: int = 0, reserve
 
 
 def slot(platform, vp: int, sint: int = MSG_SINT):
-    return parse_message(platform.guest_read(simp_gpa(vp) + 256 * sint, 256))
+    return synic_slot(platform, vp, sint)
 
 
 def flag_set(platform, vp: int, flag: int, sint: int = EVT_SINT) -> bool:

@@ -35,23 +35,17 @@ from hvvmm.hv.msr import MsrAccessFault
 from hvvmm.hv.partition import Partition
 
 try:
-    from hvfakes import LAPIC_IRR, LAPIC_ISR, FakePlatform
+    from hvfakes import (LAPIC_IRR, LAPIC_ISR, FakePlatform, enable_synic, siefp_gpa, simp_gpa,
+                         synic_slot)
 except ImportError:  # tests/ imported as a package
-    from tests.unit.hvfakes import LAPIC_IRR, LAPIC_ISR, FakePlatform
+    from tests.unit.hvfakes import (LAPIC_IRR, LAPIC_ISR, FakePlatform, enable_synic, siefp_gpa,
+                                    simp_gpa, synic_slot)
 
 M = hvdef
 SPEC = "hv-vpindex,hv-synic"
 PAGE = 4096
 VECTOR = 0xB0
 TIMER_TYPE = 0x8000_0010
-
-
-def simp_gpa(vp: int) -> int:
-    return 0x20000 + vp * 0x2000
-
-
-def siefp_gpa(vp: int) -> int:
-    return 0x21000 + vp * 0x2000
 
 
 def make(vp_count: int = 2, spec: str = SPEC, **platform_args):
@@ -61,16 +55,11 @@ def make(vp_count: int = 2, spec: str = SPEC, **platform_args):
 
 
 def enable(partition: Partition, vp: int = 0, sints: dict[int, int] | None = None) -> None:
-    """What a guest does: SIMP, SIEFP, SCONTROL, then the SINTs (sint -> register value)."""
-    partition.msr_write(vp, M.HV_X64_MSR_SIMP, simp_gpa(vp) | 1)
-    partition.msr_write(vp, M.HV_X64_MSR_SIEFP, siefp_gpa(vp) | 1)
-    partition.msr_write(vp, M.HV_X64_MSR_SCONTROL, 1)
-    for sint, value in (sints if sints is not None else {0: VECTOR}).items():
-        partition.msr_write(vp, M.HV_X64_MSR_SINT0 + sint, value)
+    enable_synic(partition, vp, sints if sints is not None else {0: VECTOR})
 
 
 def slot(platform: FakePlatform, vp: int, sint: int) -> tuple[int, int, int, int, bytes]:
-    return parse_message(platform.guest_read(simp_gpa(vp) + 256 * sint, 256))
+    return synic_slot(platform, vp, sint)
 
 
 def guest_free_slot(platform: FakePlatform, vp: int, sint: int) -> bool:
