@@ -64,6 +64,7 @@ from hvvmm.hv.hvdef import (
     HV_HYPERCALL_VARHEAD_OFFSET,
     HV_PAGE_SIZE,
     HV_U64_MASK,
+    HypercallCode,
     HvStatus,
     hypercall_name,
     status_name,
@@ -78,6 +79,7 @@ log = logging.getLogger(__name__)
 
 _U32 = 0xFFFF_FFFF
 _XMM_MASK = (1 << 128) - 1
+_NAMED_CODES = frozenset(int(code) for code in HypercallCode)
 
 # --------------------------------------------------------------------------------------------
 # Input value and result value
@@ -641,9 +643,13 @@ class HypercallDispatcher:
         spec = self.table.get(call.code)
         # 2. unknown or unavailable code
         if spec is None or not spec.is_available():
-            self._log_once(("hypercall_unknown", call.code), logging.WARNING,
-                           "vp%d: hypercall %s not implemented or not available",
-                           call.vp_index, hypercall_name(call.code))
+            # Once per TLFS-named code; the unnamed ones (the guest can sweep 65,536 codes)
+            # share one key, so they cannot use up the shared log-once budget.
+            named = call.code in _NAMED_CODES
+            self._log_once(("hypercall_unknown", call.code if named else None), logging.WARNING,
+                           "vp%d: hypercall %s not implemented or not available%s",
+                           call.vp_index, hypercall_name(call.code),
+                           "" if named else " (the first of the codes without a TLFS name)")
             raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE,
                           "unknown code" if spec is None else "not available")
         call._spec = spec

@@ -38,6 +38,7 @@ from hvvmm.hv.features import HyperVConfig
 from hvvmm.hv.hvdef import (
     HV_U64_MASK,
     HV_X64_SYNTHETIC_MSR_RANGES,
+    SYNTHETIC_MSR_NAMES,
     HvStatus,
     hypercall_name,
     msr_name,
@@ -287,10 +288,6 @@ class Partition:
         not reach a host kernel's in-kernel Hyper-V (ref. §1, §3.1)."""
         return HV_X64_SYNTHETIC_MSR_RANGES
 
-    @staticmethod
-    def is_synthetic_msr(index: int) -> bool:
-        return any(low <= index <= high for low, high in HV_X64_SYNTHETIC_MSR_RANGES)
-
     def cpuid_leaves(self) -> list[CpuidEntry]:
         """The Hyper-V CPUID leaves (0x40000000+) matching this partition."""
         return hyperv_cpuid_leaves(self.config, self.vp_count, registry=self.registry)
@@ -413,10 +410,13 @@ class Partition:
     def _msr_fault(self, vp: VpState, fault: MsrAccessFault) -> None:
         op = "write" if fault.write else "read"
         vp.msr_faults[(fault.index, op)] += 1
-        # Keyed by MSR and operation only: reasons can carry guest values (reserved bits set,
-        # the page address), and every distinct key spends the shared log-once budget.
-        self.log_once(("msr_fault", fault.index, op), logging.WARNING, "vp%d: %s", vp.index,
-                      fault)
+        # Keyed by named MSR and operation only: reasons can carry guest values (reserved bits
+        # set, the page address), the unnamed indices of the filtered ranges share one key, and
+        # every distinct key spends the shared log-once budget.
+        named = fault.index in SYNTHETIC_MSR_NAMES
+        self.log_once(("msr_fault", fault.index if named else None, op), logging.WARNING,
+                      "vp%d: %s%s", vp.index, fault,
+                      "" if named else " (the first of the MSRs without a name)")
         if self.on_event is not None:
             inputs = {"value": f"{fault.value:#x}"} if fault.value is not None else {}
             self._emit(vp.index, f"msr_{op}", fault.index, msr_name(fault.index), inputs,

@@ -4,6 +4,7 @@ reset, and the enlightenment declaration checks."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import struct
@@ -163,7 +164,6 @@ def test_msr_indices_are_exactly_the_enabled_features():
         expected |= set(REGISTRY[name].msrs)
     assert set(everything.msr_indices()) == expected
     assert Partition.msr_filter_ranges() == ((0x40000000, 0x400001FF), (0x40001000, 0x400010FF))
-    assert Partition.is_synthetic_msr(0x40000105) and not Partition.is_synthetic_msr(0x10)
 
 
 # Fuzz: random indices (mostly synthetic), values and VPs never raise anything but a #GP.
@@ -523,3 +523,19 @@ def test_a_guest_sweeping_hypercall_codes_grows_neither_counters_nor_log_memory(
     counters = partition.counters()["vp0"]["hypercalls"]
     assert counters == {"unknown codes/HV_STATUS_INVALID_HYPERCALL_CODE": 3000}
     assert len(partition.log_once._seen) <= 1024
+
+
+def test_sweeps_of_unnamed_codes_and_msrs_leave_later_warnings_audible(caplog):
+    # Each sweep spends one log-once key, so a new cause afterwards is still a WARNING.
+    partition, _ = make_partition("minimal")
+    for code in range(0x7000, 0x7000 + 3000):
+        partition.hypercall(0, FakeRegisters(gprs={"rcx": code, "rdx": 0, "r8": 0}))
+    for index in range(0x40000120, 0x40000200):  # no MSR of this range has a TLFS name
+        with pytest.raises(MsrAccessFault):
+            partition.msr_read(0, index)
+    assert len(partition.log_once._seen) <= 2
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(MsrAccessFault):
+            partition.msr_write(0, hvdef.HV_X64_MSR_VP_INDEX, 1)  # read-only
+    assert [r for r in caplog.records if r.levelno == logging.WARNING
+            and "HV_X64_MSR_VP_INDEX" in r.getMessage()]
