@@ -34,13 +34,6 @@ class IrqLine(Protocol):
     def set_level(self, level: bool) -> None: ...
 
 
-class NullIrqLine:
-    """An unconnected interrupt line."""
-
-    def set_level(self, level: bool) -> None:
-        pass
-
-
 class BusError(Exception):
     pass
 

@@ -34,7 +34,7 @@ from .devices.fw_cfg import FW_CFG_IO_BASE, FW_CFG_PORT_COUNT, FwCfg
 from .devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_PORT_COUNT
 from .devices.port80 import POST_CODE_PORT, POST_CODE_PORT_COUNT, PostCodePort
 from .devices.serial import COM1_IRQ, SERIAL_COM1_BASE, SERIAL_PORT_COUNT, Serial
-from .kvm import KICK_SIGNAL, Kvm, KvmUnavailableError, PinnedBuffer, Vm, install_kick_handler
+from .kvm import Kvm, KvmUnavailableError, PinnedBuffer, Vm, install_kick_handler
 from .kvm import constants as kvmc
 from .memory import GuestMemory
 from .memslots import MemslotManager
@@ -555,7 +555,7 @@ class Machine:
             self.stopping = True
         log.info("guest ended: %s", result.message)
         for vcpu in self.vcpus:
-            vcpu.kick(KICK_SIGNAL)
+            vcpu.kick()
         with self._pause:
             self._pause.notify_all()  # parked vCPUs see `stopping` and leave
         self._done.set()
@@ -590,7 +590,7 @@ class Machine:
         for vcpu in self.vcpus:
             thread = vcpu.thread
             while thread is not None and thread.is_alive():
-                vcpu.kick(KICK_SIGNAL)
+                vcpu.kick()
                 thread.join(0.05)
 
     # -- the exclusive section: every other vCPU parked outside KVM_RUN -------------------------
@@ -614,7 +614,7 @@ class Machine:
         try:
             others = [v for v in self.vcpus if v.index != vcpu_index]
             for vcpu in others:
-                vcpu.kick(KICK_SIGNAL)
+                vcpu.kick()
             with self._pause:
                 while not self.stopping:
                     running = sum(1 for v in others if v.thread is not None and
@@ -623,7 +623,7 @@ class Machine:
                         break
                     if not self._pause.wait(0.05):
                         for vcpu in others:  # a kick can race a vCPU's entry: kick again
-                            vcpu.kick(KICK_SIGNAL)
+                            vcpu.kick()
             yield
         finally:
             with self._pause:

@@ -71,7 +71,7 @@ class VcpuThread:
     """Runs one vCPU until the machine stops."""
 
     def __init__(self, machine: MachineControl, vcpu: Vcpu, pio_bus: Bus, mmio_bus: Bus,
-                 overlay_at: Callable[[int], object | None] = lambda gpa: None):
+                 overlay_at: Callable[[int], object | None]):
         self.machine = machine
         self._overlay_at = overlay_at
         self._log_once = LogOnce(log)
@@ -106,13 +106,13 @@ class VcpuThread:
         self._work.append(work)
         self.kick()
 
-    def kick(self, signal_number: int = KICK_SIGNAL) -> None:
+    def kick(self) -> None:
         """Make the vCPU leave ``KVM_RUN`` now (or at its next entry)."""
         self.vcpu.request_immediate_exit()
         thread = self.thread
         if thread is not None and thread.is_alive() and thread.ident is not None:
             try:
-                signal.pthread_kill(thread.ident, signal_number)
+                signal.pthread_kill(thread.ident, KICK_SIGNAL)
             except ProcessLookupError:
                 pass  # the thread ended between the check and the kill
 
@@ -193,11 +193,8 @@ class VcpuThread:
 
     def _mmio(self, exit: MmioExit) -> None:
         if exit.is_write:
-            entry = self.mmio_bus.find(exit.address, exit.size)
-            if entry is not None:
-                entry.device.write(exit.address - entry.base, exit.size,
-                                   int.from_bytes(exit.data, "little"))
-                return
+            # A write exit inside a read-only overlay comes from that overlay's slot, whatever
+            # the bus has below it (the guest places overlays).
             overlay = self._overlay_at(exit.address)
             if overlay is not None:
                 self._overlay_write(exit, overlay)
