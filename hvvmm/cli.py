@@ -323,10 +323,8 @@ CAPABILITIES = (
     ("KVM_CAP_SYNC_REGS", "fewer ioctls per hypercall"),
     ("KVM_CAP_READONLY_MEM", "hypercall and TSC overlay pages"),
     ("KVM_CAP_VCPU_EVENTS", "exception injection"),
-    ("KVM_CAP_MP_STATE", "SMP state"),
     ("KVM_CAP_GET_TSC_KHZ", "reference TSC page"),
     ("KVM_CAP_TSC_DEADLINE_TIMER", "guest timers"),
-    ("KVM_CAP_X2APIC_API", "x2APIC"),
     ("KVM_CAP_HYPERV", "never used: hvvmm implements Hyper-V itself"),
 )
 

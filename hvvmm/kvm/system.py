@@ -391,15 +391,6 @@ class Vcpu:
         events.flags = 0  # do not touch NMI/SIPI/shadow state
         self.set_vcpu_events(events)
 
-    def get_mp_state(self) -> int:
-        state = ffi.new("struct kvm_mp_state *")
-        self._ioctl(lib.KVM_GET_MP_STATE, state, "KVM_GET_MP_STATE")
-        return state.mp_state
-
-    def set_mp_state(self, mp_state: int) -> None:
-        self._ioctl(lib.KVM_SET_MP_STATE, ffi.new("struct kvm_mp_state *", {"mp_state": mp_state}),
-                    "KVM_SET_MP_STATE")
-
     def tsc_khz(self) -> int | None:
         """The guest TSC frequency, if KVM reports it."""
         result = lib.hvvmm_ioctl_value(self.fd, lib.KVM_GET_TSC_KHZ, 0)
