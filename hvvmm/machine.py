@@ -29,7 +29,7 @@ from .hv.features import HyperVConfigError, parse_hyperv_spec
 from .bus import Bus, BusDevice, mmio_bus, pio_bus
 from .devices.acpi_pm import ACPI_PM1A_CNT_LENGTH, ACPI_PM1A_CNT_PORT, AcpiPm
 from .devices.cmos import CMOS_BASE, CMOS_PORT_COUNT, Cmos
-from .devices.debug_exit import DebugExit, exit_status
+from .devices.debug_exit import DEBUG_EXIT_BASE, DEBUG_EXIT_PORT_COUNT, DebugExit, exit_status
 from .devices.fw_cfg import FW_CFG_IO_BASE, FW_CFG_PORT_COUNT, FwCfg
 from .devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_PORT_COUNT
 from .devices.port80 import POST_CODE_PORT, POST_CODE_PORT_COUNT, PostCodePort
@@ -139,7 +139,8 @@ class MachineConfig:
     hyperv: str | None = None
     cpu_features: str | None = None  # host CPUID features to hide, e.g. "-cx16,-xsave"
     on_crash: str = "stop"           # "stop": a guest crash report ends the run; "continue"
-    debug_exit: tuple[int, int] | None = (0xF4, 4)  # isa-debug-exit (iobase, iosize); None: none
+    # isa-debug-exit (iobase, iosize); None: none
+    debug_exit: tuple[int, int] | None = (DEBUG_EXIT_BASE, DEBUG_EXIT_PORT_COUNT)
     hyperv_testdev: bool = False     # QEMU's hyperv-testdev at port 0x3000 (needs hv-synic)
 
     def validated(self, max_vcpus: int | None = None) -> "MachineConfig":

@@ -449,10 +449,6 @@ DEVICES = (
 IGNORED_DEVICES = ("pc-testdev", "pci-testdev")  # accepted with a warning, not emulated
 
 
-def supported_devices() -> list[DeviceInfo]:
-    return list(DEVICES)
-
-
 def _opt_device(opts: QemuOptions, arg: str, where: tuple[str, ...]) -> None:
     items = parse_opts(arg, implied="driver")
     driver = dict(items).get("driver", "")
@@ -594,10 +590,6 @@ def _opt_accel(opts: QemuOptions, arg: str, where: tuple[str, ...]) -> None:
             raise QemuError(f"Property '{name}-accel.{key}' not found", where)
 
 
-def _opt_enable_kvm(opts: QemuOptions, arg: str, where: tuple[str, ...]) -> None:
-    pass
-
-
 _MACHINE_OFF_ONLY = {"usb": "USB", "vmport": "VMware I/O port", "smm": "SMM", "hpet": "HPET"}
 _MACHINE_HOST_ONLY = ("dump-guest-core", "mem-merge")
 
@@ -693,7 +685,7 @@ OPTIONS: dict[str, tuple[bool, Handler]] = {
     "machine": (True, _opt_machine),
     "M": (True, _opt_machine),
     "accel": (True, _opt_accel),
-    "enable-kvm": (False, _opt_enable_kvm),
+    "enable-kvm": (False, _opt_ignore),  # hvvmm always uses KVM
     "name": (True, _opt_ignore),
     "vnc": (True, _opt_vnc),
     "monitor": (True, _opt_monitor),
@@ -829,7 +821,7 @@ Device options:
 -device isa-debug-exit[,iobase=0x501][,iosize=0x2]
                 a write of v ends the run with status (v << 1) | 1 (none without it)
 -device hyperv-testdev
-                the Hyper-V test device (when this build has it)
+                the Hyper-V test device
 -device pc-testdev, -device pci-testdev
                 accepted and ignored, with a warning
 -device help    list the devices
@@ -858,7 +850,7 @@ Messages start "{PROG}:" as QEMU's do, however hvvmm was invoked.
 def device_help_text() -> str:
     """``-device help``, in QEMU's format (name, bus, desc; sorted by name)."""
     lines = ["Misc devices:"]
-    for device in sorted(supported_devices(), key=lambda d: d.name.lower()):
+    for device in sorted(DEVICES, key=lambda d: d.name.lower()):
         line = f'name "{device.name}"'
         if device.bus:
             line += f", bus {device.bus}"
@@ -895,24 +887,16 @@ def machine_help_text() -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def _machine_config_kwargs(opts: QemuOptions) -> dict:
-    """The MachineConfig fields for ``opts`` (everything but the console streams)."""
-    kwargs = dict(kernel=opts.kernel, initrd=opts.initrd, append=opts.append or "",
-                  smp=opts.smp, memory=opts.memory, timeout=None,
-                  kvm_device=kvm_device(),
-                  hyperv=opts.hyperv, cpu_features=opts.cpu_features,
-                  on_crash="continue" if opts.panic_action == "none" else "stop",
-                  debug_exit=opts.debug_exit)
-    if opts.hyperv_testdev:
-        kwargs["hyperv_testdev"] = True
-    return kwargs
-
-
 def machine_config(opts: QemuOptions, console=None, console_input=None):
     from .machine import MachineConfig
 
-    return MachineConfig(console=console, console_input=console_input,
-                         **_machine_config_kwargs(opts))
+    return MachineConfig(kernel=opts.kernel, initrd=opts.initrd, append=opts.append or "",
+                         smp=opts.smp, memory=opts.memory, timeout=None,
+                         kvm_device=kvm_device(), hyperv=opts.hyperv,
+                         cpu_features=opts.cpu_features,
+                         on_crash="continue" if opts.panic_action == "none" else "stop",
+                         debug_exit=opts.debug_exit, hyperv_testdev=opts.hyperv_testdev,
+                         console=console, console_input=console_input)
 
 
 def _check_files(opts: QemuOptions) -> None:

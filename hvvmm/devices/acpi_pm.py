@@ -17,6 +17,8 @@ from __future__ import annotations
 import logging
 from typing import Callable
 
+from hvvmm.logonce import LogOnce
+
 log = logging.getLogger(__name__)
 
 ACPI_PM_BASE = 0x600
@@ -38,7 +40,7 @@ class AcpiPm:
     def __init__(self, on_poweroff: Callable[[], None]):
         self._on_poweroff = on_poweroff
         self._cnt = 0
-        self._logged: set[int] = set()
+        self._log_once = LogOnce(log)
 
     def read(self, offset: int, size: int) -> int:
         mask = (1 << (8 * size)) - 1
@@ -57,11 +59,10 @@ class AcpiPm:
             return
         sleep_type = (value & ACPI_BITMASK_SLEEP_TYPE) >> SLP_TYP_SHIFT
         if sleep_type == SLP_TYP_S5_QEMU:
-            if sleep_type not in self._logged:
-                self._logged.add(sleep_type)
-                log.info("guest requested ACPI soft power-off (PM1a_CNT %#06x)", value)
+            self._log_once(sleep_type, logging.INFO,
+                           "guest requested ACPI soft power-off (PM1a_CNT %#06x)", value)
             self._on_poweroff()
-        elif sleep_type not in self._logged:
-            self._logged.add(sleep_type)
-            log.info("guest requested ACPI sleep type %d (PM1a_CNT %#06x); ignored "
-                     "(logged once per type)", sleep_type, value)
+        else:
+            self._log_once(sleep_type, logging.INFO,
+                           "guest requested ACPI sleep type %d (PM1a_CNT %#06x); ignored",
+                           sleep_type, value)
