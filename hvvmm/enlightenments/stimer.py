@@ -274,7 +274,6 @@ class PendingSignal:
     """An expiry not delivered yet (message mode: slot busy or SynIC not ready)."""
 
     expiration: int
-    in_flight: bool = False  # a thread is delivering it right now
 
 
 @dataclass
@@ -333,17 +332,6 @@ class _Arm:
     timer: SyntheticTimer
     token: int
     deadline_ns: int
-
-
-@dataclass
-class _Delivery:
-    """A signal to send once the lock is released."""
-
-    timer: SyntheticTimer
-    signal: PendingSignal
-    direct: bool
-    vector: int
-    sint: int
 
 
 class VpTimers:
@@ -476,7 +464,7 @@ class SyntheticTimers:
         host_now = self.platform.host_time_ns()
         now = self.map.lower_bound(host_now)
         vp = self.vps[vp_index]
-        arm = delivery = None
+        arm = None
         with vp.lock:
             if timer.token != token or timer.expiration is None or not timer.enabled:
                 return
@@ -488,17 +476,17 @@ class SyntheticTimers:
                 timer.counters.early_wakeups += now is not None
                 arm = self._arm_locked(timer, host_now)
             else:
-                delivery = self._expired_locked(timer, expiration, now, host_now)
-                if delivery is not None and self.observer is not None:
-                    self.observer(vp_index, timer.index, delivery.signal.expiration, now)
+                signal = self._expired_locked(timer, expiration, now, host_now)
+                if signal is not None and self.observer is not None:
+                    self.observer(vp_index, timer.index, signal.expiration, now)
                 # Under the lock, in both modes: once a CONFIG/COUNT write has returned, no
                 # interrupt or message of the old setting can follow it. Neither call blocks on
                 # a vCPU (the SynIC takes its own VP lock, then at most a LAPIC edit of that VP;
                 # lock order stimer -> SynIC -> LAPIC everywhere, nothing takes them reversed).
-                if delivery is not None and delivery.direct:
-                    self._signal_locked(vp_index, delivery)
-                elif delivery is not None:
-                    self._deliver_message_locked(vp_index, delivery, now)
+                if signal is not None and timer.direct:
+                    self._signal_locked(vp_index, timer)
+                elif signal is not None:
+                    self._deliver_message_locked(vp_index, timer, signal, now)
                 if timer.expiration is not None:
                     arm = self._arm_locked(timer, host_now + MIN_REARM_NS)
         if arm is not None:
@@ -507,9 +495,10 @@ class SyntheticTimers:
             self.platform.run_on_vp(vp_index, lambda: self.map.sample(vp_index))
 
     def _expired_locked(self, timer: SyntheticTimer, expiration: int, now: int,
-                        host_now: int) -> _Delivery | None:
+                        host_now: int) -> PendingSignal | None:
         """Account for the expiry at ``expiration`` (reference time is ``now``), schedule the
-        next one and return what to signal."""
+        next one and return what to signal now (None: nothing). Everything from here to the
+        delivery happens under the VP lock."""
         counters = timer.counters
         counters.expired += 1
         if timer.periodic:
@@ -526,20 +515,15 @@ class SyntheticTimers:
         pending = timer.pending
         if pending is not None:
             counters.folded += 1  # the message still waiting stands for this expiry too
-            if pending.in_flight:
-                return None
-            signal = pending
-        else:
-            signal = PendingSignal(expiration)
-            if not timer.direct:
-                timer.pending = signal
-        signal.in_flight = True
-        return _Delivery(timer, signal, timer.direct, timer.vector, timer.sint)
+            return pending
+        signal = PendingSignal(expiration)
+        if not timer.direct:
+            timer.pending = signal
+        return signal
 
-    def _signal_locked(self, vp_index: int, delivery: _Delivery) -> bool:
+    def _signal_locked(self, vp_index: int, timer: SyntheticTimer) -> bool:
         """Raise a direct-mode timer's vector (VP lock held; the platform call never blocks)."""
-        timer = delivery.timer
-        ok = raise_interrupt(self.platform, vp_index, delivery.vector, self._log_once,
+        ok = raise_interrupt(self.platform, vp_index, timer.vector, self._log_once,
                              f"stimer{timer.index}")
         if ok:
             timer.counters.delivered += 1
@@ -547,19 +531,17 @@ class SyntheticTimers:
             timer.counters.refused += 1
             self._log_once(("stimer_direct_refused", vp_index), logging.INFO,
                            "vp%d: stimer%d: the LAPIC refused vector %#x (disabled?); the "
-                           "expiry is lost", vp_index, timer.index, delivery.vector)
+                           "expiry is lost", vp_index, timer.index, timer.vector)
         return ok
 
-    def _deliver_message_locked(self, vp_index: int, delivery: _Delivery,
-                                delivery_time: int) -> bool:
+    def _deliver_message_locked(self, vp_index: int, timer: SyntheticTimer,
+                                signal: PendingSignal, delivery_time: int) -> bool:
         """Place a timer message (VP lock held). Returns whether it was placed; if not, it
         stays pending for the next EOM or expiry."""
-        timer = delivery.timer
-        message = timer_message(timer.index, delivery.signal.expiration,
-                                max(delivery_time, delivery.signal.expiration))
-        ok = self._deliver_message(vp_index, delivery.sint, message)
-        delivery.signal.in_flight = False
-        if timer.pending is delivery.signal:
+        message = timer_message(timer.index, signal.expiration,
+                                max(delivery_time, signal.expiration))
+        ok = self._deliver_message(vp_index, timer.sint, message)
+        if timer.pending is signal:
             if ok:
                 timer.pending = None
             else:
@@ -583,24 +565,22 @@ class SyntheticTimers:
         """The guest wrote EOM on VP ``vp_index``: retry its timers' deferred messages."""
         vp = self.vps[vp_index]
         with vp.lock:
-            if not any(t.pending is not None and not t.pending.in_flight for t in vp.timers):
+            if not any(t.pending is not None for t in vp.timers):
                 return
         now = self.map.sample(vp_index)
         with vp.lock:
             for timer in vp.timers:
                 signal = timer.pending
-                if signal is None or signal.in_flight or timer.direct:
+                if signal is None:  # only message-mode timers keep a pending signal
                     continue
                 if (timer.periodic and timer.lazy and timer.expiration is not None
                         and _shortly_before(now, timer.expiration, timer.count)):
                     timer.pending = None
                     timer.counters.lazy_skipped += 1
                     continue
-                signal.in_flight = True
                 if self.observer is not None:
                     self.observer(vp_index, timer.index, signal.expiration, now)
-                if self._deliver_message_locked(vp_index, _Delivery(timer, signal, False, 0,
-                                                                    timer.sint), now):
+                if self._deliver_message_locked(vp_index, timer, signal, now):
                     timer.counters.retried += 1
 
     # -- lifecycle -----------------------------------------------------------------------------
