@@ -19,6 +19,7 @@ from .hv.platform import CrashReport, OverlayPage
 from .kvm import KvmError, KvmUnavailableError, Vcpu
 from .kvm.system import GPR_INDEX, GPR_NAMES
 from .kvm import constants as kvmc
+from .logonce import LogOnce
 from .timers import Timer, TimerService
 
 if TYPE_CHECKING:
@@ -148,7 +149,7 @@ class KvmHvPlatform:
         self.guest_tsc_at_reference_zero = boot_vcpu.get_msrs([IA32_TSC])[IA32_TSC]
         self.timers = TimerService()
         self._lapic_locks = [threading.Lock() for _ in range(self.vp_count)]
-        self._tpr_logged: set[int] = set()  # VPs whose TPR bits 3:0 a TLB flush cleared
+        self._log_once = LogOnce(log)
 
     def read_guest_tsc(self, vp_index: int) -> int:
         return self._machine.vcpus[vp_index].vcpu.get_msrs([IA32_TSC])[IA32_TSC]
@@ -250,11 +251,11 @@ class KvmHvPlatform:
                 return  # the VM is going away; nobody runs guest code again
             for target in vps:
                 outcome = flush_vcpu_guest_tlb(machine.vcpus[target].vcpu)
-                if outcome == FLUSHED_TPR_SUBCLASS_CLEARED and target not in self._tpr_logged:
-                    self._tpr_logged.add(target)
-                    log.info("vp%d: a TLB flush cleared TPR bits 3:0 (KVM_SET_SREGS; xAPIC "
-                             "mode has no race-free way to put them back, and interrupt "
-                             "priority uses bits 7:4 only; logged once per VP)", target)
+                if outcome == FLUSHED_TPR_SUBCLASS_CLEARED:
+                    self._log_once(("tpr_subclass_cleared", target), logging.INFO,
+                                   "vp%d: a TLB flush cleared TPR bits 3:0 (KVM_SET_SREGS; xAPIC "
+                                   "mode has no race-free way to put them back, and interrupt "
+                                   "priority uses bits 7:4 only)", target)
 
 
 # KVM_SET_SREGS-based TLB flush of one parked vCPU (see KvmHvPlatform.flush_guest_tlbs).

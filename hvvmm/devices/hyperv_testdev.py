@@ -109,7 +109,7 @@ class HypervTestDev:
 
     def _control(self, control: int, vp: int, sint: int, conn_id: int) -> None:
         if control == HvTestDevControl.SINT_ROUTE_CREATE:
-            self.routes.add((vp, check_sint(sint)))  # QEMU refuses a bad route when creating it
+            self.routes.add((vp, check_sint(sint)))  # a bad SINT now, a bad VP when used
         elif control == HvTestDevControl.SINT_ROUTE_DESTROY:
             if (vp, sint) not in self.routes:
                 self._ignore(("no_route", vp, sint), "no SINT route vp %d sint %d to destroy",

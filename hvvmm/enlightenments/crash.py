@@ -114,13 +114,10 @@ class CrashState:
         if length > CRASH_MESSAGE_MAX_BYTES:
             size = CRASH_MESSAGE_MAX_BYTES
             note = f"length {length} exceeds one page; the first {size} bytes were read"
-        memory = self._partition.memory
-        if size and not memory.contains(gpa, size):
-            return None, f"message {gpa:#x}+{size:#x} is not in guest RAM"
         try:
-            data = memory.read(gpa, size) if size else b""
-        except GuestMemoryError as err:  # RAM changed under us; still no exception escapes
-            return None, str(err)
+            data = self._partition.memory.read(gpa, size) if size else b""
+        except GuestMemoryError:
+            return None, f"message {gpa:#x}+{size:#x} is not in guest RAM"
         text = data.decode("utf-8", errors="replace").rstrip("\0")
         return text, note
 

@@ -639,7 +639,6 @@ class SynicState:
     def __init__(self, partition: "Partition"):
         from hvvmm.enlightenments.connections import Connections
 
-        self.platform = partition.platform
         self.vps = [VpSynic(partition.platform, index, partition.log_once)
                     for index in range(partition.vp_count)]
         self.connections = Connections(self, partition.log_once)

@@ -143,9 +143,7 @@ class Partition:
 
     def __init__(self, config: HyperVConfig, platform: "HvPlatform", *,
                  registry: EnlightenmentRegistry = REGISTRY,
-                 on_event: EventCallback | None = None,
-                 hypercall_time_budget: float | None = None,
-                 max_reps_per_entry: int | None = None):
+                 on_event: EventCallback | None = None):
         if not config.enabled:
             raise PartitionError("Hyper-V is off for this VM ('none'); a plain KVM machine has "
                                  "no partition")
@@ -162,8 +160,6 @@ class Partition:
         self.msrs = MsrRegistry()
         self.hypercalls = HypercallTable()
         self.dispatcher = HypercallDispatcher(self.hypercalls, platform.memory,
-                                              time_budget=hypercall_time_budget,
-                                              max_reps_per_entry=max_reps_per_entry,
                                               log_once=self.log_once)
         self.vps = {index: VpState(index) for index in range(vp_count)}
         self.state: dict[str, object] = {}
@@ -172,7 +168,6 @@ class Partition:
         self._created = time.monotonic()
         self._event_callback_failed = False
         self._attaching: str | None = None
-        self._call_owner: dict[int, str] = {}  # hypercall code -> feature that registered it
         self.attached = tuple(registry.dependency_order(config.active(registry)))
         for name in self.attached:
             self._attach(name)
@@ -192,7 +187,9 @@ class Partition:
         finally:
             self._attaching = None
         registered_msrs = {m.index for m in self.msrs if m.owner == name}
-        registered_calls = {s.code for s in self.hypercalls if self._call_owner.get(s.code) == name}
+        # Only the attaching feature can register its declared codes (the registry gives each
+        # code one feature), so the declared codes now in the table are the ones it registered.
+        registered_calls = {code for code in enlightenment.hypercalls if code in self.hypercalls}
         if registered_msrs != set(enlightenment.msrs) or \
                 registered_calls != set(enlightenment.hypercalls):
             raise PartitionError(f"{name} registered MSRs {sorted(map(hex, registered_msrs))} and "
@@ -217,7 +214,6 @@ class Partition:
             for code in enlightenment.hypercalls:
                 self.hypercalls.register(HypercallSpec(code=code, handler=_never_called,
                                                        access_allowed=False))
-                self._call_owner[code] = enlightenment.name
 
     def register_msr(self, index: int, *, read: Callable[[int], int],
                      write: Callable[[int, int], None] | None = None, reserved_mask: int = 0,
@@ -238,7 +234,6 @@ class Partition:
             raise PartitionError(f"{owner} registers {spec.name} ({spec.code:#06x}) without "
                                  "declaring it")
         self.hypercalls.register(spec)
-        self._call_owner[spec.code] = owner
         return spec
 
     def add_test_hypercall(self, spec: HypercallSpec) -> HypercallSpec:
@@ -246,7 +241,6 @@ class Partition:
         call, a vendor call under study). It goes through the same dispatcher, validation,
         counters and trace as every other call. Refuses a code already registered."""
         self.hypercalls.register(spec)  # raises HypercallTableError on a duplicate code
-        self._call_owner[spec.code] = "harness"
         return spec
 
     def _require_attaching(self, what: str) -> str:

@@ -110,8 +110,8 @@ class HvPlatform(Protocol):
 
     def request_reset(self) -> None:
         """The guest asked for a system reset (HV_X64_MSR_RESET). The VMM resets the VM after the
-        current exit; it calls :meth:`Partition.reset` as part of that. Must not block on other
-        vCPUs."""
+        current exit: hvvmm ends the run and ``--on-reset restart`` boots a fresh machine; a VMM
+        that resets in place calls :meth:`Partition.reset`. Must not block on other vCPUs."""
         ...
 
     def report_crash(self, report: "CrashReport") -> None:

@@ -48,7 +48,7 @@ import struct
 from dataclasses import dataclass
 from typing import Iterable
 
-from hvvmm.hv.hvdef import HvStatus
+from hvvmm.hv.hvdef import HV_U64_MASK, HvStatus
 from hvvmm.hv.hypercall import HypercallError
 
 HV_GENERIC_SET_SPARSE_4K = 0
@@ -58,7 +58,6 @@ HV_VP_SET_MAX_BANKS = 64  # ValidBanksMask has 64 bits: at most 4096 VPs
 HV_VP_SET_MAX_VPS = HV_VP_SET_BANK_SIZE * HV_VP_SET_MAX_BANKS
 HV_VP_SET_HEADER_SIZE = 16  # Format + ValidBanksMask
 
-_U64 = (1 << 64) - 1
 
 
 @dataclass(frozen=True)
@@ -98,7 +97,7 @@ def processor_mask_vps(mask: int, vp_count: int) -> frozenset[int]:
     """The VPs of a 64-bit ``ProcessorMask`` (bit *n* = VP *n*; the non-Ex calls). A bit for a VP
     the partition does not have -> HV_STATUS_INVALID_PARAMETER."""
     _check_vp_count(vp_count)
-    mask &= _U64
+    mask &= HV_U64_MASK
     if mask >> min(vp_count, HV_VP_SET_BANK_SIZE):
         raise _out_of_range(mask.bit_length() - 1, vp_count)
     return frozenset(_bits(mask, 0))
