@@ -142,7 +142,7 @@ def _run(cmd: list[str], what: str) -> subprocess.CompletedProcess:
     return proc
 
 
-def _inputs(sources: Sequence[Path]) -> list[Path]:
+def _inputs(sources: Sequence[Path], flags: Sequence[str] = ()) -> list[Path]:
     """Every file whose content goes into the hash."""
     rt = runtime_dir()
     files = [rt / n for n in (*RUNTIME_SOURCES, LINKER_SCRIPT)] + sorted(rt.glob("*.h"))
@@ -150,6 +150,9 @@ def _inputs(sources: Sequence[Path]) -> list[Path]:
         files.append(src)
         # Local headers next to a source (not followed further: keep them there).
         files.extend(sorted(src.parent.glob("*.h")))
+    for flag in flags:  # and the headers of every -I directory
+        if flag.startswith("-I") and len(flag) > 2:
+            files.extend(sorted(Path(flag[2:]).glob("*.h")))
     return files
 
 
@@ -160,7 +163,7 @@ def _digest(sources: Sequence[Path], flags: Sequence[str], tools: Iterable[str])
         h.update(b"flag " + flag.encode() + b"\0")
     for tool in tools:
         h.update(b"tool " + _tool_version(tool).encode() + b"\0")
-    for path in _inputs(sources):
+    for path in _inputs(sources, flags):
         data = path.read_bytes()
         h.update(f"file {path.name} {len(data)}\0".encode())
         h.update(data)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 import subprocess
 import sys
@@ -16,11 +15,6 @@ from hvvmm import guestbuild
 from hvvmm.guestbuild import GuestBuildError, build_guest
 
 GUESTS = Path(__file__).resolve().parent.parent / "guests"
-
-pytestmark = pytest.mark.skipif(
-    not all(shutil.which(t) for t in ("gcc", "ld", "objcopy", "objdump")),
-    reason="gcc/binutils not installed")
-
 
 def write(path: Path, text: str) -> Path:
     path.write_text(text)
@@ -79,6 +73,20 @@ def test_cache_key_follows_content_and_flags(tmp_path):
     assert len({first, with_flag, changed}) == 3
     named = build_guest([src], output_dir=out, name="custom")
     assert named.name.startswith("custom-")
+
+
+def test_cache_key_follows_headers_of_include_directories(tmp_path):
+    # bench/guests/*.c include tests/guests/hyperv.h through -I: an edit there must rebuild.
+    include = tmp_path / "inc"
+    include.mkdir()
+    write(include / "shared.h", "#define VALUE 1\n")
+    (tmp_path / "src").mkdir()
+    src = write(tmp_path / "src" / "g.c",
+                '#include "guest.h"\n#include "shared.h"\nint main(void) { return VALUE; }\n')
+    out = tmp_path / "cache"
+    first = build_guest([src], output_dir=out, extra_cflags=[f"-I{include}"])
+    write(include / "shared.h", "#define VALUE 2\n")
+    assert build_guest([src], output_dir=out, extra_cflags=[f"-I{include}"]) != first
 
 
 def test_multiboot_header_and_elf32(shared):
