@@ -42,3 +42,18 @@ def guest_image():
         return build_guest(sources, output_dir=GUEST_CACHE)
 
     return build
+
+
+@pytest.fixture()
+def bench_module():
+    """``bench_module("hv_roundtrip")`` imports a benchmark from bench/ (gcc and binutils are
+    prerequisites of the suite, as for the test guests: a missing one fails, it does not skip)."""
+    import importlib
+    import sys
+
+    bench = TESTS.parent / "bench"
+    sys.path.insert(0, str(bench))
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(str(bench))

@@ -156,6 +156,7 @@ def test_the_flush_really_flushes(guest_image):
         result = machine.run(timeout=RUN_TIMEOUT * 3)
     console = machine.console_text
     assert result.kind is ExitKind.DEBUG_EXIT, (result, console)
+    assert "FAIL" not in console and result.code == 0, console
     assert "PASS: proof: the host's park-only call is there" in console, console
     assert f"PASS: proof: VP 1 read the first page through TEST_VA ({PROOF_ROUNDS}/" in console
     assert (f"PASS: proof: after the flush VP 1 always read the new page "

@@ -6,29 +6,11 @@ bench/c/hv_loop.c and bench/tsc_page_exits.py working as hvvmm changes.
 
 from __future__ import annotations
 
-import importlib
-import pathlib
 import re
-import shutil
-import sys
 
 import pytest
 
 pytestmark = pytest.mark.guest
-
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
-
-
-@pytest.fixture()
-def bench_module():
-    missing = [tool for tool in ("gcc", "as", "ld") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"the benchmarks need gcc and binutils; missing: {', '.join(missing)}")
-    sys.path.insert(0, str(BENCH))
-    try:
-        yield importlib.import_module
-    finally:
-        sys.path.remove(str(BENCH))
 
 
 def test_hv_roundtrip_prints_both_ratios(bench_module, capsys):

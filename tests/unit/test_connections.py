@@ -390,9 +390,11 @@ def test_duplicate_and_flag_range_errors():
        payload=st.binary(max_size=240),
        control=st.integers(0, (1 << 64) - 1),
        use_random_control=st.booleans(),
+       event=st.tuples(st.sampled_from([EVT_CONN, EVT_CONN + 1, MSG_CONN]), st.integers(0, 2)),
        vp=st.integers(0, 1))
 def test_random_post_message_and_signal_event_never_raise_out(
-        connection, reserved, message_type, size, payload, control, use_random_control, vp):
+        connection, reserved, message_type, size, payload, control, use_random_control, event,
+        vp):
     partition, platform, _ = make()
     data = struct.pack("<IIII", connection, reserved, message_type, size) + payload.ljust(240)
     platform.memory.write(INPUT, data)
@@ -405,6 +407,10 @@ def test_random_post_message_and_signal_event_never_raise_out(
         assert outcome.status in {S.HV_STATUS_SUCCESS, S.HV_STATUS_INVALID_HYPERCALL_INPUT,
                                   S.HV_STATUS_INVALID_CONNECTION_ID, S.HV_STATUS_INVALID_PORT_ID,
                                   S.HV_STATUS_INVALID_PARAMETER}
+    # SignalEvent: the random input value, or a known connection and a small flag number (a
+    # random value almost never names a registered connection).
+    event_connection, flag = event
     io = FakeRegisters()
-    io.set_call(SIGNAL | HV_HYPERCALL_FAST_BIT, control, 0)
+    io.set_call(SIGNAL | HV_HYPERCALL_FAST_BIT,
+                control if use_random_control else event_connection | flag << 32, 0)
     assert partition.hypercall(vp, io).reason != "handler failed"

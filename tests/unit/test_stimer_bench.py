@@ -3,27 +3,15 @@ no expiry is early. Not a performance test (no threshold on lateness)."""
 
 from __future__ import annotations
 
-import pathlib
 import re
-import shutil
-import sys
 
 import pytest
 
 pytestmark = pytest.mark.guest
 
-BENCH = pathlib.Path(__file__).resolve().parents[2] / "bench"
 
-
-def test_stimer_accuracy_runs_every_mode(capsys):
-    missing = [tool for tool in ("gcc", "as", "ld") if shutil.which(tool) is None]
-    if missing:
-        pytest.skip(f"the benchmark needs gcc and binutils; missing: {', '.join(missing)}")
-    sys.path.insert(0, str(BENCH))
-    try:
-        import stimer_accuracy
-    finally:
-        sys.path.remove(str(BENCH))
+def test_stimer_accuracy_runs_every_mode(bench_module, capsys):
+    stimer_accuracy = bench_module("stimer_accuracy")
     assert stimer_accuracy.main(["--seconds", "0.1", "--pings", "20"]) == 0
     out = capsys.readouterr().out
     for mode in ("periodic", "oneshot", "message"):
