@@ -75,7 +75,7 @@ def test_default_guest_reports_what_it_sees():
     assert result.kind is ExitKind.POWEROFF and result.status == 0
 
 
-def test_memory_above_the_32bit_hole_is_reported(guest_image):
+def test_memory_above_the_32bit_hole_is_reported():
     # 3.25 GiB: 3 GiB below the hole, 256 MiB at 4 GiB (the memory map shows both).
     result, console = run_guest(None, memory=(3 << 30) + (256 << 20))
     assert "0x0000000100000000-0x000000010fffffff available" in console

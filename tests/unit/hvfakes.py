@@ -121,13 +121,6 @@ def filled_memory(size: int = 0x10000, gpa: int = 0) -> GuestMemory:
     return memory
 
 
-def pattern_bytes(gpa: int, size: int) -> bytes:
-    """What :func:`filled_memory` holds at ``[gpa, gpa+size)`` (8-aligned base)."""
-    pattern = FILL_PATTERN.to_bytes(8, "little")
-    start = gpa % 8
-    return (pattern * ((start + size) // 8 + 2))[start:start + size]
-
-
 # --------------------------------------------------------------------------------------------
 # FakePlatform: an hvvmm.hv.platform.HvPlatform for the emulator's unit tests
 # --------------------------------------------------------------------------------------------
@@ -513,3 +506,17 @@ def synic_slot(platform: "FakePlatform", vp: int, sint: int):
     from hvvmm.enlightenments.synic import parse_message
 
     return parse_message(platform.guest_read(simp_gpa(vp) + 256 * sint, 256))
+
+
+def linux_partition(spec: str, vp_count: int = 4, **platform_args):
+    """``(partition, platform)`` after what Linux does first: GUEST_OS_ID, then the hypercall
+    page at 0x5000 (the IPI and TLB-flush tests start here)."""
+    from hvvmm.hv import hvdef
+    from hvvmm.hv.features import parse_hyperv_spec
+    from hvvmm.hv.partition import Partition
+
+    platform = FakePlatform(vp_count=vp_count, **platform_args)
+    partition = Partition(parse_hyperv_spec(spec), platform)
+    partition.msr_write(0, hvdef.HV_X64_MSR_GUEST_OS_ID, hvdef.linux_guest_os_id(6, 1, 192))
+    partition.msr_write(0, hvdef.HV_X64_MSR_HYPERCALL, 0x5000 | 1)
+    return partition, platform

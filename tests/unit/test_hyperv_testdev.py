@@ -15,21 +15,21 @@ from hvvmm.devices.hyperv_testdev import (
     decode,
     encode,
 )
-from hvvmm.enlightenments.synic import HV_SYNIC_SINT_AUTO_EOI, parse_message
+from hvvmm.enlightenments.synic import HV_SYNIC_SINT_AUTO_EOI
 from hvvmm.hv import hvdef
 from hvvmm.hv.features import parse_hyperv_spec
 from hvvmm.hv.hvdef import HV_HYPERCALL_FAST_BIT, HvStatus, HypercallCode
 from hvvmm.hv.partition import Partition
 
 try:
-    from hvfakes import FakePlatform, FakeRegisters
+    from hvfakes import FakePlatform, FakeRegisters, enable_synic, siefp_gpa, synic_slot
 except ImportError:  # tests/ imported as a package
-    from tests.unit.hvfakes import FakePlatform, FakeRegisters
+    from tests.unit.hvfakes import (FakePlatform, FakeRegisters, enable_synic, siefp_gpa,
+                                    synic_slot)
 
 M = hvdef
 C = HvTestDevControl
 INPUT = 0x30000
-SIMP, SIEFP = 0x20000, 0x21000  # + 0x2000 * vp
 
 
 def test_decode_and_encode():
@@ -94,9 +94,7 @@ def make():
     connections = partition.state["hv-synic"].connections
     device = HypervTestDev(connections)
     for vp in (0, 1):
-        partition.msr_write(vp, M.HV_X64_MSR_SIMP, (SIMP + 0x2000 * vp) | 1)
-        partition.msr_write(vp, M.HV_X64_MSR_SIEFP, (SIEFP + 0x2000 * vp) | 1)
-        partition.msr_write(vp, M.HV_X64_MSR_SCONTROL, 1)
+        enable_synic(partition, vp, {})
     return partition, platform, device
 
 
@@ -128,7 +126,7 @@ def test_message_connection_echoes_postmessage():
     platform.memory.write(INPUT, struct.pack("<IIII", 0x10, 0, 0x12345678, 8)
                           + struct.pack("<Q", 1 << 16).ljust(240, b"\0"))
     assert hypercall(partition, 1, HypercallCode.HvCallPostMessage, INPUT) == 0
-    mtype, size, flags, _sender, payload = parse_message(platform.guest_read(SIMP + 8 * 256, 256))
+    mtype, size, flags, _sender, payload = synic_slot(platform, 0, 8)
     assert (mtype, size, flags, payload) == (0x12345678, 8, 0, struct.pack("<Q", 1 << 16))
     assert platform.interrupts == [(0, 0xB0)]
     device.write(0, 4, encode(C.MSG_CONN_DESTROY, 0, 0, 0x10))
@@ -142,7 +140,7 @@ def test_event_connection_sets_flag_conn_id():
     device.write(0, 4, encode(C.EVT_CONN_CREATE, 1, 9, 0x21))
     fast = HypercallCode.HvCallSignalEvent | HV_HYPERCALL_FAST_BIT
     assert hypercall(partition, 0, fast, 0x21) == 0
-    assert platform.guest_read(SIEFP + 0x2000 + 9 * 256 + 4, 1) == b"\x02"  # bit 0x21
+    assert platform.guest_read(siefp_gpa(1) + 9 * 256 + 4, 1) == b"\x02"  # bit 0x21
     assert hypercall(partition, 0, fast, 0x21) == 0  # already set: no second interrupt
     assert platform.interrupts == [(1, 0xB1)]
     assert hypercall(partition, 0, fast, 0x21 | 1 << 32) == HvStatus.HV_STATUS_INVALID_PARAMETER

@@ -20,9 +20,9 @@ from hvvmm.hv.partition import Partition
 from hvvmm.hv.vpset import HV_GENERIC_SET_ALL, encode_vp_set
 
 try:
-    from hvfakes import FakePlatform, FakeRegisters
+    from hvfakes import FakePlatform, FakeRegisters, linux_partition
 except ImportError:  # tests/ imported as a package
-    from tests.unit.hvfakes import FakePlatform, FakeRegisters
+    from tests.unit.hvfakes import FakePlatform, FakeRegisters, linux_partition
 
 S = HvStatus
 FAST = hvdef.HV_HYPERCALL_FAST_BIT
@@ -33,11 +33,7 @@ VECTOR = 0xF7  # Linux's platform IPI vector (used as the qspinlock kick)
 
 
 def make(spec: str = "minimal,hv-ipi", vp_count: int = 4, **platform_args):
-    platform = FakePlatform(vp_count=vp_count, **platform_args)
-    partition = Partition(parse_hyperv_spec(spec), platform)
-    partition.msr_write(0, hvdef.HV_X64_MSR_GUEST_OS_ID, hvdef.linux_guest_os_id(6, 1, 192))
-    partition.msr_write(0, hvdef.HV_X64_MSR_HYPERCALL, 0x5000 | 1)
-    return partition, platform
+    return linux_partition(spec, vp_count, **platform_args)
 
 
 def var(n: int) -> int:

@@ -28,9 +28,9 @@ from hvvmm.hv.partition import Partition
 from hvvmm.hv.vpset import HV_GENERIC_SET_ALL, encode_vp_set
 
 try:
-    from hvfakes import FakePlatform, FakeRegisters
+    from hvfakes import FakePlatform, FakeRegisters, linux_partition
 except ImportError:  # tests/ imported as a package
-    from tests.unit.hvfakes import FakePlatform, FakeRegisters
+    from tests.unit.hvfakes import FakePlatform, FakeRegisters, linux_partition
 
 S = HvStatus
 FAST = hvdef.HV_HYPERCALL_FAST_BIT
@@ -40,11 +40,7 @@ LINUX_KERNEL = HV_FLUSH_ALL_VIRTUAL_ADDRESS_SPACES  # Linux: flags for a kernel-
 
 
 def make(spec: str = "minimal,hv-tlbflush", vp_count: int = 4, **platform_args):
-    platform = FakePlatform(vp_count=vp_count, **platform_args)
-    partition = Partition(parse_hyperv_spec(spec), platform)
-    partition.msr_write(0, hvdef.HV_X64_MSR_GUEST_OS_ID, hvdef.linux_guest_os_id(6, 1, 192))
-    partition.msr_write(0, hvdef.HV_X64_MSR_HYPERCALL, 0x5000 | 1)
-    return partition, platform
+    return linux_partition(spec, vp_count, **platform_args)
 
 
 def control(code, *, var=0, reps=0, start=0, fast=False):
