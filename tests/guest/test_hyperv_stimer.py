@@ -6,8 +6,9 @@ hv-stimer requires hv-synic (QEMU's dependency, ref. §15), so these run only on
 implemented and hv-stimer is in the default registry."""
 
 import pytest
+from procutil import assert_guest_passed
 
-from hvvmm import ExitKind, Machine, MachineConfig
+from hvvmm import Machine, MachineConfig
 
 pytestmark = pytest.mark.guest
 
@@ -52,8 +53,7 @@ def run(guest_image, spec: str, smp: int = 2, append: str = ""):
         result = machine.run(timeout=RUN_TIMEOUT)
         counters = machine.hyperv.partition.state["hv-stimer"].counters()
     console = machine.console_text
-    assert "FAIL" not in console, console
-    assert result.kind is ExitKind.DEBUG_EXIT and result.code == 0, (result, console)
+    assert_guest_passed(result, console)
     return console, counters
 
 
