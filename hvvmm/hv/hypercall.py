@@ -649,7 +649,7 @@ class HypercallDispatcher:
             self._log_once(("hypercall_unknown", call.code if named else None), logging.WARNING,
                            "vp%d: hypercall %s not implemented or not available%s",
                            call.vp_index, hypercall_name(call.code),
-                           "" if named else " (the first of the codes without a TLFS name)")
+                           "" if named else " (codes without a TLFS name: one warning for all)")
             raise _Reject(HvStatus.HV_STATUS_INVALID_HYPERCALL_CODE,
                           "unknown code" if spec is None else "not available")
         call._spec = spec

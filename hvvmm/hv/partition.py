@@ -410,7 +410,7 @@ class Partition:
         named = fault.index in SYNTHETIC_MSR_NAMES
         self.log_once(("msr_fault", fault.index if named else None, op), logging.WARNING,
                       "vp%d: %s%s", vp.index, fault,
-                      "" if named else " (the first of the MSRs without a name)")
+                      "" if named else " (MSRs without a TLFS name: one warning for all)")
         if self.on_event is not None:
             inputs = {"value": f"{fault.value:#x}"} if fault.value is not None else {}
             self._emit(vp.index, f"msr_{op}", fault.index, msr_name(fault.index), inputs,
