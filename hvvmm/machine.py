@@ -27,33 +27,28 @@ from . import multiboot
 from .cpuid import CpuidError, build_cpuid, parse_cpu_features_mask, physical_address_bits
 from .hv.features import HyperVConfigError, parse_hyperv_spec
 from .bus import Bus, BusDevice, mmio_bus, pio_bus
-from .devices.acpi_pm import ACPI_PM1A_CNT_LENGTH, ACPI_PM1A_CNT_PORT, AcpiPm
-from .devices.cmos import CMOS_BASE, CMOS_PORT_COUNT, Cmos
-from .devices.debug_exit import DEBUG_EXIT_BASE, DEBUG_EXIT_PORT_COUNT, DebugExit, exit_status
-from .devices.fw_cfg import FW_CFG_IO_BASE, FW_CFG_PORT_COUNT, FwCfg
-from .devices.i8042 import I8042, I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_PORT_COUNT
-from .devices.port80 import POST_CODE_PORT, POST_CODE_PORT_COUNT, PostCodePort
-from .devices.serial import COM1_IRQ, SERIAL_COM1_BASE, SERIAL_PORT_COUNT, Serial
+from .devices.acpi_pm import AcpiPm
+from .devices.cmos import Cmos
+from .devices.debug_exit import DebugExit, exit_status
+from .devices.fw_cfg import FwCfg
+from .devices.i8042 import I8042
+from .devices.port80 import PostCodePort
+from .devices.serial import Serial
 from .kvm import Kvm, KvmUnavailableError, PinnedBuffer, Vm, install_kick_handler
 from .kvm import constants as kvmc
+from .layout import PC, KiB, MemoryMapEntry, MiB
 from .memory import GuestMemory
 from .memslots import MemslotManager
 from .vcpu import ExitObserver, StopRequest, VcpuThread, current_vcpu_index
 
 log = logging.getLogger(__name__)
 
-KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
-
-# Guest-physical layout (a PC's): RAM from 0 up to the 32-bit hole, the rest above 4 GiB. The hole
-# holds the IOAPIC (0xFEC00000), the LAPIC (0xFEE00000) and the pages KVM needs on Intel hosts.
-LOW_RAM_LIMIT = 3 * GiB
-HIGH_RAM_BASE = 4 * GiB
-KVM_IDENTITY_MAP_ADDRESS = 0xFFFB_C000  # one page, below the TSS (QEMU's choice)
-KVM_TSS_ADDRESS = 0xFFFB_D000  # three pages
-EBDA_START = 0x9_FC00
-BIOS_AREA = (0xF_0000, 0x10_0000)
-MIN_MEMORY = 4 * MiB
-MAX_VCPUS_XAPIC = 255  # APIC ID 0xFF is the xAPIC broadcast ID
+# The PC layout (addresses, ports, IRQs, limits) is data in hvvmm.layout; these names stay for
+# library users that imported them from here.
+LOW_RAM_LIMIT = PC.low_ram_limit
+HIGH_RAM_BASE = PC.high_ram_base
+MIN_MEMORY = PC.min_memory
+MAX_VCPUS_XAPIC = PC.max_vcpus
 
 DEFAULT_MEMORY = 256 * MiB
 
@@ -140,7 +135,8 @@ class MachineConfig:
     cpu_features: str | None = None  # host CPUID features to hide, e.g. "-cx16,-xsave"
     on_crash: str = "stop"           # "stop": a guest crash report ends the run; "continue"
     # isa-debug-exit (iobase, iosize); None: none
-    debug_exit: tuple[int, int] | None = (DEBUG_EXIT_BASE, DEBUG_EXIT_PORT_COUNT)
+    debug_exit: tuple[int, int] | None = (PC.device("isa-debug-exit").port,
+                                           PC.device("isa-debug-exit").ports)
     hyperv_testdev: bool = False     # QEMU's hyperv-testdev at port 0x3000 (needs hv-synic)
 
     def validated(self, max_vcpus: int | None = None) -> "MachineConfig":
@@ -163,26 +159,12 @@ class MachineConfig:
 
 def memory_layout(size: int) -> list[tuple[int, int]]:
     """The RAM regions ``(gpa, size)`` for ``size`` bytes of guest memory."""
-    low = min(size, LOW_RAM_LIMIT)
-    layout = [(0, low)]
-    if size > low:
-        layout.append((HIGH_RAM_BASE, size - low))
-    return layout
+    return PC.memory_layout(size)
 
 
-def memory_map(size: int) -> list[multiboot.MemoryMapEntry]:
-    """The firmware memory map a PC reports for ``size`` bytes of RAM (E820 types): the RAM of
-    :func:`memory_layout`, less the EBDA and BIOS areas below 1 MiB."""
-    available, reserved = 1, 2
-    (_, low), *high = memory_layout(size)
-    entries = [
-        multiboot.MemoryMapEntry(0, EBDA_START, available),
-        multiboot.MemoryMapEntry(EBDA_START, 0xA_0000 - EBDA_START, reserved),
-        multiboot.MemoryMapEntry(BIOS_AREA[0], BIOS_AREA[1] - BIOS_AREA[0], reserved),
-        multiboot.MemoryMapEntry(1 * MiB, low - 1 * MiB, available),
-    ]
-    entries += [multiboot.MemoryMapEntry(gpa, length, available) for gpa, length in high]
-    return entries
+def memory_map(size: int) -> list[MemoryMapEntry]:
+    """The e820 memory map a PC reports for ``size`` bytes of RAM."""
+    return PC.memory_map(size)
 
 
 class ConsoleBuffer:
@@ -338,8 +320,8 @@ class Machine:
                                           "needs")
 
         res.vm = vm = kvm.create_vm()
-        vm.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS)
-        vm.set_tss_address(KVM_TSS_ADDRESS)
+        vm.set_identity_map_address(PC.kvm_identity_map)
+        vm.set_tss_address(PC.kvm_tss)
         vm.create_irqchip()
         vm.create_pit2()
 
@@ -412,25 +394,28 @@ class Machine:
         return multiboot.MultibootModule(data, spec)
 
     def _add_platform_devices(self, vm: Vm, config: MachineConfig) -> None:
-        pio = self.pio_bus
-        self.serial = Serial(_KvmIrqLine(vm, COM1_IRQ), self.console)
-        pio.register(SERIAL_COM1_BASE, SERIAL_PORT_COUNT, self.serial, "serial0")
+        """The legacy devices, each at the ports and IRQ the PC layout table gives it."""
+        def place(name: str, device: BusDevice) -> None:
+            slot = PC.device(name)
+            self.pio_bus.register(slot.port, slot.ports, device, name)
+
+        self.serial = Serial(_KvmIrqLine(vm, PC.device("serial0").irq), self.console)
+        place("serial0", self.serial)
         self.debug_exit = DebugExit(self._on_debug_exit)
         if config.debug_exit is not None:
             base, size = config.debug_exit
-            pio.register(base, size, self.debug_exit, "isa-debug-exit")
+            self.pio_bus.register(base, size, self.debug_exit, "isa-debug-exit")
         self.fw_cfg = FwCfg(config.memory, config.smp)
-        pio.register(FW_CFG_IO_BASE, FW_CFG_PORT_COUNT, self.fw_cfg, "fw_cfg")
-        self.cmos = Cmos(config.memory, low_ram_limit=LOW_RAM_LIMIT)
-        pio.register(CMOS_BASE, CMOS_PORT_COUNT, self.cmos, "cmos")
+        place("fw_cfg", self.fw_cfg)
+        self.cmos = Cmos(config.memory, low_ram_limit=PC.low_ram_limit)
+        place("cmos", self.cmos)
         self.i8042 = I8042(self._on_reset)
-        pio.register(I8042_DATA_PORT, I8042_PORT_COUNT, self.i8042.data_port, "i8042-data")
-        pio.register(I8042_COMMAND_PORT, I8042_PORT_COUNT, self.i8042.command_port,
-                     "i8042-command")
+        place("i8042-data", self.i8042.data_port)
+        place("i8042-command", self.i8042.command_port)
         self.post_code = PostCodePort()
-        pio.register(POST_CODE_PORT, POST_CODE_PORT_COUNT, self.post_code, "post-code")
+        place("post-code", self.post_code)
         self.acpi_pm = AcpiPm(self._on_poweroff)
-        pio.register(ACPI_PM1A_CNT_PORT, ACPI_PM1A_CNT_LENGTH, self.acpi_pm, "acpi-pm1a-cnt")
+        place("acpi-pm1a-cnt", self.acpi_pm)
 
     @staticmethod
     def _set_multiboot_entry_state(vcpu, boot: multiboot.BootState) -> None:

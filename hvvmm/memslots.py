@@ -20,13 +20,14 @@ from typing import Callable, ContextManager, Iterable
 
 from .hv.platform import OverlayError
 from .kvm import PinnedBuffer, atomic_fetch_or_u8
+from .layout import PC
 from .memory import PAGE_SIZE, GuestMemory
 
 log = logging.getLogger(__name__)
 
 # Guest-physical ranges no overlay may cover: the IOAPIC, the LAPIC and the pages KVM itself
 # uses (TSS, identity map) all sit in the top 20 MiB of the 32-bit space.
-RESERVED_RANGES = ((0xFEC0_0000, 0x1_0000_0000),)
+RESERVED_RANGES = (PC.reserved_hole,)
 
 
 @dataclass(frozen=True)

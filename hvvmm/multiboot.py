@@ -25,6 +25,7 @@ import struct
 from dataclasses import dataclass
 from typing import Sequence
 
+from hvvmm.layout import MemoryMapEntry
 from hvvmm.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
 
 __all__ = [
@@ -95,19 +96,6 @@ _PHDR64 = struct.Struct("<IIQQQQQQ")  # type, flags, offset, vaddr, paddr, files
 
 class KernelImageError(ValueError):
     """The kernel image (or what it asks of the loader) cannot be booted; the message says why."""
-
-
-@dataclass(frozen=True)
-class MemoryMapEntry:
-    """One entry of the memory map given to the guest. ``type`` 1 = available RAM, 2 = reserved."""
-
-    base: int
-    length: int
-    type: int
-
-    @property
-    def end(self) -> int:
-        return self.base + self.length
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 
 from . import __version__
 from .host import kvm_device, open_console
+from .layout import PC
 
 PROG = "qemu-system-x86_64"
 # The QEMU release whose option syntax this front end follows (-action, hv-* names, -smp keys).
@@ -49,8 +50,8 @@ QEMU_VERSION = "8.2.0"
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 QEMU_DEFAULT_MEMORY = 128 * MiB   # QEMU's default -m
-MIN_MEMORY = 4 * MiB              # hvvmm's minimum (hvvmm.machine.MIN_MEMORY)
-MAX_VCPUS = 255                   # hvvmm.machine.MAX_VCPUS_XAPIC
+MIN_MEMORY = PC.min_memory
+MAX_VCPUS = PC.max_vcpus
 ISA_DEBUG_EXIT_DEFAULT = (0x501, 0x2)  # QEMU's isa-debug-exit iobase/iosize defaults
 
 # CPU models: "host" is what hvvmm does; these are accepted as "host", with a warning.

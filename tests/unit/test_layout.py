@@ -1,0 +1,49 @@
+"""The PC layout table: the devices' own constants agree with it, and the e820 map it derives."""
+
+from hvvmm.devices.acpi_pm import ACPI_PM1A_CNT_LENGTH, ACPI_PM1A_CNT_PORT
+from hvvmm.devices.cmos import CMOS_BASE, CMOS_PORT_COUNT
+from hvvmm.devices.debug_exit import DEBUG_EXIT_BASE, DEBUG_EXIT_PORT_COUNT
+from hvvmm.devices.fw_cfg import FW_CFG_IO_BASE, FW_CFG_PORT_COUNT
+from hvvmm.devices.i8042 import I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_PORT_COUNT
+from hvvmm.devices.port80 import POST_CODE_PORT, POST_CODE_PORT_COUNT
+from hvvmm.devices.serial import COM1_IRQ, SERIAL_COM1_BASE, SERIAL_PORT_COUNT
+from hvvmm.layout import E820_ACPI, E820_RAM, E820_RESERVED, GiB, MiB, PC, MemoryMapEntry
+
+
+def test_device_modules_agree_with_the_layout_table():
+    expected = {
+        "serial0": (SERIAL_COM1_BASE, SERIAL_PORT_COUNT, COM1_IRQ),
+        "isa-debug-exit": (DEBUG_EXIT_BASE, DEBUG_EXIT_PORT_COUNT, None),
+        "fw_cfg": (FW_CFG_IO_BASE, FW_CFG_PORT_COUNT, None),
+        "cmos": (CMOS_BASE, CMOS_PORT_COUNT, 8),
+        "i8042-data": (I8042_DATA_PORT, I8042_PORT_COUNT, 1),
+        "i8042-command": (I8042_COMMAND_PORT, I8042_PORT_COUNT, None),
+        "post-code": (POST_CODE_PORT, POST_CODE_PORT_COUNT, None),
+        "acpi-pm1a-cnt": (ACPI_PM1A_CNT_PORT, ACPI_PM1A_CNT_LENGTH, None),
+    }
+    assert {d.name: (d.port, d.ports, d.irq) for d in PC.isa_devices} == expected
+    assert ACPI_PM1A_CNT_PORT == PC.acpi_pm_base + 4
+
+
+def test_isa_devices_do_not_overlap():
+    spans = sorted((d.port, d.port + d.ports) for d in PC.isa_devices)
+    assert all(end <= nxt for (_, end), (nxt, _) in zip(spans, spans[1:]))
+
+
+def test_memory_map_small_guest():
+    assert PC.memory_map(256 * MiB) == [
+        MemoryMapEntry(0, 0x9FC00, E820_RAM),
+        MemoryMapEntry(0x9FC00, 0xA0000 - 0x9FC00, E820_RESERVED),
+        MemoryMapEntry(0xE0000, 0x10000, E820_ACPI),
+        MemoryMapEntry(0xF0000, 0x10000, E820_RESERVED),
+        MemoryMapEntry(MiB, 255 * MiB, E820_RAM),
+    ]
+
+
+def test_memory_map_splits_ram_around_the_32bit_hole():
+    entries = PC.memory_map(5 * GiB)
+    ram = [(e.base, e.length) for e in entries if e.type == E820_RAM]
+    assert ram[-2:] == [(MiB, 3 * GiB - MiB), (4 * GiB, 2 * GiB)]
+    assert PC.memory_layout(5 * GiB) == [(0, 3 * GiB), (4 * GiB, 2 * GiB)]
+    for entry in entries:  # nothing the guest may use lies in the interrupt controllers' hole
+        assert entry.end <= PC.reserved_hole[0] or entry.base >= PC.reserved_hole[1]
