@@ -1,0 +1,239 @@
+"""Block backends: what a disk device (virtio-blk, ...) reads and writes.
+
+A backend is a disk of ``size`` bytes in 512-byte sectors. Devices call it from their I/O worker
+thread, never from a vCPU thread, so a slow disk cannot stall a vCPU; every method of a backend is
+safe to call from one worker thread while another thread only reads ``size``/``read_only``.
+
+Formats register themselves in :data:`FORMATS`; :func:`open_image` picks one from the file's bytes
+(``probe``) unless the caller names it. Raw files are the first format; others (VHD) plug in the
+same way.
+
+Images are locked as QEMU locks them (QEMU ``block/file-posix.c``, ``raw_apply_lock_bytes``): open
+file description locks on byte 100 + permission ("I use it") and 200 + permission ("I do not let
+others use it"), so two processes, hvvmm or QEMU, cannot both open one image writable, and nobody
+writes an image that someone reads.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import struct
+import threading
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+SECTOR_SIZE = 512
+
+__all__ = ["SECTOR_SIZE", "BlockBackend", "BlockError", "ImageFormatError", "ImageLockedError",
+           "RawBackend", "ImageFormat", "FORMATS", "open_image", "lock_image"]
+
+
+class BlockError(OSError):
+    """An I/O request that cannot be served: out of range, read-only, a failed host I/O."""
+
+
+class ImageFormatError(ValueError):
+    """The file is not a valid image of its format; the message says what is wrong."""
+
+
+class ImageLockedError(BlockError):
+    """Another process (hvvmm or QEMU) holds the image in a way this open conflicts with."""
+
+
+class BlockBackend(Protocol):
+    """A disk. Offsets and lengths are in sectors of :data:`SECTOR_SIZE` bytes."""
+
+    size: int          # bytes, a multiple of SECTOR_SIZE
+    read_only: bool
+
+    def read(self, sector: int, count: int) -> bytes: ...
+
+    def write(self, sector: int, data: bytes) -> None: ...
+
+    def flush(self) -> None:
+        """Everything written so far reaches stable storage before this returns."""
+
+    def discard(self, sector: int, count: int) -> None:
+        """The range's contents may be dropped; reads then return zeros or the old data."""
+
+    def close(self) -> None: ...
+
+
+# -- locking -----------------------------------------------------------------------------------
+
+# QEMU's permission bits (include/block/block-common.h, BLK_PERM_*) and lock byte bases.
+_PERM_CONSISTENT_READ = 0
+_PERM_WRITE = 1
+_LOCK_USE_BASE = 100
+_LOCK_DENY_BASE = 200
+_FLOCK = struct.Struct("@hhqqi4x")  # struct flock: l_type, l_whence, l_start, l_len, l_pid
+
+
+def _ofd_lock(fd: int, command: int, lock_type: int, byte: int) -> int:
+    packed = _FLOCK.pack(lock_type, os.SEEK_SET, byte, 1, 0)
+    result = fcntl.fcntl(fd, command, packed)
+    return _FLOCK.unpack(result)[0]
+
+
+def lock_image(fd: int, path: str, writable: bool) -> None:
+    """Take QEMU-compatible locks on the open image ``fd``; raise :class:`ImageLockedError` if
+    another open (any process, or this one through another open) conflicts."""
+    used = [_PERM_CONSISTENT_READ] + ([_PERM_WRITE] if writable else [])
+    denied = [_PERM_WRITE]  # nobody else may write what we read or write
+    try:
+        for perm in used:
+            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _LOCK_USE_BASE + perm)
+        for perm in denied:
+            _ofd_lock(fd, fcntl.F_OFD_SETLK, fcntl.F_RDLCK, _LOCK_DENY_BASE + perm)
+        # Conflicts: someone denies what we use, or uses what we deny. A read lock there from
+        # another open file description makes a write-lock test fail.
+        conflicts = [_LOCK_DENY_BASE + perm for perm in used]
+        conflicts += [_LOCK_USE_BASE + perm for perm in denied]
+        for byte in conflicts:
+            if _ofd_lock(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte) != fcntl.F_UNLCK:
+                what = "write" if byte % 100 == _PERM_WRITE else "read"
+                raise ImageLockedError(errno.EAGAIN, f"{path} is in use: another process holds "
+                                       f"a conflicting \"{what}\" lock (is it open in another "
+                                       "hvvmm or QEMU?)")
+    except OSError as exc:
+        if isinstance(exc, ImageLockedError):
+            raise
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            raise ImageLockedError(exc.errno, f"{path} is in use by another process") from None
+        raise BlockError(exc.errno, f"cannot lock {path}: {exc.strerror}") from None
+
+
+# -- raw files ---------------------------------------------------------------------------------
+
+class RawBackend:
+    """A raw image file: sector N is at byte N * 512. ``cache="none"`` makes every write reach
+    stable storage before it completes (O_DSYNC); ``"writeback"`` leaves that to :meth:`flush`."""
+
+    def __init__(self, path: str | os.PathLike, read_only: bool = False, cache: str = "writeback",
+                 lock: bool = True):
+        self.path = os.fspath(path)
+        self.read_only = read_only
+        if cache not in ("writeback", "none"):
+            raise ValueError(f"cache must be 'writeback' or 'none' (got {cache!r})")
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        if cache == "none" and not read_only:
+            flags |= os.O_DSYNC
+        try:
+            self._fd = os.open(self.path, flags)
+        except OSError as exc:
+            raise BlockError(exc.errno, f"cannot open {self.path}: {exc.strerror}") from None
+        try:
+            if lock:
+                lock_image(self._fd, self.path, writable=not read_only)
+            length = os.fstat(self._fd).st_size
+            if length % SECTOR_SIZE:
+                raise ImageFormatError(f"{self.path}: raw image size {length} is not a multiple "
+                                       f"of {SECTOR_SIZE} bytes")
+            self.size = length
+        except BaseException:
+            os.close(self._fd)
+            raise
+        self._lock = threading.Lock()
+
+    def _check(self, sector: int, count: int) -> int:
+        if sector < 0 or count < 0 or (sector + count) * SECTOR_SIZE > self.size:
+            raise BlockError(errno.EINVAL, f"sectors {sector}+{count} are outside the disk "
+                                           f"({self.size // SECTOR_SIZE} sectors)")
+        return sector * SECTOR_SIZE
+
+    def read(self, sector: int, count: int) -> bytes:
+        offset = self._check(sector, count)
+        data = os.pread(self._fd, count * SECTOR_SIZE, offset)
+        if len(data) != count * SECTOR_SIZE:  # the file shrank under us
+            data += bytes(count * SECTOR_SIZE - len(data))
+        return data
+
+    def write(self, sector: int, data: bytes) -> None:
+        if self.read_only:
+            raise BlockError(errno.EROFS, f"{self.path} is read-only")
+        if len(data) % SECTOR_SIZE:
+            raise BlockError(errno.EINVAL, "a write must be whole sectors")
+        offset = self._check(sector, len(data) // SECTOR_SIZE)
+        view = memoryview(data)
+        while view:
+            done = os.pwrite(self._fd, view, offset)
+            view, offset = view[done:], offset + done
+
+    def flush(self) -> None:
+        if not self.read_only:
+            os.fdatasync(self._fd)
+
+    def discard(self, sector: int, count: int) -> None:
+        if self.read_only:
+            raise BlockError(errno.EROFS, f"{self.path} is read-only")
+        offset = self._check(sector, count)
+        try:  # punch a hole; reads of it then return zeros
+            _fallocate_punch_hole(self._fd, offset, count * SECTOR_SIZE)
+        except OSError:
+            pass  # discard is advisory
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)  # also drops the OFD locks
+            self._fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _fallocate_punch_hole(fd: int, offset: int, length: int) -> None:
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    falloc_fl_keep_size, falloc_fl_punch_hole = 0x01, 0x02
+    if libc.fallocate(fd, falloc_fl_keep_size | falloc_fl_punch_hole, ctypes.c_long(offset),
+                      ctypes.c_long(length)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+# -- formats -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ImageFormat:
+    """An image format: ``probe(head, tail, size)`` says whether the file is one (``head`` is its
+    first 64 KiB, ``tail`` its last 512 bytes); ``open(path, read_only, cache)`` opens it."""
+
+    name: str
+    probe: Callable[[bytes, bytes, int], bool]
+    open: Callable[..., BlockBackend]
+
+
+FORMATS: dict[str, ImageFormat] = {
+    "raw": ImageFormat("raw", lambda head, tail, size: True,
+                       lambda path, read_only=False, cache="writeback":
+                       RawBackend(path, read_only, cache)),
+}
+
+
+def open_image(path: str | os.PathLike, format: str | None = None, read_only: bool = False,
+               cache: str = "writeback") -> BlockBackend:
+    """Open a disk image, its format named or probed (any format but raw that claims the file
+    wins; raw takes the rest)."""
+    path = os.fspath(path)
+    if format is None:
+        try:
+            with open(path, "rb") as stream:
+                head = stream.read(64 * 1024)
+                size = os.fstat(stream.fileno()).st_size
+                stream.seek(max(size - SECTOR_SIZE, 0))
+                tail = stream.read(SECTOR_SIZE)
+        except OSError as exc:
+            raise BlockError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
+        format = next((name for name, fmt in FORMATS.items()
+                       if name != "raw" and fmt.probe(head, tail, size)), "raw")
+    if format not in FORMATS:
+        raise ImageFormatError(f"unknown image format {format!r} (known: "
+                               f"{', '.join(sorted(FORMATS))})")
+    return FORMATS[format].open(path, read_only=read_only, cache=cache)

@@ -1,0 +1,93 @@
+"""The block layer: raw backend I/O bounds, read-only drives, QEMU-style image locks, probing."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hvvmm.block import (FORMATS, SECTOR_SIZE, BlockError, ImageFormatError, ImageLockedError,
+                         RawBackend, open_image)
+
+
+@pytest.fixture
+def image(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(range(256)) * 16)  # 8 sectors
+    return path
+
+
+def test_raw_read_write_round_trip(image):
+    with RawBackend(image) as disk:
+        assert disk.size == 8 * SECTOR_SIZE
+        assert disk.read(1, 1) == (bytes(range(256)) * 2)
+        disk.write(2, b"\xAA" * SECTOR_SIZE * 2)
+        disk.flush()
+        assert disk.read(2, 2) == b"\xAA" * 1024
+    data = image.read_bytes()
+    assert data[1024:2048] == b"\xAA" * 1024 and data[2048:] == (bytes(range(256)) * 16)[2048:]
+
+
+@pytest.mark.parametrize("sector, count", [(-1, 1), (8, 1), (7, 2), (0, 9), (0, -1)])
+def test_raw_refuses_requests_outside_the_disk(image, sector, count):
+    with RawBackend(image) as disk:
+        with pytest.raises(BlockError):
+            disk.read(sector, count)
+        if count > 0:
+            with pytest.raises(BlockError):
+                disk.write(sector, bytes(SECTOR_SIZE * count))
+    assert image.read_bytes() == bytes(range(256)) * 16
+
+
+def test_read_only_drive_refuses_writes_and_discards(image):
+    with RawBackend(image, read_only=True) as disk:
+        with pytest.raises(BlockError, match="read-only"):
+            disk.write(0, bytes(SECTOR_SIZE))
+        with pytest.raises(BlockError, match="read-only"):
+            disk.discard(0, 1)
+
+
+def test_raw_size_must_be_whole_sectors(tmp_path):
+    path = tmp_path / "odd.img"
+    path.write_bytes(b"x" * 1000)
+    with pytest.raises(ImageFormatError, match="multiple of 512"):
+        RawBackend(path)
+
+
+def test_discard_reads_back_zeros_or_old_data(image):
+    with RawBackend(image) as disk:
+        before = disk.read(0, 8)
+        disk.discard(0, 8)
+        after = disk.read(0, 8)
+        assert after in (before, bytes(8 * SECTOR_SIZE))
+
+
+def test_two_writers_conflict_and_readers_share(image):
+    with RawBackend(image):
+        with pytest.raises(ImageLockedError, match="in use"):
+            RawBackend(image)
+        with pytest.raises(ImageLockedError):
+            RawBackend(image, read_only=True)  # a reader must not see a disk change under it
+    with RawBackend(image, read_only=True), RawBackend(image, read_only=True):
+        with pytest.raises(ImageLockedError):
+            RawBackend(image)
+    with RawBackend(image):  # every lock went with the closes
+        pass
+
+
+def test_lock_is_seen_by_another_process(image):
+    with RawBackend(image):
+        code = ("import sys\nfrom hvvmm.block import RawBackend, ImageLockedError\n"
+                "try:\n    RawBackend(sys.argv[1])\nexcept ImageLockedError:\n    sys.exit(7)\n")
+        result = subprocess.run([sys.executable, "-c", code, str(image)], timeout=60)
+        assert result.returncode == 7
+
+
+def test_open_image_probes_and_names_formats(image):
+    with open_image(image) as disk:
+        assert isinstance(disk, RawBackend)
+    with pytest.raises(ImageFormatError, match="unknown image format 'qcow9'"):
+        open_image(image, format="qcow9")
+    with pytest.raises(BlockError, match="cannot open"):
+        open_image(os.fspath(image) + ".missing")
+    assert "raw" in FORMATS
