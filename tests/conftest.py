@@ -7,7 +7,7 @@ import pathlib
 import pytest
 from hypothesis import HealthCheck, settings
 
-from hvvmm.host import host_virtualization, kvm_access_problem
+from hvvmm.host import kvm_access_problem
 
 # No per-example deadline and no too-slow health check: on a shared, loaded CI machine one
 # example can stall past hypothesis's default 200 ms although nothing is wrong. Speed is
@@ -22,14 +22,10 @@ GUEST_CACHE = TESTS / ".guest-cache"
 
 def pytest_collection_modifyitems(config, items):
     kvm_problem = kvm_access_problem()
-    virt = host_virtualization()
     for item in items:
-        if kvm_problem and ("guest" in item.keywords or "realguest" in item.keywords):
+        needs_kvm = item.get_closest_marker("guest") or item.get_closest_marker("realguest")
+        if kvm_problem and needs_kvm:
             item.add_marker(pytest.mark.skip(reason=f"needs a usable /dev/kvm: {kvm_problem}"))
-        elif "realguest" in item.keywords and not virt.can_boot_stock_kernels:
-            item.add_marker(pytest.mark.skip(
-                reason=f"needs hardware virtualization to boot a stock kernel; this host has "
-                       f"{virt.describe()}"))
 
 
 @pytest.fixture(scope="session")
