@@ -72,7 +72,8 @@ class PcLayout:
     ioapic_pins: int = 24
     pit_gsi: int = 2
     sci_irq: int = 9
-    # The ACPI PM register block (PM1a event, control, timer), as QEMU's PIIX4 PM places it.
+    # The ACPI PM register block (PM1a event, control, timer) at q35's ICH9 PM base; its SCI is
+    # ISA IRQ 9 (the "acpi-pm" device below), level-triggered (the MADT says so).
     acpi_pm_base: int = 0x600
     # APIC ID 0xFF is the xAPIC broadcast ID, so an xAPIC machine has at most 255 vCPUs.
     max_vcpus: int = 255
@@ -84,7 +85,8 @@ class PcLayout:
         IsaDevice("i8042-data", 0x60, 1, irq=1),
         IsaDevice("i8042-command", 0x64, 1),
         IsaDevice("post-code", 0x80, 1),
-        IsaDevice("acpi-pm1a-cnt", 0x604, 2),
+        IsaDevice("acpi-pm", 0x600, 12, irq=9),
+        IsaDevice("reset-control", 0xCF9, 1),
     )
 
     def device(self, name: str) -> IsaDevice:

@@ -33,6 +33,7 @@ from .devices.debug_exit import DebugExit, exit_status
 from .devices.fw_cfg import FwCfg
 from .devices.i8042 import I8042
 from .devices.port80 import PostCodePort
+from .devices.reset_control import ResetControl
 from .devices.serial import Serial
 from .kvm import Kvm, KvmUnavailableError, PinnedBuffer, Vm, install_kick_handler
 from .kvm import constants as kvmc
@@ -414,8 +415,11 @@ class Machine:
         place("i8042-command", self.i8042.command_port)
         self.post_code = PostCodePort()
         place("post-code", self.post_code)
-        self.acpi_pm = AcpiPm(self._on_poweroff)
-        place("acpi-pm1a-cnt", self.acpi_pm)
+        self.acpi_pm = AcpiPm(self._on_poweroff, _KvmIrqLine(vm, PC.device("acpi-pm").irq))
+        place("acpi-pm", self.acpi_pm)
+        self.reset_control = ResetControl(
+            lambda: self.request_reset("the guest wrote the reset register (port 0xcf9)"))
+        place("reset-control", self.reset_control)
 
     @staticmethod
     def _set_multiboot_entry_state(vcpu, boot: multiboot.BootState) -> None:

@@ -1,11 +1,12 @@
 """The PC layout table: the devices' own constants agree with it, and the e820 map it derives."""
 
-from hvvmm.devices.acpi_pm import ACPI_PM1A_CNT_LENGTH, ACPI_PM1A_CNT_PORT
+from hvvmm.devices.acpi_pm import ACPI_PM1A_CNT_PORT, ACPI_PM_BASE, ACPI_PM_BLOCK_LENGTH
 from hvvmm.devices.cmos import CMOS_BASE, CMOS_PORT_COUNT
 from hvvmm.devices.debug_exit import DEBUG_EXIT_BASE, DEBUG_EXIT_PORT_COUNT
 from hvvmm.devices.fw_cfg import FW_CFG_IO_BASE, FW_CFG_PORT_COUNT
 from hvvmm.devices.i8042 import I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_PORT_COUNT
 from hvvmm.devices.port80 import POST_CODE_PORT, POST_CODE_PORT_COUNT
+from hvvmm.devices.reset_control import RESET_CONTROL_PORT, RESET_CONTROL_PORT_COUNT
 from hvvmm.devices.serial import COM1_IRQ, SERIAL_COM1_BASE, SERIAL_PORT_COUNT
 from hvvmm.layout import E820_ACPI, E820_RAM, E820_RESERVED, GiB, MiB, PC, MemoryMapEntry
 
@@ -19,10 +20,11 @@ def test_device_modules_agree_with_the_layout_table():
         "i8042-data": (I8042_DATA_PORT, I8042_PORT_COUNT, 1),
         "i8042-command": (I8042_COMMAND_PORT, I8042_PORT_COUNT, None),
         "post-code": (POST_CODE_PORT, POST_CODE_PORT_COUNT, None),
-        "acpi-pm1a-cnt": (ACPI_PM1A_CNT_PORT, ACPI_PM1A_CNT_LENGTH, None),
+        "acpi-pm": (ACPI_PM_BASE, ACPI_PM_BLOCK_LENGTH, PC.sci_irq),
+        "reset-control": (RESET_CONTROL_PORT, RESET_CONTROL_PORT_COUNT, None),
     }
     assert {d.name: (d.port, d.ports, d.irq) for d in PC.isa_devices} == expected
-    assert ACPI_PM1A_CNT_PORT == PC.acpi_pm_base + 4
+    assert ACPI_PM_BASE == PC.acpi_pm_base and ACPI_PM1A_CNT_PORT == PC.acpi_pm_base + 4
 
 
 def test_isa_devices_do_not_overlap():

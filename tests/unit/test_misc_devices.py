@@ -1,4 +1,4 @@
-"""isa-debug-exit, the i8042, port 0x80 and ACPI PM1a_CNT, without KVM."""
+"""isa-debug-exit, the i8042 and port 0x80, without KVM (the ACPI PM block: test_acpi_pm.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hvvmm.bus import pio_bus
-from hvvmm.devices.acpi_pm import ACPI_PM1A_CNT_LENGTH, ACPI_PM1A_CNT_PORT, AcpiPm
+from hvvmm.devices.acpi_pm import ACPI_PM_BLOCK_LENGTH, AcpiPm
 from hvvmm.devices.debug_exit import DEBUG_EXIT_BASE, DEBUG_EXIT_PORT_COUNT, DebugExit, exit_status
 from hvvmm.devices.i8042 import (
     I8042,
@@ -17,6 +17,7 @@ from hvvmm.devices.i8042 import (
     KBD_IRQ,
 )
 from hvvmm.devices.port80 import POST_CODE_PORT, POST_CODE_PORT_COUNT, PostCodePort
+from hvvmm.devices.reset_control import RESET_CONTROL_PORT_COUNT, ResetControl
 
 
 class RecordingIrq:
@@ -71,60 +72,6 @@ def test_post_code_port() -> None:
     assert dev.read(0, 1) == 0xFF
     assert dev.read(0, 2) == 0xFFFF
     assert dev.read(0, 4) == 0xFFFFFFFF
-
-
-# -- ACPI PM1a_CNT ----------------------------------------------------------------------------
-
-def test_acpi_constants() -> None:
-    assert (ACPI_PM1A_CNT_PORT, ACPI_PM1A_CNT_LENGTH) == (0x604, 2)
-
-
-def test_acpi_poweroff_on_slp_en_with_type_0() -> None:
-    calls: list[None] = []
-    dev = AcpiPm(lambda: calls.append(None))
-    dev.write(0, 2, 0x2000)
-    assert calls == [None]
-    assert dev.read(0, 2) == 0x0000  # SLP_EN reads back as 0
-
-
-def test_acpi_poweroff_keeps_other_bits() -> None:
-    calls: list[None] = []
-    dev = AcpiPm(lambda: calls.append(None))
-    dev.write(0, 2, 0x2001)  # SCI_EN | SLP_EN, type 0
-    assert len(calls) == 1
-    assert dev.read(0, 2) == 0x0001
-
-
-@pytest.mark.parametrize("value", [0x0000, 0x0001, 0x1C00, 0x0400, 0x2400, 0x2800, 0x3C00, 0x1FFF,
-                                   0xDFFF])
-def test_acpi_no_poweroff_for_other_values(value: int) -> None:
-    calls: list[None] = []
-    dev = AcpiPm(lambda: calls.append(None))
-    dev.write(0, 2, value)
-    assert calls == []
-    assert dev.read(0, 2) == value & ~0x2000
-
-
-def test_acpi_byte_accesses_update_their_half() -> None:
-    calls: list[None] = []
-    dev = AcpiPm(lambda: calls.append(None))
-    dev.write(0, 1, 0x01)
-    dev.write(1, 1, 0x04)  # SLP_TYP 1 without SLP_EN
-    assert dev.read(0, 2) == 0x0401
-    assert (dev.read(0, 1), dev.read(1, 1)) == (0x01, 0x04)
-    assert calls == []
-    dev.write(1, 1, 0x24)  # SLP_EN with type 1: not power-off
-    assert calls == []
-    dev.write(1, 1, 0x20)  # SLP_EN with type 0
-    assert len(calls) == 1
-
-
-def test_acpi_through_the_bus() -> None:
-    calls: list[None] = []
-    bus = pio_bus()
-    bus.register(ACPI_PM1A_CNT_PORT, ACPI_PM1A_CNT_LENGTH, AcpiPm(lambda: calls.append(None)))
-    bus.write(0x604, 2, 0x2000)  # outw(0x604, 0x2000)
-    assert len(calls) == 1
 
 
 # -- i8042 ------------------------------------------------------------------------------------
@@ -263,14 +210,15 @@ def _devices():
     return [
         (DebugExit(lambda value: None), DEBUG_EXIT_PORT_COUNT),
         (PostCodePort(), POST_CODE_PORT_COUNT),
-        (AcpiPm(lambda: None), ACPI_PM1A_CNT_LENGTH),
+        (AcpiPm(lambda: None), ACPI_PM_BLOCK_LENGTH),
+        (ResetControl(lambda: None), RESET_CONTROL_PORT_COUNT),
         (kbd.data_port, I8042_PORT_COUNT),
         (kbd.command_port, I8042_PORT_COUNT),
     ]
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 4), st.booleans(), st.sampled_from([1, 2, 4]),
+@given(st.lists(st.tuples(st.integers(0, 5), st.booleans(), st.sampled_from([1, 2, 4]),
                           st.integers(0, 3), st.integers(0, 0xFFFFFFFF)), max_size=80))
 def test_random_accesses_never_raise_or_widen(ops) -> None:
     devices = _devices()
