@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "let it go on")
     run.add_argument("--on-reset", choices=("exit", "restart"), default="exit",
                      help="when the guest resets: exit (status 10, default) or boot it again")
+    run.add_argument("--no-acpi", dest="acpi", action="store_false",
+                     help="no ACPI tables (the guest finds no RSDP, MADT or FADT)")
     run.add_argument("--hyperv-testdev", action="store_true",
                      help="QEMU's hyperv-testdev at port 0x3000 (SynIC test device of "
                           "kvm-unit-tests; needs hv-synic)")
@@ -193,7 +195,8 @@ def cmd_run(args) -> int:
                            console_input=console_input, timeout=args.timeout,
                            kvm_device=kvm_device(),
                            hyperv=args.hyperv, cpu_features=args.cpu_features,
-                           on_crash=args.on_crash, hyperv_testdev=args.hyperv_testdev)
+                           on_crash=args.on_crash, hyperv_testdev=args.hyperv_testdev,
+                           acpi=args.acpi)
     trace = None
     try:
         if args.trace:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
 from . import multiboot
+from .acpi import build_acpi_tables
 from .cpuid import CpuidError, build_cpuid, parse_cpu_features_mask, physical_address_bits
 from .hv.features import HyperVConfigError, parse_hyperv_spec
 from .bus import Bus, BusDevice, mmio_bus, pio_bus
@@ -139,6 +140,7 @@ class MachineConfig:
     debug_exit: tuple[int, int] | None = (PC.device("isa-debug-exit").port,
                                            PC.device("isa-debug-exit").ports)
     hyperv_testdev: bool = False     # QEMU's hyperv-testdev at port 0x3000 (needs hv-synic)
+    acpi: bool = True                # ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) in 0xE0000
 
     def validated(self, max_vcpus: int | None = None) -> "MachineConfig":
         if not isinstance(self.smp, int) or self.smp < 1:
@@ -285,6 +287,7 @@ class Machine:
         self.crash_reports: list = []
         self.crash_listeners: list[Callable] = []
         self.boot: multiboot.BootState | None = None
+        self.acpi_rsdp: int | None = None  # the RSDP's guest-physical address, when ACPI is on
         # The exclusive section (see exclusive()): who holds it and how many vCPUs are parked.
         self._pause = threading.Condition()
         self._pause_owner: object = _NOBODY
@@ -336,6 +339,10 @@ class Machine:
             physical_address_bits=physical_address_bits(supported))
 
         self._add_platform_devices(vm, config)
+        if config.acpi:
+            acpi_tables = build_acpi_tables(PC, config.smp)
+            acpi_tables.install(memory)
+            self.acpi_rsdp = acpi_tables.rsdp_address
 
         try:
             self.boot = multiboot.load_multiboot(
