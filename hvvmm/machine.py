@@ -25,6 +25,7 @@ from typing import BinaryIO, Callable, Sequence
 
 from . import multiboot
 from .acpi import build_acpi_tables
+from .acpi.loader import build_firmware_files
 from .cpuid import CpuidError, build_cpuid, parse_cpu_features_mask, physical_address_bits
 from .hv.features import HyperVConfigError, parse_hyperv_spec
 from .bus import Bus, BusDevice, mmio_bus, pio_bus
@@ -343,6 +344,8 @@ class Machine:
             acpi_tables = build_acpi_tables(PC, config.smp)
             acpi_tables.install(memory)
             self.acpi_rsdp = acpi_tables.rsdp_address
+            for name, data in build_firmware_files(acpi_tables.tables).items():
+                self.fw_cfg.add_file(name, data)  # the same tables, for firmware to install
 
         try:
             self.boot = multiboot.load_multiboot(

@@ -55,3 +55,18 @@ def test_cli_no_acpi(guest_image):
                           stdin=subprocess.DEVNULL)
     assert "PASS: no RSDP without ACPI" in proc.stdout, proc.stdout + proc.stderr
     assert proc.returncode == 1, proc.stderr  # debug-exit 0: every check passed
+
+
+def test_firmware_files_in_fw_cfg(guest_image):
+    """The linker/loader files are offered through fw_cfg, for firmware boots."""
+    from hvvmm.devices.fw_cfg import FW_CFG_FILE_DIR
+
+    with Machine(MachineConfig(kernel=guest_image("acpi"))) as machine:
+        fw_cfg = machine.fw_cfg
+        fw_cfg.write(0, 2, FW_CFG_FILE_DIR)
+        count = int.from_bytes(bytes(fw_cfg.read(1, 1) for _ in range(4)), "big")
+        names = []
+        for _ in range(count):
+            entry = bytes(fw_cfg.read(1, 1) for _ in range(64))
+            names.append(entry[8:].rstrip(b"\0").decode())
+    assert {"etc/acpi/rsdp", "etc/acpi/tables", "etc/table-loader"} <= set(names)
