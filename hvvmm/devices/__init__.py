@@ -12,5 +12,6 @@ wiring.
 - :mod:`.cmos`: MC146818 RTC and CMOS NVRAM (0x70).
 - :mod:`.i8042`: the PS/2 controller, enough for reset and probing (0x60, 0x64).
 - :mod:`.port80`: the POST-code port (0x80).
-- :mod:`.acpi_pm`: ACPI PM1a control register, soft power-off (0x604).
+- :mod:`.acpi_pm`: the ACPI PM block: PM1a event and control (soft power-off), PM timer (0x600).
+- :mod:`.reset_control`: the reset control register (0xcf9).
 """
