@@ -12,9 +12,9 @@ Names follow ASL (ACPI 6.5 §19.6) so a reader can hold the code against the ASL
 functions returning the descriptor's bytes; :func:`ResourceTemplate` wraps them in a Buffer with the
 end tag.
 
-Sources: ACPI Specification 6.5, §20.2 (AML grammar: §20.2.2 name objects, §20.2.3 data objects,
-§20.2.4 PkgLength, §20.2.5 term objects) and §6.4 (resource data types); the encodings are checked
-against iasl's output in tests/unit/test_aml.py.
+Sources: ACPI Specification 6.5, §20.2 (AML grammar: §20.2.2 name objects, §20.2.3 data
+objects, §20.2.4 PkgLength, §20.2.5 term objects) and §6.4 (resource data types); the encodings
+are checked against iasl's output in tests/unit/test_aml.py.
 """
 
 from __future__ import annotations

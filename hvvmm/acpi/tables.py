@@ -37,7 +37,7 @@ HEADER_LENGTH = 36
 RSDP_SIGNATURE = b"RSD PTR "
 RSDP_LENGTH = 36          # ACPI 2.0+ RSDP (§5.2.5.3)
 RSDP_V1_LENGTH = 20       # the part the first checksum covers
-FADT_REVISION = 6         # ACPI 6.x FADT, 276 bytes (§5.2.9, Table 5.9)
+FADT_REVISION = 6         # ACPI 6.x FADT, 276 bytes (§5.2.9)
 FADT_MINOR_REVISION = 5   # ACPI 6.5
 FADT_LENGTH = 276
 FACS_LENGTH = 64
@@ -45,7 +45,7 @@ FACS_ALIGNMENT = 64       # §5.2.10: the FACS is 64-byte aligned
 MADT_REVISION = 5         # ACPI 6.2+; the entries used here are unchanged since 1.0
 DSDT_REVISION = 2         # 64-bit integers (§5.2.11.1)
 
-# FADT Fixed Feature Flags (§5.2.9, Table 5.10).
+# FADT Fixed Feature Flags (§5.2.9).
 FADT_WBINVD = 1 << 0          # WBINVD works (required for ACPI 2.0+ compatible platforms)
 FADT_PROC_C1 = 1 << 2         # C1 (HLT) works on every processor
 FADT_PWR_BUTTON = 1 << 4      # 1: no fixed-feature power button
@@ -55,7 +55,7 @@ FADT_TMR_VAL_EXT = 1 << 8     # 1: 32-bit PM timer (ours is 24-bit, so clear)
 FADT_RESET_REG_SUP = 1 << 10  # RESET_REG / RESET_VALUE are valid
 FADT_HW_REDUCED_ACPI = 1 << 20
 
-# IA-PC Boot Architecture Flags (§5.2.9.3, Table 5.11).
+# IA-PC Boot Architecture Flags (§5.2.9.3).
 IAPC_LEGACY_DEVICES = 1 << 0  # ISA/LPC devices a driver cannot enumerate exist (COM1, the RTC)
 IAPC_8042 = 1 << 1            # an 8042 keyboard controller is present (ports 0x60/0x64)
 IAPC_VGA_NOT_PRESENT = 1 << 2  # no VGA: do not probe its ports and memory
@@ -75,7 +75,7 @@ MADT_INTERRUPT_OVERRIDE = 2   # §5.2.12.5
 MADT_LOCAL_APIC_NMI = 4       # §5.2.12.7
 MADT_LAPIC_ENABLED = 1 << 0
 MADT_ALL_PROCESSORS = 0xFF    # ACPI Processor UID meaning "every processor" in a LAPIC NMI entry
-# MPS INTI flags (§5.2.12.5, Table 5.25): polarity bits 0-1, trigger mode bits 2-3.
+# MPS INTI flags (§5.2.12.5): polarity bits 0-1, trigger mode bits 2-3.
 MPS_ACTIVE_HIGH = 0b01
 MPS_ACTIVE_LOW = 0b11
 MPS_EDGE = 0b01 << 2
@@ -148,7 +148,7 @@ def gas(address: int, bit_width: int, access_size: int = GAS_ACCESS_UNDEFINED,
 # -- the tables ---------------------------------------------------------------------------------
 
 def build_facs() -> AcpiTable:
-    """FACS (§5.2.10, Table 5.14): no checksum; hardware signature 0, no waking vector, the
+    """FACS (§5.2.10): no checksum; hardware signature 0, no waking vector, the
     global lock free, version 2. hvvmm has no sleep states but S5, so nothing here changes."""
     data = struct.pack("<4sIIIIIQB3sI24s", b"FACS", FACS_LENGTH, 0, 0, 0, 0, 0, 2, bytes(3), 0,
                        bytes(24))
@@ -157,7 +157,7 @@ def build_facs() -> AcpiTable:
 
 
 def build_fadt(layout: PcLayout = PC) -> AcpiTable:
-    """FADT (§5.2.9, Table 5.9), revision 6, not hardware-reduced: the ACPI PM registers at the
+    """FADT (§5.2.9), revision 6, not hardware-reduced: the ACPI PM registers at the
     layout's PM base, the SCI, the reset register, and pointers to the FACS and the DSDT (both
     the 32-bit and the X_ fields, with the same values: ACPICA accepts that and old OSes read
     the 32-bit ones)."""
@@ -171,8 +171,8 @@ def build_fadt(layout: PcLayout = PC) -> AcpiTable:
     body = b"".join((
         struct.pack("<II", 0, 0),            # 36 FIRMWARE_CTRL, 40 DSDT (pointers)
         struct.pack("<BBH", 0, 0, layout.sci_irq),  # 44 reserved, 45 PM profile: unspecified
-        # 48 SMI_CMD 0: no SMM, the hardware is always in ACPI mode (SCI_EN reads 1, §4.8.2.5),
-        # so ACPI_ENABLE/ACPI_DISABLE/S4BIOS_REQ/PSTATE_CNT are 0 too.
+        # 48 SMI_CMD 0 (zero without SMM, §5.2.9): the hardware is always in ACPI mode and
+        # SCI_EN reads 1, so ACPI_ENABLE/ACPI_DISABLE/S4BIOS_REQ/PSTATE_CNT are 0 too.
         struct.pack("<IBBBB", 0, 0, 0, 0, 0),
         struct.pack("<IIIIII", pm1a_evt, 0, pm1a_cnt, 0, 0, pm_tmr),  # 56..76
         struct.pack("<II", 0, 0),            # 80 GPE0_BLK, 84 GPE1_BLK: no GPE blocks

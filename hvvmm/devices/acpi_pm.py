@@ -9,14 +9,14 @@ them (hvvmm.acpi.tables):
   PWRBTN_EN, SLPBTN_EN and RTC_EN read back what was written (ACPICA checks that an enable bit
   sticks before it uses the event). The SCI (``sci``, level-triggered) is asserted while a status
   bit and its enable bit are both set; the status is looked at on each access, so a timer carry
-  raises no interrupt by itself (no OS here enables TMR_EN; Linux reads the timer by polling).
+  raises no interrupt by itself (Linux does not enable TMR_EN: it reads the timer by polling).
 - base+4 PM1a_CNT (16 bits, §4.8.3.2.1). SCI_EN (bit 0) always reads 1: there is no SMM and the
-  FADT has no SMI_CMD, so the hardware is always in ACPI mode (§4.8.2.5). A write with SLP_EN
-  (bit 13) asks for the sleep state in SLP_TYP (bits 10-12): QEMU's DSDT encodes S5 as SLP_TYP 0
-  and hvvmm's ``\\_S5`` does the same, and ``acpi_pm1_cnt_write`` in QEMU ``hw/acpi/core.c``
-  treats type 0 as soft power-off; so ``outw(0x604, 0x2000)`` powers off, as hobby OSes expect,
-  and calls ``on_poweroff()``. Other sleep types are logged (once each) and ignored. SLP_EN and
-  GBL_RLS are write-only and read as 0.
+  FADT has no SMI_CMD, so the hardware is always in ACPI mode (§5.2.9, SMI_CMD). A write with
+  SLP_EN (bit 13) asks for the sleep state in SLP_TYP (bits 10-12): QEMU's DSDT encodes S5 as
+  SLP_TYP 0 and hvvmm's ``\\_S5`` does the same, and ``acpi_pm1_cnt_write`` in QEMU
+  ``hw/acpi/core.c`` treats type 0 as soft power-off; so ``outw(0x604, 0x2000)`` powers off, as
+  hobby OSes expect, and calls ``on_poweroff()``. Other sleep types are logged (once each) and
+  ignored. SLP_EN and GBL_RLS are write-only and read as 0.
 - base+8 PM_TMR (32-bit read, §4.8.3.3): a 24-bit counter at 3.579545 MHz from the host's
   monotonic clock, as QEMU's PIIX4/ICH9 timer (FADT TMR_VAL_EXT clear). Linux calibrates against
   it and keeps it as a clocksource.

@@ -10,8 +10,9 @@ Port 0xCF9 lies inside the PCI configuration mechanism's 0xCF8-0xCFF window, but
 only decodes 32-bit accesses at 0xCF8 (CONFIG_ADDRESS), so a byte access at 0xCF9 is this
 register's (PCI Local Bus Specification 3.0 §3.2.2.3.2; QEMU registers both the same way).
 
-Sources: the Intel 82371SB (PIIX3) and ICH9 datasheets (Reset Control Register, RST_CNT); QEMU ``hw/isa/piix.c`` (``rcr_write``) and ``hw/isa/lpc_ich9.c``
-(``ich9_rst_cnt_write``); ACPI Specification 6.5 §4.8.3.6 (Reset Register).
+Sources: the Intel 82371SB (PIIX3) and ICH9 datasheets (Reset Control Register, RST_CNT); QEMU
+``hw/isa/piix.c`` (``rcr_write``) and ``hw/isa/lpc_ich9.c`` (``ich9_rst_cnt_write``); ACPI
+Specification 6.5 §4.8.3.6 (Reset Register).
 """
 
 from __future__ import annotations
