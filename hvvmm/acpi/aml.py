@@ -39,6 +39,10 @@ METHOD_OP = 0x14
 LOCAL0_OP = 0x60
 ARG0_OP = 0x68
 STORE_OP = 0x70
+LNOT_OP = 0x92
+LEQUAL_OP = 0x93
+IF_OP = 0xA0
+ELSE_OP = 0xA1
 RETURN_OP = 0xA4
 EXT_OP_PREFIX = 0x5B
 DEVICE_OP = 0x82  # after EXT_OP_PREFIX
@@ -349,8 +353,9 @@ def Local(index: int) -> _Fixed:
     return _Fixed(bytes([LOCAL0_OP + index]))
 
 
-def Return(value: Term) -> bytes:
-    """Return (§19.6.120): ReturnOp ArgObject."""
+def Return(value: Term | NameString) -> bytes:
+    """Return (§19.6.120): ReturnOp ArgObject. A :class:`NameString` returns the named object
+    (a str is a String here, as everywhere)."""
     return bytes([RETURN_OP]) + encode(value)
 
 
@@ -358,6 +363,38 @@ def Store(source: Term, target: str | NameString | Aml) -> bytes:
     """Store (§19.6.132): StoreOp TermArg SuperName; a str target is a name."""
     target_aml = _name(target) if isinstance(target, (str, NameString)) else encode(target)
     return bytes([STORE_OP]) + encode(source) + target_aml
+
+
+def LEqual(left: Term, right: Term) -> bytes:
+    """LEqual (§19.6.71): LEqualOp Operand Operand."""
+    return bytes([LEQUAL_OP]) + encode(left) + encode(right)
+
+
+def LNot(operand: Term) -> bytes:
+    """LNot (§19.6.75): LNotOp Operand."""
+    return bytes([LNOT_OP]) + encode(operand)
+
+
+class If(Aml):
+    """If (§19.6.60): IfOp PkgLength Predicate TermList; ``orelse`` adds the Else that follows
+    (§19.6.37: ElseOp PkgLength TermList). E.g. a ``_PRT`` that answers by interrupt model:
+    ``If("PICF", Return("PRTA"), orelse=[Return("PRTP")])`` (a str predicate is a name)."""
+
+    def __init__(self, predicate: Term | NameString, *body: Term,
+                 orelse: Iterable[Term] | None = None):
+        self.predicate = predicate
+        self.body = list(body)
+        self.orelse = None if orelse is None else list(orelse)
+
+    def encode(self) -> bytes:
+        predicate = (_name(self.predicate) if isinstance(self.predicate, (str, NameString))
+                     else encode(self.predicate))
+        body = predicate + b"".join(encode(t) for t in self.body)
+        out = bytes([IF_OP]) + pkg_length(len(body)) + body
+        if self.orelse is not None:
+            orelse = b"".join(encode(t) for t in self.orelse)
+            out += bytes([ELSE_OP]) + pkg_length(len(orelse)) + orelse
+        return out
 
 
 # -- resource descriptors (§6.4) ---------------------------------------------------------------

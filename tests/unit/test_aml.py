@@ -258,3 +258,29 @@ def test_qword_and_bad_terms() -> None:
         IRQNoFlags(16)
     with pytest.raises(AmlError):
         IO(0x10000, 0, 1, 1)
+
+
+def test_if_else_and_logic_match_iasl(tmp_path) -> None:
+    asl = """
+        Name (PICF, Zero)
+        Name (PRTA, Package (0x01) { One })
+        Name (PRTP, Package (0x01) { Zero })
+        Method (_PRT, 0, NotSerialized)
+        {
+            If (PICF) { Return (PRTA) }
+            Else { Return (PRTP) }
+        }
+        Method (TST1, 1, NotSerialized)
+        {
+            If (LEqual (Arg0, 0x05)) { Return (One) }
+            If (LNot (Arg0)) { Return (0x02) }
+            Return (Zero)
+        }
+    """
+    ours = encoded(
+        Name("PICF", 0), Name("PRTA", Package(1)), Name("PRTP", Package(0)),
+        Method("_PRT", 0, aml.If("PICF", Return(NameString("PRTA")),
+                                 orelse=[Return(NameString("PRTP"))])),
+        Method("TST1", 1, aml.If(aml.LEqual(Arg(0), 5), Return(1)),
+               aml.If(aml.LNot(Arg(0)), Return(2)), Return(0)))
+    assert ours == iasl_compile(tmp_path, asl)
