@@ -213,6 +213,12 @@ def test_dsdt_disassembles(tmp_path, tables2) -> None:
     assert re.findall(r"Device \((C00\d)\)", text) == ["C000", "C001"]
     assert text.count('"ACPI0007"') == 2
     assert "Method (_PIC, 1, NotSerialized)" in text
+    # Round trip: iasl compiles its disassembly back to the same AML (-on: keep \_SB as written).
+    proc = subprocess.run([need(IASL), "-on", "-p", str(tmp_path / "again"),
+                           str(tmp_path / "DSDT.dsl")], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    again = (tmp_path / "again.aml").read_bytes()
+    assert again[36:] == tables2.blobs["DSDT"][36:] and again[:9] == tables2.blobs["DSDT"][:9]
 
 
 @pytest.mark.parametrize("signature", ["XSDT", "RSDT", "FACS"])
