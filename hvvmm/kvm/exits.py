@@ -144,8 +144,30 @@ class InternalErrorExit(VcpuExit):
         self.suberror = suberror
         self.data = data
 
+    @property
+    def is_emulation_failure(self) -> bool:
+        """KVM's instruction emulator met an instruction it cannot run."""
+        return self.suberror == _INTERNAL_ERROR_EMULATION
+
+    @property
+    def instruction_bytes(self) -> bytes | None:
+        """The bytes KVM fetched at the guest's RIP for a failed emulation, or None if the exit
+        does not carry them. ``struct kvm_run``'s ``emulation_failure`` overlays ``internal``:
+        data[0] is ``flags``; with KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, data[1]
+        and data[2] hold ``u8 insn_size`` then ``u8 insn_bytes[15]`` (Linux
+        Documentation/virt/kvm/api.rst, KVM_EXIT_INTERNAL_ERROR)."""
+        data = self.data
+        if (self.suberror != _INTERNAL_ERROR_EMULATION or len(data) < 3
+                or not data[0] & _EMULATION_FLAG_INSTRUCTION_BYTES):
+            return None
+        raw = data[1].to_bytes(8, "little") + data[2].to_bytes(8, "little")
+        return raw[1:1 + min(raw[0], 15)]
+
     def describe(self) -> str:
         what = _INTERNAL_ERROR_NAMES.get(self.suberror, f"suberror {self.suberror}")
+        insn = self.instruction_bytes
+        if insn is not None:
+            return f"KVM internal error: {what} (instruction bytes {insn.hex(' ')})"
         extra = " ".join(f"{word:#x}" for word in self.data)
         return f"KVM internal error: {what}" + (f" (data {extra})" if extra else "")
 
@@ -187,6 +209,8 @@ _EXIT_INTERNAL_ERROR = lib.KVM_EXIT_INTERNAL_ERROR
 _EXIT_SYSTEM_EVENT = lib.KVM_EXIT_SYSTEM_EVENT
 _EXIT_IRQ_WINDOW_OPEN = lib.KVM_EXIT_IRQ_WINDOW_OPEN
 _EXIT_INTR = lib.KVM_EXIT_INTR
+_INTERNAL_ERROR_EMULATION = lib.KVM_INTERNAL_ERROR_EMULATION
+_EMULATION_FLAG_INSTRUCTION_BYTES = lib.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
 
 
 # Port I/O is the hot exit: its fields are read with one unpack at the compiler's offsets rather

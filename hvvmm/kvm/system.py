@@ -330,6 +330,21 @@ class Vcpu:
     def set_fpu(self, fpu) -> None:
         self._ioctl(lib.KVM_SET_FPU, fpu, "KVM_SET_FPU")
 
+    def get_xsave(self) -> bytes:
+        """``KVM_GET_XSAVE``: the first 4 KiB of the guest's XSAVE area in the standard
+        (non-compacted) layout (SDM vol. 1 13.4): legacy region, header, then the components."""
+        area = ffi.new("struct kvm_xsave *")
+        self._ioctl(lib.KVM_GET_XSAVE, area, "KVM_GET_XSAVE")
+        return bytes(ffi.buffer(area))
+
+    def set_xsave(self, area: bytes) -> None:
+        """``KVM_SET_XSAVE`` with an area as :meth:`get_xsave` returns it."""
+        buffer = ffi.new("struct kvm_xsave *")
+        if len(area) != ffi.sizeof(buffer[0]):
+            raise ValueError(f"an XSAVE area must be {ffi.sizeof(buffer[0])} bytes")
+        ffi.buffer(buffer)[:] = area
+        self._ioctl(lib.KVM_SET_XSAVE, buffer, "KVM_SET_XSAVE")
+
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         indices = list(indices)
         msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})
@@ -388,6 +403,18 @@ class Vcpu:
         events.exception.nr = vector
         events.exception.has_error_code = 0 if error_code is None else 1
         events.exception.error_code = error_code or 0
+        events.flags = 0  # do not touch NMI/SIPI/shadow state
+        self.set_vcpu_events(events)
+
+    def inject_soft_interrupt(self, vector: int) -> None:
+        """Queue software interrupt ``vector`` (INT n) for delivery on the next entry. Delivered
+        with the RIP as it is then: set RIP past the INT first. (On VMX/SVM KVM adds the length
+        of the last exiting instruction to a soft event's return address; this is for hosts
+        whose KVM emulates guest ring 0, where INT n exits as an emulation failure.)"""
+        events = self.get_vcpu_events()
+        events.interrupt.injected = 1
+        events.interrupt.nr = vector
+        events.interrupt.soft = 1
         events.flags = 0  # do not touch NMI/SIPI/shadow state
         self.set_vcpu_events(events)
 
