@@ -287,6 +287,7 @@ class Machine:
         self.hyperv_testdev = None  # hvvmm.devices.hyperv_testdev.HypervTestDev if configured
         self.crash_reports: list = []
         self.crash_listeners: list[Callable] = []
+        self.instruction_completer = None  # hvvmm.x86.Completer, see emulation_counters()
         self.boot: multiboot.BootState | None = None
         self.acpi_rsdp: int | None = None  # the RSDP's guest-physical address, when ACPI is on
         # The exclusive section (see exclusive()): who holds it and how many vCPUs are parked.
@@ -354,6 +355,7 @@ class Machine:
         except multiboot.KernelImageError as exc:
             raise ImageError(f"{kernel_name}: {exc}") from None
 
+        self._setup_instruction_completion(kvm, vm, supported)
         for index in range(config.smp):
             vcpu = vm.create_vcpu(index)
             self.vcpus.append(VcpuThread(self, vcpu, self.pio_bus, self.mmio_bus,
@@ -364,6 +366,7 @@ class Machine:
             except CpuidError as exc:
                 raise ConfigError(str(exc)) from None
             vcpu.set_cpuid(table)
+            self.vcpus[-1].complete_instruction = self._vcpu_completer
         self._set_multiboot_entry_state(self.vcpus[0].vcpu, self.boot)
         if hyperv_config.enabled:
             from .hyperv import HyperV
@@ -377,6 +380,30 @@ class Machine:
                     self.hyperv.partition.state["hv-synic"].connections)
                 self.pio_bus.register(HYPERV_TESTDEV_BASE, HYPERV_TESTDEV_PORT_COUNT,
                                       self.hyperv_testdev, "hyperv-testdev")
+
+    def _setup_instruction_completion(self, kvm: Kvm, vm: Vm, supported) -> None:
+        """Instructions KVM's emulator cannot run (hosts that emulate guest ring 0) are
+        completed by :mod:`hvvmm.x86`. With KVM_CAP_EXIT_ON_EMULATION_FAILURE KVM exits for
+        every such failure without queuing #UD first (Linux Documentation/virt/kvm/api.rst)."""
+        from .x86 import Completer
+        from .x86.kvm_adapter import VcpuInstructionCompleter
+
+        cap = kvmc.KVM_CAP_EXIT_ON_EMULATION_FAILURE
+        exits_cleanly = bool(kvm.check_extension(cap))
+        if exits_cleanly:
+            vm.enable_cap(cap, 1)
+        self.instruction_completer = Completer(
+            exclusive=lambda: self.exclusive(current_vcpu_index()))
+        self._vcpu_completer = VcpuInstructionCompleter(
+            self.instruction_completer, self._res.memory, log=log,
+            ud_queued_by_kvm=not exits_cleanly,
+            use_xsave=bool(kvm.check_extension(kvmc.KVM_CAP_XSAVE)))
+
+    def emulation_counters(self) -> dict[str, int]:
+        """Instructions hvvmm completed for KVM's instruction emulator, by mnemonic (empty on
+        hosts where KVM runs guest ring 0 on hardware)."""
+        completer = self.instruction_completer
+        return dict(completer.counts) if completer is not None else {}
 
     def _read_kernel(self, config: MachineConfig) -> tuple[bytes, str]:
         if config.kernel is None:

@@ -84,6 +84,10 @@ class VcpuThread:
         # lookup per port exit.
         self.vcpu_ports: dict[int, PortHandler] = {}
         self.observers: list[ExitObserver] = []
+        # Completes instructions KVM's emulator cannot run (hvvmm.x86.kvm_adapter); returns None
+        # when the vCPU may go on, else the line that ends the run. Set by the machine.
+        self.complete_instruction: Callable[["VcpuThread", InternalErrorExit], str | None] | \
+            None = None
         self._work: collections.deque[Callable[[], None]] = collections.deque()
         self.thread: threading.Thread | None = None
         self._started = threading.Event()
@@ -176,7 +180,15 @@ class VcpuThread:
                 # Only without an in-kernel LAPIC, which hvvmm always creates.
                 continue
             else:
-                stop = self._terminal_exit(exit)
+                if kind is InternalErrorExit and exit.is_emulation_failure \
+                        and self.complete_instruction is not None:
+                    failure = self.complete_instruction(self, exit)
+                    if failure is None:
+                        continue
+                    stop = StopRequest("error", failure, self.index, self._safe_rip(),
+                                       exit.reason_name)
+                else:
+                    stop = self._terminal_exit(exit)
                 machine.request_stop(stop)
                 return
 
