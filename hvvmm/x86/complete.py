@@ -103,12 +103,16 @@ class Completer:
         handler = _HANDLERS.get(instruction.mnemonic)
         if handler is None:
             raise CannotComplete(NOT_COMPLETED.get(instruction.mnemonic,
-                                                   f"no handler for {instruction.mnemonic}"))
+                                                   f"no handler for {instruction.mnemonic}"),
+                                 instruction)
         saved = (list(state.gprs), state.rip, state.rflags, set(state.dirty))
         try:
             if instruction.lock and instruction.mnemonic not in _LOCKABLE:
                 raise GuestFault(UD_VECTOR, why="lock prefix")
             handler(_Context(self, state, access), instruction)
+        except CannotComplete as exc:
+            state.gprs, state.rip, state.rflags, state.dirty = saved
+            raise CannotComplete(str(exc), instruction) from exc.__cause__
         except GuestFault as fault:
             state.gprs, state.rip, state.rflags, state.dirty = saved
             state.event = Event("exception", fault.vector, fault.error_code, fault.cr2)

@@ -139,7 +139,10 @@ class VcpuInstructionCompleter:
         try:
             completion = self.completer.complete(state, self.memory, insn_bytes)
         except CannotComplete as exc:
-            shown = insn_bytes.hex(" ") if insn_bytes else "(not readable)"
+            if exc.instruction is not None:
+                shown = f"{exc.instruction.raw.hex(' ')} ({exc.instruction.mnemonic})"
+            else:
+                shown = insn_bytes.hex(" ") if insn_bytes else "(bytes not readable)"
             if state.cpl > 0:
                 # What KVM itself does for a guest user-mode instruction it cannot emulate.
                 state.event = Event("exception", UD_VECTOR)

@@ -51,7 +51,12 @@ class GuestFault(Exception):
 
 class CannotComplete(Exception):
     """hvvmm cannot complete this instruction (unsupported, or it touches memory that is not
-    RAM); the run ends with this message."""
+    RAM); the run ends with this message. ``instruction``: the decoded instruction, if it
+    decoded."""
+
+    def __init__(self, message: str, instruction=None):
+        super().__init__(message)
+        self.instruction = instruction
 
 
 @dataclass
