@@ -122,3 +122,23 @@ def test_unknown_exit_is_a_value_not_an_exception(run_page):
     assert "debug" in exit.describe()
     run.exit_reason = 0xDEAD
     assert "not known" in decode_exit(run, view).describe()
+
+
+def test_emulation_failure_carries_the_instruction_bytes(run_page):
+    run, view, _ = run_page
+    run.exit_reason = c.KVM_EXIT_INTERNAL_ERROR
+    run.internal.suberror = c.KVM_INTERNAL_ERROR_EMULATION
+    run.internal.ndata = 4
+    # emulation_failure: flags, then u8 insn_size + u8 insn_bytes[15] (api.rst)
+    raw = bytes([5]) + bytes.fromhex("f3480fb8db") + b"\x90" * 10
+    run.internal.data[0] = c.KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES
+    run.internal.data[1] = int.from_bytes(raw[:8], "little")
+    run.internal.data[2] = int.from_bytes(raw[8:], "little")
+    exit = decode_exit(run, view)
+    assert isinstance(exit, InternalErrorExit) and exit.is_emulation_failure
+    assert exit.instruction_bytes == bytes.fromhex("f3480fb8db")
+    assert "instruction bytes f3 48 0f b8 db" in exit.describe()
+    run.internal.data[0] = 0  # no flag: no bytes
+    assert decode_exit(run, view).instruction_bytes is None
+    run.internal.suberror = c.KVM_INTERNAL_ERROR_DELIVERY_EV
+    assert not decode_exit(run, view).is_emulation_failure
