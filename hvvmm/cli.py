@@ -233,6 +233,9 @@ def cmd_run(args) -> int:
                         signal.signal(sig, handler)
                 if machine.hyperv is not None:
                     log.info("Hyper-V counters: %s", machine.hyperv.counters())
+                if machine.emulation_counters():
+                    log.info("instructions completed for KVM's emulator: %s",
+                             machine.emulation_counters())
             if result.kind is ExitKind.RESET and args.on_reset == "restart":
                 log.warning("%s; booting again (boot %d)", result.message, boots + 1)
                 continue
@@ -308,8 +311,24 @@ def cmd_info(args) -> int:
         for name, needed in CAPABILITIES:
             value = kvm.check_extension(getattr(kvmc, name))
             state = "absent" if not value else "present" if value == 1 else f"present ({value})"
-            print(f"  {name:<32} {state:<18} {needed}")
+            print(f"  {name:<34} {state:<18} {needed}")
+        print(instruction_completion_line(virt, kvm.check_extension(
+            kvmc.KVM_CAP_EXIT_ON_EMULATION_FAILURE)))
     return 0
+
+
+def instruction_completion_line(virt, exits_on_failure: int) -> str:
+    """What ``hvvmm info`` says about hvvmm.x86 (completing what KVM's emulator cannot run)."""
+    from .x86 import COMPLETED_INSTRUCTIONS
+
+    if virt.can_boot_stock_kernels:
+        state = "idle here (KVM runs guest ring 0 on hardware)"
+    else:
+        state = "active here: KVM emulates guest ring 0"
+    exits = "" if exits_on_failure else "; KVM_CAP_EXIT_ON_EMULATION_FAILURE absent"
+    return (f"instruction completion: {state}{exits}; completes "
+            f"{', '.join(COMPLETED_INSTRUCTIONS)} (only on hosts whose KVM reports emulation "
+            "failures)")
 
 
 CAPABILITIES = (
@@ -329,6 +348,8 @@ CAPABILITIES = (
     ("KVM_CAP_GET_TSC_KHZ", "reference TSC page"),
     ("KVM_CAP_TSC_DEADLINE_TIMER", "guest timers"),
     ("KVM_CAP_HYPERV", "never used: hvvmm implements Hyper-V itself"),
+    ("KVM_CAP_EXIT_ON_EMULATION_FAILURE", "instruction completion without a queued #UD"),
+    ("KVM_CAP_XSAVE", "MXCSR and x87 state for instruction completion"),
 )
 
 

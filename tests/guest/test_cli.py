@@ -142,6 +142,7 @@ def test_info_reports_the_host():
     assert "KVM API version: 12" in proc.stdout
     assert "hardware virtualization:" in proc.stdout
     assert "KVM_CAP_X86_USER_SPACE_MSR" in proc.stdout
+    assert "instruction completion: " in proc.stdout and "popcnt" in proc.stdout
 
 
 def test_help_lists_exit_statuses():
