@@ -181,7 +181,8 @@ def build_guest(
     """Compile the runtime and `sources` into a Multiboot ELF32 image.
 
     ``allow_instructions``: forbidden mnemonics this guest may contain anyway, for a test of
-    the instructions themselves (e.g. ``("int3", "cmpxchg16b")``).
+    the instructions themselves (e.g. ``("int3", "cmpxchg16b")``). A source can say the same
+    with a line holding ``hvvmm-allow-instructions: int3 cmpxchg16b``.
 
     Returns the path of the cached image ``OUTPUT_DIR/NAME-HASH.elf``
     (``output_dir`` defaults to :func:`cache_dir`, ``name`` to the first
@@ -202,7 +203,7 @@ def build_guest(
 
     tools = {t: _tool(t) for t in ("gcc", "ld", "objcopy", "objdump")}
     flags = list(CFLAGS) + list(extra_cflags)
-    allowed = frozenset(allow_instructions)
+    allowed = frozenset(allow_instructions) | _allowed_in_sources(srcs)
     digest = _digest(srcs, flags + [f"allow:{m}" for m in sorted(allowed)], tools.values())
     target = out_dir / f"{name}-{digest[:16]}.elf"
     if target.is_file():
@@ -242,6 +243,18 @@ def build_guest(
                 pass
             raise
     return target
+
+
+_ALLOW_MARKER = re.compile(r"hvvmm-allow-instructions:([a-z0-9 ]*)")
+
+
+def _allowed_in_sources(sources: Sequence[Path]) -> frozenset[str]:
+    """Mnemonics the sources allow themselves (``hvvmm-allow-instructions: a b``)."""
+    allowed: set[str] = set()
+    for src in sources:
+        for match in _ALLOW_MARKER.finditer(src.read_text(errors="replace")):
+            allowed.update(match.group(1).split())
+    return frozenset(allowed)
 
 
 def _compile(gcc: str, flags: Sequence[str], jobs: Sequence[tuple[Path, str]], what: str) -> None:

@@ -33,10 +33,9 @@ def guest_image():
     """``guest_image("hello")`` builds tests/guests/hello.c with the runtime (cached)."""
     from hvvmm.guestbuild import build_guest
 
-    def build(name: str, *extra_sources: str, allow_instructions=()) -> pathlib.Path:
+    def build(name: str, *extra_sources: str) -> pathlib.Path:
         sources = [GUEST_SOURCES / f"{name}.c", *(GUEST_SOURCES / s for s in extra_sources)]
-        return build_guest(sources, output_dir=GUEST_CACHE,
-                           allow_instructions=allow_instructions)
+        return build_guest(sources, output_dir=GUEST_CACHE)
 
     return build
 

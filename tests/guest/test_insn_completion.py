@@ -25,7 +25,7 @@ def _emulating_host() -> bool:
 
 
 def test_completed_instructions_behave_as_on_the_cpu(guest_image):
-    image = guest_image("insn_completion", allow_instructions=("int3", "int", "cmpxchg16b"))
+    image = guest_image("insn_completion")  # the source allows int3, int, cmpxchg16b
     with Machine(MachineConfig(kernel=image, smp=2)) as machine:
         result = machine.run(timeout=RUN_TIMEOUT)
         console = machine.console_text
@@ -45,7 +45,7 @@ def test_an_instruction_hvvmm_cannot_complete_ends_the_run_with_one_line(guest_i
     if not _emulating_host():
         pytest.skip("with VT-x/AMD-V the CPU runs xrstor (the guest gets #UD, CR4.OSXSAVE is "
                     "clear); no emulation failure reaches hvvmm")
-    image = guest_image("insn_uncompletable", allow_instructions=("xrstor",))
+    image = guest_image("insn_uncompletable")  # the source allows xrstor
     with Machine(MachineConfig(kernel=image)) as machine:
         result = machine.run(timeout=RUN_TIMEOUT)
     assert result.kind is ExitKind.ERROR, result

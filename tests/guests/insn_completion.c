@@ -1,7 +1,8 @@
 /*
  * Instructions some KVMs cannot emulate in ring 0 (hvvmm completes them in user space there,
  * see hvvmm/x86/complete.py); on VT-x/AMD-V they run on the CPU and the same checks hold.
- * Built with allow_instructions (int3, int, cmpxchg16b): the builder refuses them otherwise.
+ * The builder refuses these in guests unless the source allows them:
+ * hvvmm-allow-instructions: int3 int cmpxchg16b
  */
 #include "guest.h"
 

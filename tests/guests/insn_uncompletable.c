@@ -1,5 +1,6 @@
 /* An instruction hvvmm does not complete (xrstor): on a host whose KVM emulates ring 0 the run
- * must end with one line naming the instruction bytes and RIP. */
+ * must end with one line naming the instruction bytes and RIP.
+ * hvvmm-allow-instructions: xrstor */
 #include "guest.h"
 
 static uint8_t area[1024] __attribute__((aligned(64)));
