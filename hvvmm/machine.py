@@ -386,6 +386,7 @@ class Machine:
         completed by :mod:`hvvmm.x86`. With KVM_CAP_EXIT_ON_EMULATION_FAILURE KVM exits for
         every such failure without queuing #UD first (Linux Documentation/virt/kvm/api.rst)."""
         from .x86 import Completer
+        from .x86.complete import xsave_layout
         from .x86.kvm_adapter import VcpuInstructionCompleter
 
         cap = kvmc.KVM_CAP_EXIT_ON_EMULATION_FAILURE
@@ -393,7 +394,8 @@ class Machine:
         if exits_cleanly:
             vm.enable_cap(cap, 1)
         self.instruction_completer = Completer(
-            exclusive=lambda: self.exclusive(current_vcpu_index()))
+            exclusive=lambda: self.exclusive(current_vcpu_index()),
+            xsave_layout=xsave_layout(supported))
         self._vcpu_completer = VcpuInstructionCompleter(
             self.instruction_completer, self._res.memory, log=log,
             ud_queued_by_kvm=not exits_cleanly,

@@ -345,6 +345,13 @@ class Vcpu:
         ffi.buffer(buffer)[:] = area
         self._ioctl(lib.KVM_SET_XSAVE, buffer, "KVM_SET_XSAVE")
 
+    def get_xcrs(self) -> dict[int, int]:
+        """``KVM_GET_XCRS``: the extended control registers (XCR0 = index 0) by index."""
+        xcrs = ffi.new("struct kvm_xcrs *")
+        self._ioctl(lib.KVM_GET_XCRS, xcrs, "KVM_GET_XCRS")
+        count = min(xcrs.nr_xcrs, len(xcrs.xcrs))
+        return {xcrs.xcrs[i].xcr: xcrs.xcrs[i].value for i in range(count)}
+
     def get_msrs(self, indices: Iterable[int]) -> dict[int, int]:
         indices = list(indices)
         msrs = ffi.new("struct kvm_msrs *", {"nmsrs": len(indices), "entries": len(indices)})

@@ -27,9 +27,9 @@ from typing import Callable, ContextManager
 from .decode import RAX, RBX, RCX, RDX, DecodeError, Instruction, decode
 from .paging import GuestMemoryAccess, PhysicalMemory, canonical
 from .state import (AC, ARITHMETIC_FLAGS, BP_VECTOR, CF, CR0_EM, CR0_MP, CR0_NE, CR0_TS,
-                    CR4_FSGSBASE, CR4_LA57, CR4_OSFXSR, CR4_PCIDE, DB_VECTOR, GP_VECTOR,
-                    MF_VECTOR, NM_VECTOR, OF, UD_VECTOR, ZF, CannotComplete, CpuState, Event,
-                    GuestFault)
+                    CR4_FSGSBASE, CR4_LA57, CR4_OSFXSR, CR4_OSXSAVE, CR4_PCIDE, DB_VECTOR,
+                    GP_VECTOR, MF_VECTOR, NM_VECTOR, OF, UD_VECTOR, ZF, CannotComplete, CpuState,
+                    Event, GuestFault)
 
 OF_VECTOR = 4
 FSW_ES = 1 << 7  # x87 error summary: an unmasked exception is pending (SDM vol. 1 8.1.3)
@@ -37,16 +37,10 @@ FSW_ES = 1 << 7  # x87 error summary: an unmasked exception is pending (SDM vol.
 COMPLETED = "completed"
 FAULTED = "faulted"
 
-# Instructions hvvmm recognises but does not complete (the xsave family needs the whole
-# extended state in the architectural layout; Linux runs without it given `noxsave`).
-NOT_COMPLETED = {
-    "xsave": "the xsave family is not completed by hvvmm (boot Linux with noxsave)",
-    "xrstor": "the xsave family is not completed by hvvmm (boot Linux with noxsave)",
-    "xsaveopt": "the xsave family is not completed by hvvmm (boot Linux with noxsave)",
-    "xsavec": "the xsave family is not completed by hvvmm (boot Linux with noxsave)",
-    "xsaves": "the xsave family is not completed by hvvmm (boot Linux with noxsave)",
-    "xrstors": "the xsave family is not completed by hvvmm (boot Linux with noxsave)",
-}
+# Instructions hvvmm recognises but does not complete: the compacted XSAVE forms (Linux runs
+# without them given `noxsave`).
+_COMPACTED = "the compacted xsave forms are not completed by hvvmm (boot Linux with noxsave)"
+NOT_COMPLETED = {"xsavec": _COMPACTED, "xsaves": _COMPACTED, "xrstors": _COMPACTED}
 
 
 @dataclass(frozen=True)
@@ -71,7 +65,11 @@ class Completer:
     source (the host's ``os.urandom``)."""
 
     def __init__(self, *, exclusive: Callable[[], ContextManager] | None = None,
-                 random_bytes: Callable[[int], bytes] = os.urandom):
+                 random_bytes: Callable[[int], bytes] = os.urandom,
+                 xsave_layout: dict[int, tuple[int, int]] | None = None):
+        # XSAVE state component i >= 2 -> (offset, size) in the standard format: CPUID 0xD
+        # sub-leaf i EBX and EAX (SDM vol. 1 13.4.3), from :func:`xsave_layout`.
+        self.xsave_layout = dict(xsave_layout or {})
         self._exclusive = exclusive
         self._random_bytes = random_bytes
         self._lock = threading.Lock()
@@ -366,7 +364,145 @@ def _invpcid(ctx: _Context, insn: Instruction) -> None:
     state.advance(insn.length)
 
 
+# -- XSAVE / XRSTOR (standard format) ----------------------------------------------------------
+# SDM vol. 1 13.7 (XSAVE) and 13.8 (XRSTOR). The vCPU's state comes from and goes back to
+# KVM_GET/SET_XSAVE, whose 4 KiB area has the same standard layout: legacy region (x87 in bytes
+# 0-23 and 32-159, MXCSR and MXCSR_MASK 24-31, XMM 160-415), XSAVE header at 512 (XSTATE_BV,
+# XCOMP_BV), then component i at the CPUID 0xD.i offset. XSTATE_BV of KVM's area stands for
+# XINUSE. The legacy region is copied in its 64-bit form (REX.W), what x86-64 kernels use.
+
+XSAVE_HEADER = 512
+_X87_RANGES = ((0, 24), (32, 160))
+_SSE_RANGE = (160, 416)
+_MXCSR_RANGE = (24, 32)
+_MXCSR = -1  # not a component: MXCSR and MXCSR_MASK, shared by components 1 and 2
+_AREA_SIZE = 4096
+
+
+def xsave_layout(cpuid_entries) -> dict[int, tuple[int, int]]:
+    """Component -> (offset, size) from CPUID 0xD sub-leaves 2..62 (``CpuidEntry`` objects)."""
+    layout = {}
+    for entry in cpuid_entries:
+        if entry.function == 0xD and 2 <= entry.index < 63 and entry.eax:
+            layout[entry.index] = (entry.ebx, entry.eax)
+    return layout
+
+
+def _component_ranges(ctx: _Context, rfbm: int) -> list[tuple[int, int, int]]:
+    """(component, start, end) of every byte range of the area that RFBM selects."""
+    ranges = []
+    if rfbm & 1:
+        ranges += [(0, start, end) for start, end in _X87_RANGES]
+    if rfbm & 2:
+        ranges.append((1, *_SSE_RANGE))
+    if rfbm & 6:
+        ranges.append((_MXCSR, *_MXCSR_RANGE))
+    for component in range(2, 63):
+        if rfbm >> component & 1:
+            where = ctx.completer.xsave_layout.get(component)
+            if where is None or where[0] + where[1] > _AREA_SIZE:
+                raise CannotComplete(f"XSAVE state component {component} is not in the 4 KiB "
+                                     "area KVM_GET_XSAVE gives")
+            ranges.append((component, where[0], where[0] + where[1]))
+    return ranges
+
+
+def _xsave_checks(ctx: _Context, insn: Instruction) -> tuple[int, int]:
+    """#UD without CR4.OSXSAVE, #NM with CR0.TS, #GP(0) unless 64-byte aligned; returns the
+    area's linear address and RFBM = XCR0 & EDX:EAX."""
+    state = ctx.state
+    if not state.cr4 & CR4_OSXSAVE:
+        raise GuestFault(UD_VECTOR, why=f"{insn.mnemonic} with CR4.OSXSAVE clear")
+    if state.cr0 & CR0_TS:
+        raise GuestFault(NM_VECTOR, why=f"{insn.mnemonic} with CR0.TS")
+    linear = ctx.linear(insn, XSAVE_HEADER + 64)
+    if linear % 64:
+        raise GuestFault(GP_VECTOR, 0, why=f"{insn.mnemonic} area {linear:#x} not 64-byte aligned")
+    rfbm = state.xcr0 & ((state.gpr(RDX, 4) << 32) | state.gpr(RAX, 4))
+    return linear, rfbm
+
+
+def _xgetbv(ctx: _Context, insn: Instruction) -> None:
+    """EDX:EAX = XCR[ECX]: XCR0, or for ECX = 1 XCR0 & XINUSE; #GP(0) for any other XCR, #UD
+    without CR4.OSXSAVE (SDM vol. 2 XGETBV)."""
+    state = ctx.state
+    if not state.cr4 & CR4_OSXSAVE:
+        raise GuestFault(UD_VECTOR, why="xgetbv with CR4.OSXSAVE clear")
+    index = state.gpr(RCX, 4)
+    if index == 0:
+        value = state.xcr0
+    elif index == 1:
+        in_use = int.from_bytes(state.xsave_area[XSAVE_HEADER:XSAVE_HEADER + 8], "little")
+        value = state.xcr0 & in_use
+    else:
+        raise GuestFault(GP_VECTOR, 0, why=f"xgetbv of XCR{index}")
+    state.set_gpr(RAX, value & 0xFFFF_FFFF, 4)
+    state.set_gpr(RDX, value >> 32, 4)
+    state.advance(insn.length)
+
+
+def _xsave(ctx: _Context, insn: Instruction) -> None:
+    """XSAVE/XSAVEOPT: each RFBM component to memory; XSTATE_BV[i] = XINUSE[i] for i in
+    RFBM, the header's other bytes untouched (XSAVEOPT's optimizations are optional: it
+    behaves as XSAVE here)."""
+    state = ctx.state
+    linear, rfbm = _xsave_checks(ctx, insn)
+    ranges = _component_ranges(ctx, rfbm)
+    area = state.xsave_area
+    header = ctx.memory.read(linear + XSAVE_HEADER, 8)
+    in_use = int.from_bytes(area[XSAVE_HEADER:XSAVE_HEADER + 8], "little")
+    xstate_bv = (int.from_bytes(header, "little") & ~rfbm) | (in_use & rfbm)
+    writes = [(start, bytes(area[start:end])) for _, start, end in ranges]
+    writes.append((XSAVE_HEADER, xstate_bv.to_bytes(8, "little")))
+    for offset, data in writes:  # every page checked before the first byte is written
+        ctx.memory.check_writable(linear + offset, len(data))
+    for offset, data in writes:
+        ctx.memory.write(linear + offset, data)
+    state.advance(insn.length)
+
+
+def _xrstor(ctx: _Context, insn: Instruction) -> None:
+    """XRSTOR, standard form: #GP(0) for XSTATE_BV bits outside XCR0, header bytes 8-23 not
+    zero, or reserved MXCSR bits; each RFBM component is loaded from memory where XSTATE_BV
+    has it and put in its initial state otherwise; MXCSR is loaded whenever RFBM[1] or
+    RFBM[2] (SDM vol. 1 13.8.1). The compacted form (XCOMP_BV bit 63) is not completed."""
+    state = ctx.state
+    linear, rfbm = _xsave_checks(ctx, insn)
+    header = ctx.memory.read(linear + XSAVE_HEADER, 64)
+    xstate_bv = int.from_bytes(header[0:8], "little")
+    if header[15] & 0x80:
+        raise CannotComplete("xrstor of a compacted-format area is not completed by hvvmm")
+    if xstate_bv & ~state.xcr0 or any(header[8:24]):
+        raise GuestFault(GP_VECTOR, 0, why="xrstor: bad XSAVE header")
+    ranges = _component_ranges(ctx, rfbm)
+    mxcsr = None
+    if rfbm & 6:
+        mxcsr = int.from_bytes(ctx.memory.read(linear + 24, 4), "little")
+        if mxcsr & ~state.fpu_mxcsr_mask():
+            raise GuestFault(GP_VECTOR, 0, why=f"xrstor: reserved MXCSR bits in {mxcsr:#x}")
+    area = state.xsave_area
+    for component, start, end in ranges:
+        if component == _MXCSR:
+            continue
+        if xstate_bv >> component & 1:
+            area[start:end] = ctx.memory.read(linear + start, end - start)
+        else:
+            area[start:end] = bytes(end - start)
+            if component == 0:
+                area[0:2] = (0x037F).to_bytes(2, "little")  # FCW's initial value
+    if mxcsr is not None:
+        area[24:28] = mxcsr.to_bytes(4, "little")
+    loaded = (int.from_bytes(area[XSAVE_HEADER:XSAVE_HEADER + 8], "little") & ~rfbm) | \
+        (xstate_bv & rfbm)
+    if mxcsr is not None:
+        loaded |= 2  # KVM_SET_XSAVE takes MXCSR only with the SSE bit; XMM is loaded or zero
+    area[XSAVE_HEADER:XSAVE_HEADER + 8] = loaded.to_bytes(8, "little")
+    state.dirty.add("xsave")
+    state.advance(insn.length)
+
+
 _HANDLERS: dict[str, Callable[[_Context, Instruction], None]] = {
+    "xsave": _xsave, "xsaveopt": _xsave, "xrstor": _xrstor, "xgetbv": _xgetbv,
     "int3": _int3, "int1": _int1, "int": _int_n, "into": _into,
     "fwait": _fwait, "fninit": _fninit, "fnclex": _fnclex,
     "ldmxcsr": _ldmxcsr, "stmxcsr": _stmxcsr,

@@ -147,6 +147,7 @@ OPCODES: dict[tuple, OpcodeSpec] = {
     _key(MAP_ONE_BYTE, 0x9B): OpcodeSpec("fwait"),
     _key(MAP_ONE_BYTE, 0xDB, None, 4, True, 2): OpcodeSpec("fnclex", modrm=True, forms="reg"),
     _key(MAP_ONE_BYTE, 0xDB, None, 4, True, 3): OpcodeSpec("fninit", modrm=True, forms="reg"),
+    _key(MAP_0F, 0x01, None, 2, True, 0): OpcodeSpec("xgetbv", modrm=True, forms="reg"),
     _key(MAP_0F, 0x01, None, 1, True, 2): OpcodeSpec("clac", modrm=True, forms="reg"),
     _key(MAP_0F, 0x01, None, 1, True, 3): OpcodeSpec("stac", modrm=True, forms="reg"),
     _key(MAP_0F, 0xAE, None, 2, False): OpcodeSpec("ldmxcsr", modrm=True, forms="mem"),
@@ -169,7 +170,8 @@ OPCODES: dict[tuple, OpcodeSpec] = {
 }
 
 
-def _lookup(opcode_map: int, opcode: int, prefix: int | None, modrm: int | None) -> OpcodeSpec | None:
+def _lookup(opcode_map: int, opcode: int, prefix: int | None,
+            modrm: int | None) -> OpcodeSpec | None:
     if modrm is None:
         return OPCODES.get(_key(opcode_map, opcode, prefix))
     digit, mod3, rm = (modrm >> 3) & 7, modrm >> 6 == 3, modrm & 7
@@ -285,8 +287,8 @@ def decode(data: bytes, mode: CpuMode = MODE64) -> Instruction:
     if modrm is not None:
         mod = modrm >> 6
         if spec.forms == "reg" and mod != 3 or spec.forms == "mem" and mod == 3:
-            raise UnsupportedInstruction(f"{spec.mnemonic}: no {'memory' if mod != 3 else 'register'}"
-                                         " form")
+            form = "memory" if mod != 3 else "register"
+            raise UnsupportedInstruction(f"{spec.mnemonic}: no {form} form")
         reg = ((modrm >> 3) & 7) | (8 if rex & 4 else 0)
         if mod == 3:
             rm = (modrm & 7) | (8 if rex & 1 else 0)

@@ -1,9 +1,10 @@
 """Moves a :class:`~hvvmm.x86.state.CpuState` in and out of a KVM vCPU (an
 :class:`hvvmm.kvm.Vcpu`, duck-typed: anything with its register methods works).
 
-Only what a completion changed goes back: ``KVM_SET_REGS`` for GPRs/RIP/RFLAGS, ``KVM_SET_FPU``
-for the x87/SSE control state, the FS/GS base MSRs (IA32_FS_BASE 0xC0000100, IA32_GS_BASE
-0xC0000101: the 64-bit bases without ``KVM_SET_SREGS``), then the event. A #PF needs CR2, which
+Only what a completion changed goes back: ``KVM_SET_REGS`` for GPRs/RIP/RFLAGS,
+``KVM_SET_XSAVE`` (``KVM_SET_FPU`` without KVM_CAP_XSAVE) for the x87/SSE state and XRSTOR, the
+FS/GS base MSRs (IA32_FS_BASE 0xC0000100, IA32_GS_BASE 0xC0000101: the 64-bit bases without
+``KVM_SET_SREGS``), then the event. A #PF needs CR2, which
 only ``KVM_SET_SREGS`` sets; that call also rewrites TPR from CR8, so TPR bits 3:0 are put back
 as :func:`hvvmm.hyperv.flush_vcpu_guest_tlb` does. A TLB flush (INVPCID) is that function.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import struct
 
-from .state import PF_VECTOR, CpuState, FpuControl, Segment
+from .state import PF_VECTOR, CannotComplete, CpuState, FpuControl, Segment
 
 # The legacy region of an XSAVE/FXSAVE area (SDM vol. 1 table 10-2): FCW, FSW, abridged FTW,
 # reserved, FOP, FIP (64-bit form), FDP, MXCSR, MXCSR_MASK.
@@ -46,9 +47,14 @@ def load_state(vcpu, use_xsave: bool = True) -> CpuState:
         return FpuControl(fpu.fcw, fpu.fsw, fpu.ftwx, fpu.last_opcode, fpu.last_ip, fpu.last_dp,
                           fpu.mxcsr)
 
+    def no_xsave() -> bytes:
+        raise CannotComplete("this KVM has no KVM_GET_XSAVE for the XSAVE state")
+
     return CpuState(gprs=[getattr(regs, name) for name in _KVM_GPRS], rip=regs.rip,
                     rflags=regs.rflags, segments=segments, cr0=sregs.cr0, cr2=sregs.cr2,
-                    cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer, fpu_loader=load_fpu)
+                    cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer, fpu_loader=load_fpu,
+                    xcr0_loader=lambda: vcpu.get_xcrs().get(0, 1),
+                    xsave_loader=vcpu.get_xsave if use_xsave else no_xsave)
 
 
 def store_state(vcpu, state: CpuState, use_xsave: bool = True) -> None:
@@ -79,6 +85,8 @@ def store_state(vcpu, state: CpuState, use_xsave: bool = True) -> None:
                                                          control.last_dp)
             fpu.mxcsr = control.mxcsr
             vcpu.set_fpu(fpu)
+    if "xsave" in state.dirty:
+        vcpu.set_xsave(bytes(state.xsave_area))
     msrs = {}
     if "fs_base" in state.dirty:
         msrs[MSR_FS_BASE] = state.segments["fs"].base

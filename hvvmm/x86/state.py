@@ -109,9 +109,13 @@ class CpuState:
     cr3: int = 0
     cr4: int = CR4_PAE | CR4_OSFXSR
     efer: int = EFER_LME | EFER_LMA | EFER_NXE
-    # Loaded on first use through fpu_loader (None: the default state).
+    # Loaded on first use through the loaders (None: the default state).
     fpu_loader: Callable[[], FpuControl] | None = None
     _fpu: FpuControl | None = None
+    xcr0_loader: Callable[[], int] | None = None      # XCR0 (KVM_GET_XCRS)
+    _xcr0: int | None = None
+    xsave_loader: Callable[[], bytes] | None = None   # the XSAVE area, standard format
+    _xsave: bytearray | None = None
     # Effects for the KVM side.
     dirty: set[str] = field(default_factory=set)  # "regs", "fpu", "fs_base", "gs_base"
     event: Event | None = None
@@ -184,7 +188,38 @@ class CpuState:
     def fpu_changed(self) -> None:
         self.dirty.add("fpu")
 
+    def fpu_mxcsr_mask(self) -> int:
+        """MXCSR_MASK: from the XSAVE area when it is loaded, else the x87/SSE control state."""
+        if self._xsave is not None:
+            return int.from_bytes(self._xsave[28:32], "little") or 0xFFBF
+        return self.fpu.mxcsr_mask
+
+    @property
+    def xcr0(self) -> int:
+        if self._xcr0 is None:
+            self._xcr0 = self.xcr0_loader() if self.xcr0_loader is not None else 0x3
+        return self._xcr0
+
+    @property
+    def xsave_area(self) -> bytearray:
+        """The vCPU's XSAVE area in the standard (non-compacted) format, as KVM_GET_XSAVE
+        gives it (4 KiB): legacy region, header at 512, components at their CPUID 0xD
+        offsets. Write it back with ``dirty.add("xsave")``."""
+        if self._xsave is None:
+            self._xsave = bytearray(self.xsave_loader() if self.xsave_loader is not None
+                                    else _default_xsave_area())
+        return self._xsave
+
     # -- events -------------------------------------------------------------------------------
 
     def raise_event(self, event: Event) -> None:
         self.event = event
+
+
+def _default_xsave_area() -> bytes:
+    """A reset-state XSAVE area: FCW 0x037F, MXCSR 0x1F80, MXCSR_MASK 0xFFFF, all else 0."""
+    area = bytearray(4096)
+    area[0:2] = (0x037F).to_bytes(2, "little")
+    area[24:28] = (0x1F80).to_bytes(4, "little")
+    area[28:32] = (0xFFFF).to_bytes(4, "little")
+    return bytes(area)

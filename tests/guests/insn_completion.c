@@ -2,7 +2,7 @@
  * Instructions some KVMs cannot emulate in ring 0 (hvvmm completes them in user space there,
  * see hvvmm/x86/complete.py); on VT-x/AMD-V they run on the CPU and the same checks hold.
  * The builder refuses these in guests unless the source allows them:
- * hvvmm-allow-instructions: int3 int cmpxchg16b
+ * hvvmm-allow-instructions: int3 int cmpxchg16b xsetbv xgetbv xsave64 xrstor64
  */
 #include "guest.h"
 
@@ -223,6 +223,49 @@ static void test_invpcid(void)
            "invpcid type 4: #GP");
 }
 
+static uint8_t xsave_area[4096] __attribute__((aligned(64)));
+static uint8_t xrstor_area[4096] __attribute__((aligned(64), used));
+
+static void test_xsave_xrstor(void)
+{
+    static uint64_t xmm_in[2] __attribute__((aligned(16))) = { 0x1122334455667788ul, 0x99 };
+    static uint64_t xmm_out[2] __attribute__((aligned(16)));
+    uint32_t mxcsr = 0x7F80, lo, hi;
+
+    if (!(cpuid(1).c & (1u << 26))) {
+        report_skip("xsave/xrstor: no XSAVE in CPUID");
+        return;
+    }
+    exception_clear();
+    asm volatile(ASM_TRY("1f") "mov %0, %%cr4\n\t1:" :: "r"(read_cr4() | (1ul << 18))
+                 : "memory");
+    if (exception_vector() || asm_try("xor %%ecx, %%ecx; mov $3, %%eax; xor %%edx, %%edx; "
+                                      "xsetbv")) {
+        report_skip("xsave/xrstor: the vCPU refuses CR4.OSXSAVE or XCR0 = 3");
+        return;
+    }
+    asm volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    report(lo == 3 && hi == 0, "xgetbv: XCR0 %#x", lo);
+    asm volatile("ldmxcsr %0; movdqu %1, %%xmm3" :: "m"(mxcsr), "m"(xmm_in));
+    asm volatile("xsave64 %0" : "=m"(xsave_area) : "a"(3), "d"(0) : "memory");
+    report(*(uint32_t *)(xsave_area + 24) == 0x7F80
+           && *(uint64_t *)(xsave_area + 160 + 3 * 16) == xmm_in[0]
+           && (*(uint64_t *)(xsave_area + 512) & ~3ul) == 0,
+           "xsave: MXCSR %#x, XMM3 %#lx, XSTATE_BV %#lx", *(uint32_t *)(xsave_area + 24),
+           *(uint64_t *)(xsave_area + 160 + 3 * 16), *(uint64_t *)(xsave_area + 512));
+    memcpy(xrstor_area, xsave_area, sizeof xrstor_area);
+    *(uint32_t *)(xrstor_area + 24) = 0x1F80;
+    *(uint64_t *)(xrstor_area + 160 + 3 * 16) = 0xABCDEF;
+    *(uint64_t *)(xrstor_area + 512) = 3;
+    asm volatile("xrstor64 %0" :: "m"(xrstor_area), "a"(3), "d"(0) : "memory");
+    asm volatile("stmxcsr %0; movdqu %%xmm3, %1" : "=m"(mxcsr), "=m"(xmm_out));
+    report(mxcsr == 0x1F80 && xmm_out[0] == 0xABCDEF && xmm_out[1] == 0x99,
+           "xrstor: MXCSR %#x, XMM3 %#lx:%#lx", mxcsr, xmm_out[1], xmm_out[0]);
+    *(uint64_t *)(xrstor_area + 512) = 1ul << 40; /* a component XCR0 does not have */
+    report(asm_try("mov $3, %%eax; xor %%edx, %%edx; xrstor64 xrstor_area(%%rip)")
+           == GP_VECTOR, "xrstor of an XSTATE_BV bit outside XCR0: #GP");
+}
+
 int main(void)
 {
     test_int3_and_int_n();
@@ -233,6 +276,7 @@ int main(void)
     test_clac_stac();
     test_fsgsbase();
     test_invpcid();
+    test_xsave_xrstor();
     test_cmpxchg16b();
     report_summary();
 }

@@ -1,15 +1,12 @@
-/* An instruction hvvmm does not complete (xrstor): on a host whose KVM emulates ring 0 the run
- * must end with one line naming the instruction bytes and RIP.
- * hvvmm-allow-instructions: xrstor */
+/* An instruction hvvmm does not complete (SSE2 movq from a general register: SIMD is left to
+ * the guest's own feature switches, see hvvmm/x86/features.py). On a host whose KVM emulates
+ * ring 0 the run must end with one line naming the instruction bytes and RIP. */
 #include "guest.h"
-
-static uint8_t area[1024] __attribute__((aligned(64)));
 
 int main(void)
 {
-    printf("executing xrstor\n");
-    asm volatile("xor %%eax, %%eax; xor %%edx, %%edx; xrstor %0" :: "m"(area) : "rax", "rdx",
-                 "memory");
-    report(false, "xrstor returned");
+    printf("executing movq %%rax, %%xmm3\n");
+    asm volatile("mov $1, %%eax; movq %%rax, %%xmm3" ::: "rax");
+    report(false, "movq returned");
     report_summary();
 }

@@ -9,7 +9,7 @@ from x86fakes import P, RW, paged_memory, protected_state, state_for
 from hvvmm.x86 import COMPLETED, FAULTED, CannotComplete, Completer
 from hvvmm.x86.paging import US
 from hvvmm.x86.state import (AC, CF, CR0_EM, CR0_MP, CR0_NE, CR0_TS, CR4_FSGSBASE, CR4_OSFXSR,
-                             CR4_PCIDE, OF, PF, SF, ZF, Segment)
+                             CR4_OSXSAVE, CR4_PCIDE, OF, PF, SF, ZF, Segment)
 
 RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI = range(8)
 RIP = 0x38_1000
@@ -285,11 +285,105 @@ def test_invpcid(machine):
 
 # -- what is not completed, and fetching ---------------------------------------------------------
 
-def test_xsave_family_cannot_complete_and_leaves_the_state(machine):
+# -- XSAVE / XRSTOR / XGETBV -------------------------------------------------------------------
+
+AVX_OFFSET = 576  # CPUID 0xD.2 EBX on every CPU with AVX
+
+
+def xsave_machine(machine, xcr0=0x7, in_use=0x7):
+    state, memory, completer = machine
+    state.cr4 |= CR4_OSXSAVE
+    state._xcr0 = xcr0
+    completer.xsave_layout = {2: (AVX_OFFSET, 256)}
+    area = bytearray(4096)
+    area[0:2] = (0x037F).to_bytes(2, "little")
+    area[24:32] = (0x7F80).to_bytes(4, "little") + (0xFFFF).to_bytes(4, "little")
+    area[160 + 16 * 3:160 + 16 * 4] = b"\x33" * 16          # XMM3
+    area[AVX_OFFSET:AVX_OFFSET + 16] = b"\xAA" * 16          # YMM0 upper half
+    area[512:520] = in_use.to_bytes(8, "little")
+    state._xsave = area
+    return state, memory
+
+
+def test_xsave_writes_the_selected_components_and_xstate_bv(machine):
+    state, memory = xsave_machine(machine, in_use=0x6)
+    memory.write(DATA + 512, (1 << 5 | 1).to_bytes(8, "little"))  # bit 5: not in RFBM, kept
+    run(machine, "480fae27", rdi=DATA, rax=0x7, rdx=0)            # xsave64 [rdi]
+    assert memory.read_u32(DATA + 24) == 0x7F80 and memory.read_u16(DATA) == 0x037F
+    assert memory.read(DATA + 160 + 48, 16) == b"\x33" * 16
+    assert memory.read(DATA + AVX_OFFSET, 16) == b"\xAA" * 16
+    assert memory.read_u64(DATA + 512) == (1 << 5) | 0x6           # XSTATE_BV[i] = XINUSE[i]
+    assert state.rip == RIP + 4 and "xsave" not in state.dirty
+
+
+def test_xsave_with_rfbm_sse_only_leaves_avx_and_x87_alone(machine):
+    state, memory = xsave_machine(machine)
+    memory.fill(DATA, 1024, 0x5A)
+    run(machine, "480fae27", rdi=DATA, rax=0x2, rdx=0)
+    assert memory.read(DATA + 160 + 48, 16) == b"\x33" * 16
+    assert memory.read_u32(DATA + 24) == 0x7F80                   # MXCSR goes with SSE
+    assert memory.read(DATA, 2) == b"\x5A\x5A" and memory.read(DATA + AVX_OFFSET, 2) == b"\x5A\x5A"
+
+
+def test_xsave_faults(machine):
+    state, memory = xsave_machine(machine)
+    assert_fault(machine, run(machine, "480fae27", rdi=DATA + 32, rax=7), 13, 0)  # alignment
+    state.cr0 |= CR0_TS
+    assert_fault(machine, run(machine, "480fae27", rdi=DATA, rax=7), 7)
+    state.cr4 &= ~CR4_OSXSAVE
+    assert_fault(machine, run(machine, "480fae27", rdi=DATA, rax=7), 6)
+
+
+def test_xrstor_loads_present_components_and_inits_the_others(machine):
+    state, memory = xsave_machine(machine)
+    memory.fill(DATA, 1024)
+    memory.write_u32(DATA + 24, 0x1F80)
+    memory.write(DATA + 160 + 48, b"\x77" * 16)
+    memory.write(DATA + AVX_OFFSET, b"\x99" * 16)                # ignored: XSTATE_BV[2] = 0
+    memory.write_u64(DATA + 512, 0x2)
+    run(machine, "480fae2f", rdi=DATA, rax=0x7, rdx=0)            # xrstor64 [rdi]
+    area = state.xsave_area
+    assert area[160 + 48:160 + 64] == b"\x77" * 16 and area[24:28] == (0x1F80).to_bytes(4, "little")
+    assert area[AVX_OFFSET:AVX_OFFSET + 16] == bytes(16)           # AVX: initial state
+    assert area[0:2] == (0x037F).to_bytes(2, "little")             # x87: initial FCW
+    assert int.from_bytes(area[512:520], "little") == 0x2
+    assert "xsave" in state.dirty and state.rip == RIP + 4
+
+
+def test_xrstor_faults_and_the_compacted_form(machine):
+    state, memory = xsave_machine(machine, xcr0=0x3)
+    memory.fill(DATA, 1024)
+    memory.write_u64(DATA + 512, 0x4)                             # AVX, not in XCR0
+    assert_fault(machine, run(machine, "480fae2f", rdi=DATA, rax=3), 13, 0)
+    memory.write_u64(DATA + 512, 0x3)
+    memory.write_u64(DATA + 528, 1)                               # header bytes 16-23
+    assert_fault(machine, run(machine, "480fae2f", rdi=DATA, rax=3), 13, 0)
+    memory.write_u64(DATA + 528, 0)
+    memory.write_u32(DATA + 24, 0x10000)                          # reserved MXCSR bit
+    assert_fault(machine, run(machine, "480fae2f", rdi=DATA, rax=3), 13, 0)
+    memory.write_u32(DATA + 24, 0x1F80)
+    memory.write_u64(DATA + 520, 1 << 63)                         # XCOMP_BV[63]: compacted
+    with pytest.raises(CannotComplete, match="compacted"):
+        run(machine, "480fae2f", rdi=DATA, rax=3)
+    assert state.rip == RIP
+
+
+def test_xgetbv(machine):
+    state, _ = xsave_machine(machine, xcr0=0x7, in_use=0x3)
+    run(machine, "0f01d0", rcx=0, rax=0xFFFF_FFFF_0000_0000)
+    assert (state.gprs[RAX], state.gprs[RDX], state.rip) == (0x7, 0, RIP + 3)
+    state.rip = RIP
+    run(machine, "0f01d0", rcx=1)
+    assert state.gprs[RAX] == 0x3
+    state.rip = RIP
+    assert_fault(machine, run(machine, "0f01d0", rcx=2), 13, 0)
+
+
+def test_compacted_xsave_forms_cannot_complete_and_leave_the_state(machine):
     state = machine[0]
     with pytest.raises(CannotComplete) as info:
-        run(machine, "0fae2c24")
-    assert info.value.instruction.mnemonic == "xrstor" and "noxsave" in str(info.value)
+        run(machine, "0fc72f")                                    # xsaves [rdi]
+    assert info.value.instruction.mnemonic == "xsaves" and "noxsave" in str(info.value)
     assert state.rip == RIP and state.event is None
 
 

@@ -37,6 +37,10 @@ RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI = range(8)
     ("66f30fb8c1", "popcnt", 5),
     ("660f38820a", "invpcid", 5),
     ("0fae2c24", "xrstor", 4),
+    ("480fae27", "xsave", 4),
+    ("0fae37", "xsaveopt", 3),
+    ("0f01d0", "xgetbv", 3),
+    ("0fc72f", "xsaves", 3),
     ("2e3e66f3480fb8840080000000", "popcnt", 13),
 ])
 def test_known_encodings(hex_bytes, mnemonic, length):
@@ -138,7 +142,8 @@ SNIPPETS = [
     "lock cmpxchg16b (%rdi)", "cmpxchg16b 8(%rsp)", "lock cmpxchg8b 0x40(%rax,%rbx,4)",
     "popcnt %rcx, %rax", "popcnt (%rsi), %r8d", "popcnt %cx, %dx",
     "popcnt 0x1000(,%rax,4), %rbx", "invpcid (%rdx), %rax", "invpcid 8(%rsp), %r12",
-    "addr32 ldmxcsr (%eax)",
+    "addr32 ldmxcsr (%eax)", "xgetbv", "xsave64 0x40(%rdi)", "xrstor (%rsp)",
+    "xsaveopt64 -0x200(%rbp)", "xsaves64 (%rax)", "xsavec (%rbx)", "xrstors64 8(%rcx)",
 ]
 
 

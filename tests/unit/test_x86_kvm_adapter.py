@@ -54,6 +54,9 @@ class FakeVcpu:
         self.calls.append("set_xsave")
         self.xsave = area
 
+    def get_xcrs(self):
+        return {0: 0x3}
+
     def set_msrs(self, msrs):
         self.calls.append(("set_msrs", dict(msrs)))
 
@@ -130,10 +133,10 @@ def test_int_n_and_wrfsbase():
 
 def test_uncompletable_instruction_gives_one_line_with_bytes_and_rip():
     completer, thread, vcpu, _ = make()
-    message = completer(thread, exit_with("0fae2c24" + "90" * 11))
+    message = completer(thread, exit_with("0fc72f" + "90" * 12))
     assert message == ("vCPU 0 at rip 0x381000: KVM could not emulate the instruction "
-                       "0f ae 2c 24 (xrstor) and hvvmm cannot complete it: the xsave family is "
-                       "not completed by hvvmm (boot Linux with noxsave)")
+                       "0f c7 2f (xsaves) and hvvmm cannot complete it: the compacted xsave "
+                       "forms are not completed by hvvmm (boot Linux with noxsave)")
     message = completer(thread, exit_with("0f0b9090"))
     assert "0f 0b 90 90" in message and "rip 0x381000" in message and "\n" not in message
     assert vcpu.calls == []
@@ -151,3 +154,17 @@ def test_a_ud_queued_by_kvm_is_dropped_after_a_completion():
     vcpu.events.exception.injected, vcpu.events.exception.nr = 1, 6
     assert completer(thread, exit_with("9b")) is None
     assert vcpu.events.exception.injected == 0 and "set_vcpu_events" in vcpu.calls
+
+
+def test_xrstor_goes_back_through_set_xsave():
+    completer, thread, vcpu, memory = make()
+    vcpu.sregs.cr4 |= 1 << 18  # OSXSAVE
+    memory.write_u32(0x30_0018, 0x1F00)           # MXCSR in the guest's area at 0x300000
+    memory.write(0x30_00A0, b"\x42" * 16)         # XMM0
+    memory.write_u64(0x30_0200, 0x2)              # XSTATE_BV: SSE
+    vcpu.regs.rdi, vcpu.regs.rax = 0x30_0000, 0x3
+    assert completer(thread, exit_with("480fae2f")) is None
+    assert "set_xsave" in vcpu.calls
+    assert vcpu.xsave[160:176] == b"\x42" * 16
+    assert struct.unpack_from("<I", vcpu.xsave, 24)[0] == 0x1F00
+    assert vcpu.regs.rip == RIP + 4
