@@ -349,7 +349,8 @@ CAPABILITIES = (
     ("KVM_CAP_TSC_DEADLINE_TIMER", "guest timers"),
     ("KVM_CAP_HYPERV", "never used: hvvmm implements Hyper-V itself"),
     ("KVM_CAP_EXIT_ON_EMULATION_FAILURE", "instruction completion without a queued #UD"),
-    ("KVM_CAP_XSAVE", "MXCSR and x87 state for instruction completion"),
+    ("KVM_CAP_XSAVE", "x87/SSE/XSAVE state for instruction completion"),
+    ("KVM_CAP_XCRS", "XCR0 for completing xsave/xrstor/xgetbv"),
 )
 
 
