@@ -4,6 +4,8 @@ guest memory behind hand-built page tables (no /dev/kvm)."""
 import contextlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from x86fakes import P, RW, paged_memory, protected_state, state_for
 
 from hvvmm.x86 import COMPLETED, FAULTED, CannotComplete, Completer
@@ -423,3 +425,33 @@ def test_protected_mode_with_32_bit_paging():
     state16.rip = 0xFFFF
     Completer().complete(state16, memory, bytes.fromhex("cc"))
     assert state16.rip == 0
+
+
+# -- nothing a guest supplies may crash the VMM --------------------------------------------------
+
+_KNOWN_PREFIXES = ["", "66", "f3", "f2", "f0", "48", "4f", "67", "65", "2e"]
+_KNOWN_OPCODES = ["cc", "cd", "ce", "f1", "9b", "db", "0f01", "0fae", "0fc7", "0fb8", "0f3882"]
+
+
+@settings(max_examples=300)
+@given(prefix=st.lists(st.sampled_from(_KNOWN_PREFIXES), max_size=3),
+       opcode=st.sampled_from(_KNOWN_OPCODES), tail=st.binary(min_size=0, max_size=12),
+       gprs=st.lists(st.integers(0, (1 << 64) - 1), min_size=16, max_size=16),
+       cr4_bits=st.integers(0, (1 << 22) - 1))
+def test_any_bytes_and_registers_complete_fault_or_refuse(prefix, opcode, tail, gprs, cr4_bits):
+    memory, tables = paged_memory("long4")
+    for page in range(0, 0x40_0000, 0x20_0000):
+        tables.map(page, page, P | RW, level=2)
+    state = state_for(tables)
+    state.rip = RIP
+    state.gprs = list(gprs)
+    state.cr4 = (state.cr4 | cr4_bits) & ~(1 << 12)  # LA57 would need 5-level tables
+    code = bytes.fromhex("".join(prefix) + opcode) + tail
+    try:
+        completion = Completer(xsave_layout={2: (576, 256)}).complete(state, memory, code)
+    except CannotComplete:
+        return
+    if completion.outcome == FAULTED:
+        assert state.rip == RIP and state.event.kind == "exception"
+    else:
+        assert state.rip == RIP + completion.instruction.length
