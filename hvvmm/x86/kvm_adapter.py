@@ -28,6 +28,10 @@ _SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs")
 
 
 def load_state(vcpu, use_xsave: bool = True) -> CpuState:
+    return _load_state(vcpu, use_xsave)[0]
+
+
+def _load_state(vcpu, use_xsave: bool = True):
     """The vCPU's registers (``KVM_GET_REGS``, ``KVM_GET_SREGS``; the x87/SSE control state
     only on demand, from ``KVM_GET_XSAVE`` with ``use_xsave`` (KVM_CAP_XSAVE), else from
     ``KVM_GET_FPU``)."""
@@ -50,17 +54,21 @@ def load_state(vcpu, use_xsave: bool = True) -> CpuState:
     def no_xsave() -> bytes:
         raise CannotComplete("this KVM has no KVM_GET_XSAVE for the XSAVE state")
 
-    return CpuState(gprs=[getattr(regs, name) for name in _KVM_GPRS], rip=regs.rip,
-                    rflags=regs.rflags, segments=segments, cr0=sregs.cr0, cr2=sregs.cr2,
-                    cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer, fpu_loader=load_fpu,
-                    xcr0_loader=lambda: vcpu.get_xcrs().get(0, 1),
-                    xsave_loader=vcpu.get_xsave if use_xsave else no_xsave)
+    state = CpuState(gprs=[getattr(regs, name) for name in _KVM_GPRS], rip=regs.rip,
+                     rflags=regs.rflags, segments=segments, cr0=sregs.cr0, cr2=sregs.cr2,
+                     cr3=sregs.cr3, cr4=sregs.cr4, efer=sregs.efer, fpu_loader=load_fpu,
+                     xcr0_loader=lambda: vcpu.get_xcrs().get(0, 1),
+                     xsave_loader=vcpu.get_xsave if use_xsave else no_xsave)
+    return state, regs
 
 
-def store_state(vcpu, state: CpuState, use_xsave: bool = True) -> None:
-    """Write back what changed, then inject ``state.event`` and flush if asked."""
+def store_state(vcpu, state: CpuState, use_xsave: bool = True, regs=None) -> None:
+    """Write back what changed, then inject ``state.event`` and flush if asked. ``regs``: the
+    ``struct kvm_regs`` the state was loaded from (saves a KVM_GET_REGS); nothing else may
+    have changed the vCPU's registers since."""
     if "regs" in state.dirty:
-        regs = vcpu.get_regs()
+        if regs is None:
+            regs = vcpu.get_regs()
         for name, value in zip(_KVM_GPRS, state.gprs):
             setattr(regs, name, value)
         regs.rip, regs.rflags = state.rip, state.rflags
@@ -142,7 +150,7 @@ class VcpuInstructionCompleter:
 
         vcpu = thread.vcpu
         insn_bytes = exit.instruction_bytes
-        state = load_state(vcpu, self._use_xsave)
+        state, regs = _load_state(vcpu, self._use_xsave)
         where = f"vCPU {thread.index} at rip {state.rip:#x}"
         try:
             completion = self.completer.complete(state, self.memory, insn_bytes)
@@ -155,7 +163,7 @@ class VcpuInstructionCompleter:
                 # What KVM itself does for a guest user-mode instruction it cannot emulate.
                 state.event = Event("exception", UD_VECTOR)
                 self._clear_queued_ud(vcpu)
-                store_state(vcpu, state, self._use_xsave)
+                store_state(vcpu, state, self._use_xsave, regs)
                 self._once(f"ud:{shown}", "%s: KVM could not emulate the user-mode instruction "
                            "%s and hvvmm cannot complete it (%s); the guest gets #UD", where,
                            shown, exc)
@@ -164,7 +172,7 @@ class VcpuInstructionCompleter:
                     f"complete it: {exc}")
         if state.event is None:
             self._clear_queued_ud(vcpu)
-        store_state(vcpu, state, self._use_xsave)
+        store_state(vcpu, state, self._use_xsave, regs)
         instruction = completion.instruction
         if completion.outcome == COMPLETED:
             self._once(instruction.mnemonic, "%s: completed %s for KVM's instruction emulator "
