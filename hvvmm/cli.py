@@ -8,22 +8,28 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
+import math
+import os
 import signal
 import sys
+from dataclasses import replace
 from typing import BinaryIO, Sequence
 
 from . import __version__
 from .host import kvm_device, open_console
-from .machine import (DEFAULT_MEMORY, STATUS_BAD_IMAGE, STATUS_KVM_UNAVAILABLE, STATUS_USAGE,
-                      STATUS_VM_ERROR, ConfigError, ExitKind, ImageError, MiB)
+from .machine import (DEFAULT_MEMORY, MAX_TIMEOUT, STATUS_BAD_IMAGE, STATUS_KVM_UNAVAILABLE,
+                      STATUS_USAGE, STATUS_VM_ERROR, ConfigError, ExitKind, ImageError, MiB,
+                      check_smp)
+from .sizes import parse_size  # noqa: F401  (hvvmm.cli.parse_size: kept for library users)
 
 log = logging.getLogger("hvvmm")
 
 EXIT_STATUS_HELP = """\
 exit status:
-  0          the guest powered off (ACPI PM1a control, port 0x604)
-  odd N      the guest wrote v to isa-debug-exit (port 0xf4): N = (v << 1) | 1, as QEMU
+  0          the guest powered off (ACPI PM1a control, port 0x604), or wrote 0 to
+             isa-debug-exit (port 0xf4: the test guests' "every check passed")
+  odd N      the guest wrote v != 0 to isa-debug-exit: N = (v << 1) | 1, as QEMU
+             (--qemu-exit-status: QEMU's rule for v = 0 too, so 0 gives 1)
   2          bad command line (unknown flag, --smp 0, bad size, ...)
   4          bad kernel or initrd (missing, unreadable, not Multiboot, larger than RAM)
   6          /dev/kvm missing or not usable
@@ -32,24 +38,12 @@ exit status:
   12         the VM failed (KVM error, unhandled exit, internal error)
   14         the guest reported a crash (Hyper-V crash MSRs; see --on-crash)
   124        --timeout expired
-  128+SIG    stopped by a signal (130 for Ctrl-C, 143 for SIGTERM)
+  128+SIG    stopped by a signal (130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP; 141 when
+             the reader of the guest's output went away, as in `hvvmm run | head`)
 
 environment:
   HVVMM_KVM_DEVICE   the KVM device to open (default /dev/kvm)
 """
-
-_SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {"": MiB, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """``256M``, ``1G``, ``512MiB``, ``2048K``; a plain number is MiB (as QEMU's ``-m``)."""
-    match = _SIZE.match(text)
-    if not match:
-        raise ValueError(f"bad size {text!r}: use a number with an optional K, M, G or T suffix "
-                         "(a plain number is MiB)")
-    return int(match.group(1)) * _SIZE_UNITS[match.group(2).upper()]
-
 
 class UsageError(Exception):
     pass
@@ -76,6 +70,10 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    if not math.isfinite(value) or value > MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"{text} seconds is too long (at most {MAX_TIMEOUT:.0f}); leave --timeout out to "
+            "run without a limit")
     return value
 
 
@@ -125,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--hyperv-testdev", action="store_true",
                      help="QEMU's hyperv-testdev at port 0x3000 (SynIC test device of "
                           "kvm-unit-tests; needs hv-synic)")
+    run.add_argument("--qemu-exit-status", action="store_true",
+                     help="exit with QEMU's (v << 1) | 1 for every isa-debug-exit value v, also "
+                          "for 0 (which otherwise exits 0)")
     _add_common(run)
 
     cpuid = commands.add_parser(
@@ -143,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("qemu", add_help=False,
                         help="run a qemu-system-x86_64 command line (a subset of QEMU's options; "
                              "see hvvmm qemu -help)")
+    # The top-level help shows each command's options, so `hvvmm --help` is enough to start.
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = ("options of each command (`hvvmm COMMAND --help` explains them):\n"
+                     + "".join(commands.choices[name].format_usage().replace("usage: ", "  ")
+                               for name in ("run", "cpuid", "info"))
+                     + "  hvvmm qemu QEMU-OPTIONS...  (see hvvmm qemu -help)\n")
+    parser.commands = commands.choices  # name -> subparser, for errors that name the command
     return parser
 
 
@@ -154,7 +162,8 @@ def _add_machine_options(parser: argparse.ArgumentParser) -> None:
              "windows, all. Default: everything hvvmm implements; 'none' gives a plain KVM "
              "machine")
     parser.add_argument("--cpu-features", metavar="LIST",
-                        help="host CPU features to hide from the guest, e.g. -cx16,-xsave")
+                        help="host CPU features to hide from the guest, e.g. -cx16,-xsave (the "
+                             "leading '-' may follow a space: --cpu-features -cx16)")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -185,18 +194,85 @@ def _console_streams(spec: str) -> tuple[BinaryIO | None, int | None, BinaryIO |
             from None
 
 
+# Signals that stop a run: the guest is stopped, the status is 128 + the signal's number.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class _ConsoleOut:
+    """The guest console's copy to stdout. When the reader goes away (``hvvmm run | head``),
+    the run ends quietly with status 128 + SIGPIPE, as a tool that writes to a closed pipe."""
+
+    def __init__(self, stream: BinaryIO):
+        self._stream = stream
+        self.on_broken_pipe = lambda: None
+        self.broken = False
+
+    def _guard(self, operation, *args):
+        if self.broken:
+            return None
+        try:
+            return operation(*args)
+        except BrokenPipeError:
+            self.broken = True
+            _silence_stdout()
+            self.on_broken_pipe()
+            return None
+
+    def write(self, data: bytes) -> int:
+        self._guard(self._stream.write, data)
+        return len(data)
+
+    def flush(self) -> None:
+        self._guard(self._stream.flush)
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so nothing (not even Python's flush at exit) writes to a
+    closed pipe again (the Python manual's advice for SIGPIPE, "Note on SIGPIPE")."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
+
+
+def _check_writable(path: str, what: str) -> None:
+    """UsageError unless a file can be written at ``path`` later (without creating it now)."""
+    import errno
+
+    directory = os.path.dirname(path) or "."
+    problem = None
+    if os.path.isdir(path):
+        problem = os.strerror(errno.EISDIR)
+    elif not os.path.isdir(directory):
+        problem = os.strerror(errno.ENOENT)
+    elif os.path.exists(path) and not os.access(path, os.W_OK):
+        problem = os.strerror(errno.EACCES)
+    elif not os.path.exists(path) and not os.access(directory, os.W_OK | os.X_OK):
+        problem = os.strerror(errno.EACCES)
+    if problem:
+        raise UsageError(f"hvvmm run: cannot write {what} {path}: {problem}")
+
+
 def cmd_run(args) -> int:
     from .kvm import KvmUnavailableError
     from .machine import Machine, MachineConfig
 
+    try:
+        config = MachineConfig(kernel=args.kernel, initrd=tuple(args.initrd), append=args.append,
+                               smp=args.smp, memory=args.memory, timeout=args.timeout,
+                               kvm_device=kvm_device(),
+                               hyperv=args.hyperv, cpu_features=args.cpu_features,
+                               on_crash=args.on_crash,
+                               hyperv_testdev=args.hyperv_testdev, acpi=args.acpi).validated()
+    except ConfigError as exc:  # what is known before KVM is asked: checked first
+        raise UsageError(f"hvvmm run: {exc}") from None
+    if args.crash_report:
+        _check_writable(args.crash_report, "the crash report to")
     output, console_input, to_close = _console_streams(args.serial)
-    config = MachineConfig(kernel=args.kernel, initrd=tuple(args.initrd), append=args.append,
-                           smp=args.smp, memory=args.memory, console=output,
-                           console_input=console_input, timeout=args.timeout,
-                           kvm_device=kvm_device(),
-                           hyperv=args.hyperv, cpu_features=args.cpu_features,
-                           on_crash=args.on_crash, hyperv_testdev=args.hyperv_testdev,
-                           acpi=args.acpi)
+    console_out = _ConsoleOut(output) if output is sys.stdout.buffer else None
+    config = replace(config, console=console_out or output, console_input=console_input)
     trace = None
     try:
         if args.trace:
@@ -219,13 +295,15 @@ def cmd_run(args) -> int:
                 print(f"hvvmm: {exc}", file=sys.stderr)
                 return STATUS_KVM_UNAVAILABLE
             with machine:
+                if console_out is not None:
+                    console_out.on_broken_pipe = lambda: machine.stop(signal.SIGPIPE)
                 if trace is not None and machine.hyperv is not None:
                     machine.hyperv.add_listener(lambda event: trace.write(event.to_json() + "\n"))
                 if args.crash_report:
                     machine.crash_listeners.append(
                         lambda report: _write_crash_report(args.crash_report, report))
                 previous = {sig: signal.signal(sig, lambda signum, _frame: machine.stop(signum))
-                            for sig in (signal.SIGINT, signal.SIGTERM)}
+                            for sig in STOP_SIGNALS}
                 try:
                     result = machine.run()
                 finally:
@@ -245,11 +323,14 @@ def cmd_run(args) -> int:
             to_close.close()
         if trace is not None:
             trace.close()
-    if result.kind not in (ExitKind.DEBUG_EXIT, ExitKind.POWEROFF):
-        detail = result.message
-        if result.kind is ExitKind.STOPPED and result.signal:
-            detail = f"stopped by {signal.Signals(result.signal).name}"
-        print(f"hvvmm: {result.kind.value}: {detail}", file=sys.stderr)
+    if result.kind is ExitKind.STOPPED and result.signal == signal.SIGPIPE:
+        pass  # the reader went away: quiet, as any tool writing to a closed pipe
+    elif result.kind is ExitKind.STOPPED and result.signal:
+        print(f"hvvmm: stopped by {signal.Signals(result.signal).name}", file=sys.stderr)
+    elif result.kind not in (ExitKind.DEBUG_EXIT, ExitKind.POWEROFF):
+        print(f"hvvmm: {result.kind.value}: {result.message}", file=sys.stderr)
+    if result.kind is ExitKind.DEBUG_EXIT and args.qemu_exit_status:
+        return result.qemu_status
     return result.status
 
 
@@ -275,19 +356,22 @@ def _open_kvm():
 def cmd_cpuid(args) -> int:
     from .cpuid import CpuidError, build_cpuid, format_cpuid_table
     from .hv.features import HyperVConfigError, parse_hyperv_spec
+    from .kvm import constants as kvmc
 
     try:
         config = parse_hyperv_spec(args.hyperv)
-    except HyperVConfigError as exc:
+        check_smp(args.smp)
+    except (HyperVConfigError, ConfigError) as exc:
         raise UsageError(f"hvvmm cpuid: {exc}") from None
     kvm = _open_kvm()
     if kvm is None:
         return STATUS_KVM_UNAVAILABLE
     with kvm:
         try:
+            check_smp(args.smp, kvm.check_extension(kvmc.KVM_CAP_MAX_VCPUS))
             table = build_cpuid(kvm.supported_cpuid(), vcpu_index=0, vcpu_count=args.smp,
                                 hyperv=config, cpu_features_mask=args.cpu_features)
-        except CpuidError as exc:
+        except (CpuidError, ConfigError) as exc:
             raise UsageError(f"hvvmm cpuid: {exc}") from None
     print(f"# Hyper-V: {config.describe()}")
     print(format_cpuid_table(table))
@@ -337,7 +421,7 @@ CAPABILITIES = (
     ("KVM_CAP_IMMEDIATE_EXIT", "required: stopping vCPUs"),
     ("KVM_CAP_SET_TSS_ADDR", "required on Intel"),
     ("KVM_CAP_PIT2", "in-kernel PIT"),
-    ("KVM_CAP_MAX_VCPUS", "limit for --smp"),
+    ("KVM_CAP_MAX_VCPUS", "limit for --smp (hvvmm's own limit: 255, the xAPIC IDs)"),
     ("KVM_CAP_NR_VCPUS", "recommended vCPU count"),
     ("KVM_CAP_SIGNAL_MSI", "SynIC interrupts"),
     ("KVM_CAP_X86_USER_SPACE_MSR", "Hyper-V synthetic MSRs in user space"),
@@ -354,6 +438,41 @@ CAPABILITIES = (
 )
 
 
+# Options whose value may begin with '-' (``--cpu-features -cx16``); argparse alone would take
+# such a value for an option.
+_DASH_VALUE_OPTIONS = ("--cpu-features", "--append")
+
+
+def _prepare_argv(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """``--cpu-features -cx16`` as ``--cpu-features=-cx16``; a QEMU-style ``-kernel`` is refused
+    with the right spelling."""
+    command = parser.commands.get(argv[0]) if argv else None
+    known = set(command._option_string_actions) if command is not None else set()
+    prepared: list[str] = []
+    words = iter(argv)
+    for word in words:
+        if word == "--":
+            prepared += [word, *words]
+            break
+        if word in _DASH_VALUE_OPTIONS:
+            value = next(words, None)
+            if value is not None and value.startswith("-") and value not in known:
+                prepared.append(f"{word}={value}")
+                continue
+            prepared.append(word)
+            if value is not None:
+                prepared.append(value)
+            continue
+        name = word.split("=", 1)[0]
+        if (command is not None and len(name) > 2 and name[0] == "-" and name[1] != "-"
+                and f"-{name}" in known):
+            raise UsageError(f"{command.prog}: unrecognized option {name}: did you mean -{name}? "
+                             f"(hvvmm {argv[0]} takes --long options; `hvvmm qemu` takes QEMU's "
+                             "command line)")
+        prepared.append(word)
+    return prepared
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["qemu"]:  # QEMU's syntax, not argparse's: see hvvmm/qemu.py
@@ -363,20 +482,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = None
     try:
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(_prepare_argv(parser, argv))
         if args.command is None:
             parser.print_help()
             return STATUS_USAGE
+        if extra:  # the command's own parser names it: "hvvmm run: unrecognized arguments"
+            parser.commands[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
         _setup_logging(args)
         return {"run": cmd_run, "info": cmd_info, "cpuid": cmd_cpuid}[args.command](args)
     except UsageError as exc:
         print(exc, file=sys.stderr)
         return STATUS_USAGE
+    except BrokenPipeError:  # `hvvmm cpuid | head -2`: quiet, as any tool writing to a closed pipe
+        _silence_stdout()
+        return 128 + signal.SIGPIPE
     except KeyboardInterrupt:  # Ctrl-C before the guest started
         print("hvvmm: interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
     except Exception as exc:  # the last line of defence: one line unless --debug
         if args is not None and getattr(args, "debug", False):
             raise
-        print(f"hvvmm: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"hvvmm: error: {exc or type(exc).__name__} (--debug shows where)",
+              file=sys.stderr)
         return STATUS_VM_ERROR

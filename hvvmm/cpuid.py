@@ -121,11 +121,20 @@ CPU_FEATURES: dict[str, CpuFeature] = {f.name: f for f in [
     *_features(7, 0, "ecx", {"umip": 2, "pku": 3, "la57": 16, "rdpid": 22}),
     *_features(0x8000_0001, 0, "ecx", {
         "lahf_lm": 0, "cmp_legacy": 1, "svm": 2, "extapic": 3, "cr8_legacy": 4, "abm": 5,
-        "sse4a": 6, "misalignsse": 7, "prefetchw": 8, "osvw": 9, "topoext": 22}),
+        "sse4a": 6, "misalignsse": 7, "prefetchw": 8, "osvw": 9, "ibs": 10, "xop": 11,
+        "skinit": 12, "wdt": 13, "lwp": 15, "fma4": 16, "tce": 17, "nodeid_msr": 19, "tbm": 21,
+        "topoext": 22, "perfctr_core": 23, "perfctr_nb": 24, "bpext": 26, "ptsc": 27,
+        "perfctr_llc": 28, "mwaitx": 29}),
     *_features(0x8000_0001, 0, "edx", {
-        "syscall": 11, "nx": 20, "mmxext": 22, "fxsr_opt": 25, "pdpe1gb": 26, "rdtscp": 27,
-        "lm": 29}),
+        "syscall": 11, "mp": 19, "nx": 20, "mmxext": 22, "fxsr_opt": 25, "pdpe1gb": 26,
+        "rdtscp": 27, "lm": 29, "3dnowext": 30, "3dnow": 31}),
 ]}
+
+# AMD repeats these leaf-1 EDX bits in leaf 0x80000001 EDX (AMD64 APM Vol. 3, CPUID
+# Fn8000_0001_EDX); named there for printing, hidden through their leaf-1 name.
+_AMD_EDX_MIRRORED = {f.bit: f.name for f in CPU_FEATURES.values()
+                     if (f.leaf, f.register) == (1, "edx")
+                     and f.bit in (*range(10), *range(12, 18), 23, 24)}
 
 # Hiding a feature hides what cannot work without it (as Linux's cpuid-deps and QEMU do).
 _IMPLIED_HIDDEN = {
@@ -386,6 +395,8 @@ def _cpu_feature_names(entry: CpuidEntry, register: str) -> list[str]:
     value = entry.register(register)
     names = {f.bit: f.name for f in CPU_FEATURES.values()
              if f.leaf == entry.function and f.subleaf == entry.index and f.register == register}
+    if (entry.function, register) == (0x8000_0001, "edx"):
+        names = {**_AMD_EDX_MIRRORED, **names}
     return [names.get(bit, f"bit{bit}") for bit in range(32) if value >> bit & 1]
 
 

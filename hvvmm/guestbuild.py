@@ -37,6 +37,9 @@ from typing import Iterable, Sequence
 __all__ = [
     "GuestBuildError",
     "build_guest",
+    "build_guest_source",
+    "example_guest",
+    "example_guests",
     "runtime_dir",
     "default_guest_path",
     "check_forbidden_instructions",
@@ -101,10 +104,52 @@ def cache_dir() -> Path:
     return Path(base) / "hvvmm" / "guests"
 
 
+def example_guests() -> list[str]:
+    """Names of the example guests shipped in ``hvvmm/guestlib/examples`` (``device_echo``...)."""
+    return sorted(p.stem for p in (runtime_dir() / "examples").glob("*.[cS]"))
+
+
+def example_guest(name: str, *, output_dir: Path | str | None = None) -> Path:
+    """Build (once; cached) the shipped example guest ``name`` and return its image, e.g.
+    ``example_guest("device_echo")`` for the README's library example."""
+    matches = sorted((runtime_dir() / "examples").glob(f"{name}.[cS]"))
+    if not matches:
+        raise GuestBuildError(f"no example guest {name!r}; there are: "
+                              f"{', '.join(example_guests())}")
+    return build_guest(matches, output_dir=output_dir)
+
+
+def build_guest_source(text: str, *, language: str = "c", name: str = "guest",
+                       output_dir: Path | str | None = None,
+                       extra_cflags: Sequence[str] = ()) -> Path:
+    """Build a guest from source text: C (``language="c"``) or assembly (``"asm"``, gcc's
+    preprocessed ``.S``), with the runtime; its ``main()`` runs in long mode. Cached by content
+    like :func:`build_guest`."""
+    suffix = {"c": ".c", "asm": ".S"}.get(language)
+    if suffix is None:
+        raise GuestBuildError(f"unknown guest source language {language!r}: use 'c' or 'asm'")
+    out_dir = Path(output_dir) if output_dir is not None else cache_dir()
+    source_dir = out_dir / ".sources"
+    source_dir.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    source = source_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}-{digest}{suffix}"
+    if not source.is_file():
+        fd, tmp = tempfile.mkstemp(prefix=".", suffix=suffix, dir=source_dir)
+        with os.fdopen(fd, "w") as stream:
+            stream.write(text)
+        os.replace(tmp, source)
+    return build_guest([source], output_dir=out_dir, name=name, extra_cflags=extra_cflags)
+
+
+def shipped_default_guest() -> Path:
+    """Where an installed hvvmm keeps its prebuilt default guest (setup.py builds it)."""
+    return Path(__file__).resolve().parent / "data" / "default-guest.elf"
+
+
 def default_guest_path() -> Path:
     """The default guest image: the prebuilt hvvmm/data/default-guest.elf if
     installed, else built on demand into the cache."""
-    shipped = Path(__file__).resolve().parent / "data" / "default-guest.elf"
+    shipped = shipped_default_guest()
     if shipped.is_file():
         return shipped
     return build_guest([runtime_dir() / DEFAULT_GUEST_SOURCE], name="default-guest")

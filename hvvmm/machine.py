@@ -14,7 +14,9 @@ The machine owns every resource it creates (fds, guest RAM, threads) and frees t
 from __future__ import annotations
 
 import enum
+import errno
 import logging
+import math
 import os
 import select
 import threading
@@ -42,6 +44,7 @@ from .kvm import constants as kvmc
 from .layout import PC, KiB, MemoryMapEntry, MiB
 from .memory import GuestMemory
 from .memslots import MemslotManager
+from .sizes import format_size, parse_size
 from .vcpu import ExitObserver, StopRequest, VcpuThread, current_vcpu_index
 
 log = logging.getLogger(__name__)
@@ -54,6 +57,46 @@ MIN_MEMORY = PC.min_memory
 MAX_VCPUS_XAPIC = PC.max_vcpus
 
 DEFAULT_MEMORY = 256 * MiB
+# The longest timeout a wait can take (threading's limit; longer ones overflow).
+MAX_TIMEOUT = threading.TIMEOUT_MAX
+
+
+def vcpu_limit(kvm_max_vcpus: int | None = None) -> tuple[int, str]:
+    """The most vCPUs a machine can have, and why: 255, since hvvmm's LAPICs are xAPICs and
+    APIC ID 0xFF is the broadcast ID (Intel SDM Vol. 3A §10.6.2.1), or fewer where this host's
+    KVM allows fewer (KVM_CAP_MAX_VCPUS)."""
+    if kvm_max_vcpus and kvm_max_vcpus < MAX_VCPUS_XAPIC:
+        return kvm_max_vcpus, f"this host's KVM allows at most {kvm_max_vcpus} (KVM_CAP_MAX_VCPUS)"
+    return MAX_VCPUS_XAPIC, (f"hvvmm supports at most {MAX_VCPUS_XAPIC}: xAPIC IDs 0-254, 255 is "
+                             "the broadcast ID")
+
+
+def check_smp(smp, kvm_max_vcpus: int | None = None) -> None:
+    """ConfigError unless ``smp`` is a vCPU count this host and hvvmm can run."""
+    if isinstance(smp, bool) or not isinstance(smp, int) or smp < 1:
+        raise ConfigError(f"--smp must be at least 1 (got {smp})")
+    limit, why = vcpu_limit(kvm_max_vcpus)
+    if smp > limit:
+        raise ConfigError(f"--smp {smp} is too many: {why}")
+
+
+def check_timeout(timeout) -> None:
+    """ConfigError unless ``timeout`` (seconds) is None or a positive time a wait can take."""
+    if timeout is None:
+        return
+    if not timeout > 0:
+        raise ConfigError(f"timeout must be positive (got {timeout})")
+    if not math.isfinite(timeout) or timeout > MAX_TIMEOUT:
+        raise ConfigError(f"timeout {timeout:g} s is too long: at most {MAX_TIMEOUT:.0f} s; "
+                          "leave the timeout out to run without a limit")
+
+
+def host_memory_limit() -> int:
+    """Bytes of RAM plus swap on this host: Linux's heuristic overcommit refuses one mapping
+    larger than that (Documentation/mm/overcommit-accounting.rst)."""
+    import psutil
+
+    return psutil.virtual_memory().total + psutil.swap_memory().total
 
 
 class ExitKind(str, enum.Enum):
@@ -69,8 +112,9 @@ class ExitKind(str, enum.Enum):
     STOPPED = "stopped"        # stopped by the host (Machine.stop, a signal)
 
 
-# Process exit statuses of ``hvvmm run``. A debug-exit gives QEMU's (v << 1) | 1, always odd; the
-# other outcomes use even numbers so the two never collide.
+# Process exit statuses of ``hvvmm run``. A debug-exit of 0 (the test guests' "every check
+# passed") is 0, as a powered-off guest; any other value v gives QEMU's (v << 1) | 1, always odd,
+# and the other outcomes use even numbers, so the two never collide.
 STATUS_POWEROFF = 0
 STATUS_USAGE = 2
 STATUS_BAD_IMAGE = 4
@@ -95,15 +139,22 @@ class MachineResult:
 
     @property
     def status(self) -> int:
-        """The process exit status ``hvvmm run`` uses for this outcome."""
+        """The process exit status ``hvvmm run`` uses for this outcome (``hvvmm qemu`` keeps
+        QEMU's rule: :attr:`qemu_status`)."""
         if self.kind is ExitKind.DEBUG_EXIT:
-            return exit_status(self.code or 0) & 0xFF
+            return 0 if not self.code else self.qemu_status
         if self.kind is ExitKind.STOPPED:
             return _SIGNAL_STATUS_BASE + self.signal if self.signal else STATUS_POWEROFF
         return {ExitKind.POWEROFF: STATUS_POWEROFF, ExitKind.SHUTDOWN: STATUS_SHUTDOWN,
                 ExitKind.RESET: STATUS_RESET, ExitKind.ERROR: STATUS_VM_ERROR,
                 ExitKind.CRASH: STATUS_CRASH,
                 ExitKind.TIMEOUT: STATUS_TIMEOUT}[self.kind]
+
+    @property
+    def qemu_status(self) -> int:
+        """For a debug-exit: QEMU's status ``(v << 1) | 1`` (1 for v = 0)."""
+        assert self.kind is ExitKind.DEBUG_EXIT
+        return exit_status(self.code or 0) & 0xFF
 
 
 _NOBODY = object()
@@ -126,7 +177,7 @@ class MachineConfig:
     initrd: Sequence[str] = ()      # Multiboot modules: "PATH" or "PATH args..."
     append: str = ""
     smp: int = 1
-    memory: int = DEFAULT_MEMORY    # bytes
+    memory: int | str = DEFAULT_MEMORY  # bytes, or a size string as on the command line: "1G"
     console: BinaryIO | None = None  # where guest serial output also goes (captured anyway)
     console_input: BinaryIO | int | None = None  # a readable file (or fd) fed to the UART
     console_capture_limit: int = 16 * MiB
@@ -142,22 +193,34 @@ class MachineConfig:
                                            PC.device("isa-debug-exit").ports)
     hyperv_testdev: bool = False     # QEMU's hyperv-testdev at port 0x3000 (needs hv-synic)
     acpi: bool = True                # ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) in 0xE0000
+    pit_reinject: bool = True        # the PIT re-injects lost ticks (False: QEMU's "discard")
+
+    def __post_init__(self):
+        if isinstance(self.memory, str):  # "1G", as --memory takes it
+            try:
+                object.__setattr__(self, "memory", parse_size(self.memory))
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        elif isinstance(self.memory, bool) or not isinstance(self.memory, int):
+            raise ConfigError(f"memory must be a number of bytes or a size such as '512M' (got "
+                              f"{self.memory!r})")
 
     def validated(self, max_vcpus: int | None = None) -> "MachineConfig":
-        if not isinstance(self.smp, int) or self.smp < 1:
-            raise ConfigError(f"--smp must be at least 1 (got {self.smp})")
-        limit = min(max_vcpus or MAX_VCPUS_XAPIC, MAX_VCPUS_XAPIC)
-        if self.smp > limit:
-            raise ConfigError(f"--smp {self.smp} is more than this host allows ({limit})")
+        """This config, or ConfigError saying what is wrong; ``max_vcpus`` is KVM's
+        KVM_CAP_MAX_VCPUS where known."""
+        check_smp(self.smp, max_vcpus)
         if self.memory < MIN_MEMORY:
             raise ConfigError(f"memory size {self.memory} bytes is below the minimum of "
                               f"{MIN_MEMORY // MiB} MiB")
         if self.memory % (4 * KiB):
             raise ConfigError("memory size must be a multiple of 4 KiB")
+        host_limit = host_memory_limit()
+        if self.memory > host_limit:
+            raise ConfigError(f"memory size {format_size(self.memory)} is more than this host's "
+                              f"RAM and swap ({format_size(host_limit)})")
         if self.on_crash not in ("stop", "continue"):
             raise ConfigError(f"on_crash must be 'stop' or 'continue' (got {self.on_crash!r})")
-        if self.timeout is not None and not self.timeout > 0:
-            raise ConfigError(f"timeout must be positive (got {self.timeout})")
+        check_timeout(self.timeout)
         return self
 
 
@@ -330,8 +393,16 @@ class Machine:
         vm.set_tss_address(PC.kvm_tss)
         vm.create_irqchip()
         vm.create_pit2()
+        if not config.pit_reinject:
+            vm.set_pit_reinject(False)
 
-        res.memory = memory = GuestMemory.anonymous(memory_layout(config.memory))
+        try:
+            res.memory = memory = GuestMemory.anonymous(memory_layout(config.memory))
+        except OSError as exc:
+            if exc.errno != errno.ENOMEM:
+                raise
+            raise ConfigError(f"this host cannot give the guest {format_size(config.memory)} of "
+                              "RAM (out of memory); ask for less") from None
         for region in memory:
             res.host_buffers.append(PinnedBuffer(region.buffer))
         supported = kvm.supported_cpuid()
@@ -409,9 +480,13 @@ class Machine:
 
     def _read_kernel(self, config: MachineConfig) -> tuple[bytes, str]:
         if config.kernel is None:
-            from .guestbuild import default_guest_path
+            from .guestbuild import GuestBuildError, default_guest_path
 
-            path, name = Path(default_guest_path()), "default-guest"
+            try:
+                path, name = Path(default_guest_path()), "default-guest"
+            except GuestBuildError as exc:  # no prebuilt image and no compiler
+                first_line = str(exc).splitlines()[0]
+                raise ImageError(f"cannot build the built-in guest: {first_line}") from None
         else:
             path = Path(config.kernel)
             name = path.name
@@ -537,7 +612,8 @@ class Machine:
 
     def start(self) -> None:
         if self._started:
-            raise RuntimeError("the machine was already started")
+            raise RuntimeError("this machine has already run: a Machine runs its guest once; "
+                               "create a new Machine (with the same MachineConfig) to run again")
         self._started = True
         if self.config.console_input is not None:
             self._input_pump = _InputPump(self.config.console_input, self.serial.enqueue_input)
@@ -550,6 +626,10 @@ class Machine:
             raise RuntimeError("wait() on a machine that was not started (use run() or start())")
         if timeout is None:
             timeout = self.config.timeout
+        try:
+            check_timeout(timeout)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         if not self._done.wait(timeout):
             self.request_stop(StopRequest("timeout", f"the guest did not finish within "
                                                      f"{timeout:g} s"))

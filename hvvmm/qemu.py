@@ -116,6 +116,7 @@ class QemuOptions:
     serial: str = "stdio"  # resolved COM1: stdio | none | file:PATH
     no_reboot: bool = False
     panic_action: str = "shutdown"  # shutdown | exit-failure | none
+    pit_reinject: bool = True  # -global kvm-pit.lost_tick_policy: delay (True) or discard
     warnings: list[str] = field(default_factory=list)
     # bookkeeping for the defaults QEMU derives at the end
     _serials: list[str] = field(default_factory=list, repr=False)
@@ -531,6 +532,77 @@ def _opt_display(opts: QemuOptions, arg: str, where: tuple[str, ...]) -> None:
         raise QemuError("hvvmm: there is no display; use -display none (or -nographic)", where)
 
 
+def _global_bool(value: str) -> bool | None:
+    return {"on": True, "true": True, "yes": True, "1": True,
+            "off": False, "false": False, "no": False, "0": False}.get(value.lower())
+
+
+def _global_pit_policy(opts: QemuOptions, value: str, where: tuple[str, ...]) -> None:
+    # hvvmm's PIT is KVM's in-kernel one, as QEMU's kvm-pit: "delay" re-injects lost ticks (KVM's
+    # default), "discard" drops them (KVM_REINJECT_CONTROL); KVM cannot slew.
+    if value not in ("delay", "discard"):
+        raise QemuError(f"hvvmm: kvm-pit.lost_tick_policy={value} cannot be honoured: KVM's PIT "
+                        "offers delay or discard", where)
+    opts.pit_reinject = value == "delay"
+
+
+def _global_no_sleep_state(opts: QemuOptions, value: str, where: tuple[str, ...]) -> None:
+    # hvvmm offers the guest no ACPI S3/S4 sleep states: disabling them changes nothing.
+    if not _global_bool(value):
+        raise QemuError("hvvmm: the hvvmm machine has no ACPI S3/S4 sleep states to enable",
+                        where)
+
+
+def _global_vapic(opts: QemuOptions, value: str, where: tuple[str, ...]) -> None:
+    # QEMU's kvm-apic vapic option ROM patches TPR accesses of 32-bit Windows XP; hvvmm has no
+    # option ROMs, so the guest runs the same either way.
+    if _global_bool(value) is None:
+        raise QemuError(f"Parameter 'vapic' expects 'on' or 'off'", where)
+    if _global_bool(value):
+        opts.warnings.append(warning_text("hvvmm: kvm-apic.vapic=on ignored: hvvmm has no TPR "
+                                          "patching option ROM", where))
+
+
+def _global_rtc_policy(opts: QemuOptions, value: str, where: tuple[str, ...]) -> None:
+    opts.warnings.append(warning_text(f"hvvmm: mc146818rtc.lost_tick_policy={value} ignored: "
+                                      "hvvmm's RTC raises no periodic interrupts", where))
+
+
+# -global DRIVER.PROPERTY=VALUE that hvvmm understands: what each means for the hvvmm machine.
+GLOBAL_PROPERTIES: dict[tuple[str, str], Callable[[QemuOptions, str, tuple[str, ...]], None]] = {
+    ("kvm-pit", "lost_tick_policy"): _global_pit_policy,
+    ("PIIX4_PM", "disable_s3"): _global_no_sleep_state,
+    ("PIIX4_PM", "disable_s4"): _global_no_sleep_state,
+    ("ICH9-LPC", "disable_s3"): _global_no_sleep_state,
+    ("ICH9-LPC", "disable_s4"): _global_no_sleep_state,
+    ("kvm-apic", "vapic"): _global_vapic,
+    ("mc146818rtc", "lost_tick_policy"): _global_rtc_policy,
+}
+
+
+def _opt_global(opts: QemuOptions, arg: str, where: tuple[str, ...]) -> None:
+    """``-global DRIVER.PROP=VALUE`` or ``-global driver=D,property=P,value=V`` (QEMU's
+    qemu_global_option): honoured, or accepted where it changes nothing the guest sees (with a
+    warning where hvvmm ignores it), or refused."""
+    if "=" in arg.split(",", 1)[0] and arg.split("=", 1)[0] in ("driver", "property", "value"):
+        props = dict(parse_opts(arg))
+        missing = [key for key in ("driver", "property", "value") if key not in props]
+        if missing:
+            raise QemuError(f"Parameter '{missing[0]}' is missing", where)
+        driver, prop, value = props["driver"], props["property"], props["value"]
+    else:
+        match = re.fullmatch(r"([^.=]+)\.([^=]+)=(.*)", arg, re.DOTALL)
+        if not match:
+            raise QemuError(f"Invalid format '{arg}'", where)
+        driver, prop, value = match.groups()
+    handler = GLOBAL_PROPERTIES.get((driver, prop))
+    if handler is None:
+        known = ", ".join(f"{d}.{p}" for d, p in GLOBAL_PROPERTIES)
+        raise QemuError(f"hvvmm: -global {driver}.{prop} is not supported (hvvmm accepts "
+                        f"{known})", where)
+    handler(opts, value, where)
+
+
 def _opt_nographic(opts: QemuOptions, arg: str, where: tuple[str, ...]) -> None:
     opts._nographic = True
 
@@ -679,6 +751,7 @@ OPTIONS: dict[str, tuple[bool, Handler]] = {
     "device": (True, _opt_device),
     "serial": (True, _opt_serial),
     "display": (True, _opt_display),
+    "global": (True, _opt_global),
     "nographic": (False, _opt_nographic),
     "nodefaults": (False, _opt_nodefaults),
     "no-reboot": (False, _opt_no_reboot),
@@ -696,7 +769,7 @@ OPTIONS: dict[str, tuple[bool, Handler]] = {
 # Real QEMU options hvvmm refuses with a clear message (anything else is an "invalid option").
 UNSUPPORTED_OPTIONS = frozenset("""
     chardev drive hda hdb hdc hdd cdrom fda fdb mtdblock sd pflash blockdev netdev net nic
-    global object bios boot rtc icount s S gdb qmp qmp-pretty mon d D trace usb usbdevice vga
+    object bios boot rtc icount s S gdb qmp qmp-pretty mon d D trace usb usbdevice vga
     pidfile daemonize incoming loadvm snapshot numa mem-path mem-prealloc overcommit L dtb
     fw_cfg sandbox msg semihosting semihosting-config audio audiodev soundhw k smbios acpitable
     watchdog-action parallel virtfs fsdev tpmdev iscsi no-acpi no-shutdown runas chroot run-with
@@ -827,6 +900,10 @@ Device options:
                 accepted and ignored, with a warning
 -device help    list the devices
 -nodefaults     no default devices: no serial port unless -serial says so
+-global kvm-pit.lost_tick_policy=delay|discard
+                whether KVM's PIT re-injects lost ticks (default delay)
+-global PIIX4_PM.disable_s3=1 (and disable_s4, ICH9-LPC.*)
+                accepted: hvvmm has no ACPI sleep states
 
 Display options:
 -display none   hvvmm has no display
@@ -897,6 +974,7 @@ def machine_config(opts: QemuOptions, console=None, console_input=None):
                          cpu_features=opts.cpu_features,
                          on_crash="continue" if opts.panic_action == "none" else "stop",
                          debug_exit=opts.debug_exit, hyperv_testdev=opts.hyperv_testdev,
+                         pit_reinject=opts.pit_reinject,
                          console=console, console_input=console_input)
 
 
@@ -1034,7 +1112,7 @@ def _status(opts: QemuOptions, result) -> int:
 
     kind = result.kind
     if kind is ExitKind.DEBUG_EXIT:
-        return result.status
+        return result.qemu_status
     if kind is ExitKind.STOPPED:
         return _terminated(result.signal) if result.signal else 0
     if kind in (ExitKind.POWEROFF, ExitKind.RESET, ExitKind.SHUTDOWN):

@@ -30,10 +30,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session")
 def guest_image():
-    """``guest_image("hello")`` builds tests/guests/hello.c with the runtime (cached)."""
-    from hvvmm.guestbuild import build_guest
+    """``guest_image("hello")`` builds tests/guests/hello.c with the runtime (cached);
+    ``guest_image("device_echo")`` a guest shipped in hvvmm/guestlib/examples. (Harnesses
+    outside this repository use the plugin's ``hvvmm_build_guest``, see hvvmm/pytest_plugin.py.)"""
+    from hvvmm.guestbuild import build_guest, example_guest, example_guests
 
     def build(name: str, *extra_sources: str) -> pathlib.Path:
+        if name in example_guests() and not extra_sources:
+            return example_guest(name, output_dir=GUEST_CACHE)
         sources = [GUEST_SOURCES / f"{name}.c", *(GUEST_SOURCES / s for s in extra_sources)]
         return build_guest(sources, output_dir=GUEST_CACHE)
 

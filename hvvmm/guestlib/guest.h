@@ -17,7 +17,9 @@
 #define HVVMM_GUEST_H
 
 #ifndef MAX_CPUS
-#define MAX_CPUS 64            /* override with -DMAX_CPUS=N (all files) */
+#define MAX_CPUS 64            /* override with -DMAX_CPUS=N (all files); hvvmm runs at most
+                                  255 vCPUs (xAPIC IDs 0-254); cpu_count() says so if the
+                                  machine has more than MAX_CPUS */
 #endif
 #define STACK_SIZE 16384       /* per-CPU stack; must stay a power of two */
 

@@ -810,6 +810,10 @@ int cpu_count(void)
     if (!count) {
         int n = fw_cfg_present() ? fw_cfg_read_u16(FW_CFG_NB_CPUS) : 1;
         count = n < 1 ? 1 : n > MAX_CPUS ? MAX_CPUS : n;
+        if (n > MAX_CPUS)   /* never silently: the host started more vCPUs than we use */
+            printf("guest runtime: %d vCPUs present, but this guest was built for at most %d "
+                   "(MAX_CPUS; build with -DMAX_CPUS=N, N <= 255): using %d\n",
+                   n, MAX_CPUS, MAX_CPUS);
     }
     return count;
 }

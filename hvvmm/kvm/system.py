@@ -68,8 +68,12 @@ class Kvm:
         except OSError as exc:
             raise KvmUnavailableError(f"cannot open {path}: {exc.strerror}") from None
         try:
-            self.api_version = _check(lib.hvvmm_ioctl_value(self.fd, lib.KVM_GET_API_VERSION, 0),
-                                      "KVM_GET_API_VERSION")
+            api_version = lib.hvvmm_ioctl_value(self.fd, lib.KVM_GET_API_VERSION, 0)
+            if api_version < 0:  # e.g. ENOTTY: HVVMM_KVM_DEVICE names some other file
+                raise KvmUnavailableError(
+                    f"{path} is not a KVM device (it does not answer KVM_GET_API_VERSION: "
+                    f"{os.strerror(-api_version)})")
+            self.api_version = api_version
             if self.api_version != KVM_REQUIRED_API_VERSION:
                 raise KvmUnavailableError(f"{path} speaks KVM API version {self.api_version}; "
                                           f"hvvmm needs {KVM_REQUIRED_API_VERSION}")
@@ -150,6 +154,12 @@ class Vm:
     def create_pit2(self) -> None:
         config = ffi.new("struct kvm_pit_config *", {"flags": lib.KVM_PIT_SPEAKER_DUMMY})
         self._ioctl(lib.KVM_CREATE_PIT2, config, "KVM_CREATE_PIT2")
+
+    def set_pit_reinject(self, reinject: bool) -> None:
+        """Whether the in-kernel PIT re-injects ticks the guest missed (KVM's default; QEMU's
+        kvm-pit lost_tick_policy "delay") or drops them ("discard")."""
+        control = ffi.new("struct kvm_reinject_control *", {"pit_reinject": 1 if reinject else 0})
+        self._ioctl(lib.KVM_REINJECT_CONTROL, control, "KVM_REINJECT_CONTROL")
 
     def set_irq_line(self, irq: int, level: bool) -> None:
         """Drive GSI ``irq`` (PIC and IOAPIC pin) to ``level``."""

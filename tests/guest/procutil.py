@@ -7,6 +7,8 @@ import select
 import subprocess
 import time
 
+from hvvmm.pytest_plugin import assert_guest_passed  # noqa: F401  (the plugin's, for these tests)
+
 
 def read_line(proc: subprocess.Popen, timeout: float = 30.0) -> str:
     """The next line ``proc`` writes to stdout, without the newline. Raises AssertionError if no
@@ -34,11 +36,3 @@ def describe(proc: subprocess.CompletedProcess) -> str:
     tuple would be shortened by pytest's repr and hide the guest's FAIL line)."""
     return (f"exit status {proc.returncode}\n--- stdout ---\n{proc.stdout}"
             f"\n--- stderr ---\n{proc.stderr}")
-
-
-def assert_guest_passed(result, console: str) -> None:
-    """A test guest ran to its end with every check passed: no FAIL line, debug-exit 0."""
-    from hvvmm import ExitKind
-
-    assert "FAIL" not in console, console
-    assert result.kind is ExitKind.DEBUG_EXIT and result.code == 0, (result, console)

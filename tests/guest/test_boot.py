@@ -1,5 +1,6 @@
 """Tiny guests under /dev/kvm: boot, serial, debug-exit, SMP, exceptions, devices, timeouts."""
 
+import pathlib
 import time
 
 import pytest
@@ -7,6 +8,8 @@ import pytest
 from hvvmm import ExitKind, Machine, MachineConfig
 
 pytestmark = pytest.mark.guest
+
+GUEST_SOURCES = pathlib.Path(__file__).resolve().parents[1] / "guests"
 
 RUN_TIMEOUT = 30  # seconds; every run is bounded (the machine interrupts KVM_RUN)
 
@@ -21,7 +24,8 @@ def test_hello_over_serial(guest_image):
     result, console = run_guest(guest_image("hello"))
     assert "Hello from hvvmm guest" in console
     assert "SUMMARY: 1 tests, 0 failures" in console
-    assert result.kind is ExitKind.DEBUG_EXIT and result.code == 0 and result.status == 1
+    assert result.kind is ExitKind.DEBUG_EXIT and result.code == 0
+    assert result.status == 0 and result.qemu_status == 1  # hvvmm run: 0; hvvmm qemu: 1
 
 
 @pytest.mark.parametrize("code", [0, 1, 5, 0x7F])
@@ -29,7 +33,8 @@ def test_debug_exit_code_reaches_the_result(guest_image, code):
     result, _ = run_guest(guest_image("exit_code"), append=f"code={code}")
     assert result.kind is ExitKind.DEBUG_EXIT
     assert result.code == code
-    assert result.status == ((code << 1) | 1) & 0xFF
+    assert result.qemu_status == ((code << 1) | 1) & 0xFF
+    assert result.status == (result.qemu_status if code else 0)
 
 
 @pytest.mark.parametrize("smp", [2, 4])
@@ -95,31 +100,6 @@ class Scratch:
         self.data[offset:offset + size] = value.to_bytes(size, "little")
 
 
-def test_library_harness_example(guest_image):
-    """The README's harness example, as written there (only the kernel path differs)."""
-    from hvvmm import ExitKind, Machine, MachineConfig
-
-    class EchoRegisters:
-        """A device is a plain object: read(offset, size) -> int, write(offset, size, value)."""
-        def __init__(self):
-            self.data = bytearray(8)
-            self.writes = []
-        def read(self, offset, size):
-            return int.from_bytes(self.data[offset:offset + size], "little")
-        def write(self, offset, size, value):
-            self.writes.append((offset, size, value))
-            self.data[offset:offset + size] = value.to_bytes(size, "little")
-
-    echo = EchoRegisters()
-    exits = []
-    with Machine(MachineConfig(kernel=guest_image("device_echo"), smp=1)) as machine:
-        machine.add_pio_device(0x5E0, 8, echo, "echo")
-        machine.add_exit_observer(lambda vcpu, exit: exits.append(exit.reason_name))
-        result = machine.run(timeout=30)
-    assert result.kind is ExitKind.DEBUG_EXIT and result.code == 0, machine.console_text
-    assert (0, 4, 0x12345678) in echo.writes and "io" in exits
-
-
 def test_pio_and_mmio_devices_from_python(guest_image):
     echo = Scratch()
     exits = []
@@ -156,3 +136,26 @@ def test_wait_without_start_is_an_error_not_a_hang(guest_image):
     with Machine(MachineConfig(kernel=guest_image("hello"))) as machine:
         with pytest.raises(RuntimeError, match="not started"):
             machine.wait(timeout=1)
+
+
+def test_memory_as_a_size_string():
+    result, console = run_guest(None, memory="96M")
+    assert "RAM: 96 MiB" in console and result.kind is ExitKind.POWEROFF
+
+
+def test_a_second_run_says_what_to_do(guest_image):
+    with Machine(MachineConfig(kernel=guest_image("hello"))) as machine:
+        machine.run(timeout=RUN_TIMEOUT)
+        with pytest.raises(RuntimeError, match="create a new Machine"):
+            machine.run(timeout=RUN_TIMEOUT)
+
+
+def test_guest_runtime_says_when_it_uses_fewer_vcpus_than_present(tmp_path):
+    from hvvmm.guestbuild import build_guest
+
+    image = build_guest([GUEST_SOURCES / "smp.c"], output_dir=tmp_path, name="smp_max2",
+                        extra_cflags=["-DMAX_CPUS=2"])
+    result, console = run_guest(image, smp=3)
+    assert ("guest runtime: 3 vCPUs present, but this guest was built for at most 2 (MAX_CPUS"
+            in console), console
+    assert result.kind is ExitKind.DEBUG_EXIT, console  # and ended (the third AP just halts)

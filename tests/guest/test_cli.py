@@ -33,20 +33,29 @@ def test_default_guest_runs_and_exits_zero():
     assert "cpu 1 (APIC ID 1) online" in proc.stdout
 
 
-@pytest.mark.parametrize("code", [0, 3, 100])
-def test_debug_exit_code_reaches_the_process_status(guest_image, code):
+@pytest.mark.parametrize("code,status", [(0, 0), (3, 7), (100, 201)])
+def test_debug_exit_code_reaches_the_process_status(guest_image, code, status):
+    # A passing guest (debug-exit 0) exits 0, as success does in a shell; other values keep
+    # QEMU's (v << 1) | 1.
     proc = hvvmm("run", "--kernel", str(guest_image("exit_code")), "--append", f"code={code}")
-    assert proc.returncode == ((code << 1) | 1) & 0xFF
+    assert proc.returncode == status, proc.stderr
     assert f"exiting with code {code}" in proc.stdout
+    assert proc.stderr == ""
+
+
+def test_qemu_exit_status_flag_keeps_qemus_rule(guest_image):
+    proc = hvvmm("run", "--qemu-exit-status", "--kernel", str(guest_image("exit_code")),
+                 "--append", "code=0")
+    assert proc.returncode == 1, proc.stderr
 
 
 def test_serial_to_file_and_none(guest_image, tmp_path):
     out = tmp_path / "console.txt"
     proc = hvvmm("run", "--kernel", str(guest_image("hello")), "--serial", f"file:{out}")
-    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.returncode == 0 and proc.stdout == ""
     assert "Hello from hvvmm guest" in out.read_text()
     proc = hvvmm("run", "--kernel", str(guest_image("hello")), "--serial", "none")
-    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.returncode == 0 and proc.stdout == ""
 
 
 def test_timeout_ends_a_spinning_guest(guest_image):
@@ -62,7 +71,8 @@ def test_unexpected_guest_exception_status(guest_image):
     assert "UNEXPECTED EXCEPTION" in proc.stdout
 
 
-@pytest.mark.parametrize("signum,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+@pytest.mark.parametrize("signum,status", [(signal.SIGTERM, 143), (signal.SIGINT, 130),
+                                           (signal.SIGHUP, 129)])
 def test_signals_stop_the_cli_cleanly(guest_image, signum, status):
     proc = subprocess.Popen([*HVVMM, "run", "--kernel", str(guest_image("spin")), "--smp", "2"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -75,7 +85,7 @@ def test_signals_stop_the_cli_cleanly(guest_image, signum, status):
     finally:
         proc.kill()
     assert proc.returncode == status, stderr
-    assert stderr.strip() == f"hvvmm: stopped: stopped by {signal.Signals(signum).name}"
+    assert stderr.strip() == f"hvvmm: stopped by {signal.Signals(signum).name}"
 
 
 # -- bad input: one clear line and a distinct status ---------------------------------------------
@@ -112,10 +122,82 @@ def test_missing_initrd(guest_image, tmp_path):
     (["--memory", "4097K"], "multiple of 4 KiB"),
     (["--timeout", "0"], "must be positive"),
     (["--serial", "tty"], "bad --serial"),
-    (["--frobnicate"], "unrecognized arguments"),
+    (["--frobnicate"], "hvvmm run: unrecognized arguments: --frobnicate"),
+    (["-kernel", "x.elf"], "hvvmm run: unrecognized option -kernel: did you mean --kernel?"),
+    (["-smp", "2"], "did you mean --smp?"),
+    (["--smp", "256"], "hvvmm supports at most 255: xAPIC IDs 0-254"),
+    (["--smp", "999"], "hvvmm supports at most 255"),
+    (["--memory", "1T"], "is more than this host's RAM and swap"),
+    (["--timeout", "inf"], "too long"),
+    (["--timeout", "1e12"], "too long"),
+    (["--timeout", "nan"], "must be positive"),
+    (["--crash-report", "/nonexistent/x.json"],
+     "cannot write the crash report to /nonexistent/x.json: No such file or directory"),
 ])
 def test_bad_command_line(args, fragment):
     assert_one_line_error(hvvmm("run", *args), 2, fragment)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--smp", "0"], "hvvmm cpuid: --smp must be at least 1 (got 0)"),
+    (["--smp", "300"], "hvvmm supports at most 255"),
+    (["-smp", "2"], "did you mean --smp?"),
+])
+def test_bad_cpuid_command_line(args, fragment):
+    assert_one_line_error(hvvmm("cpuid", *args), 2, fragment)
+
+
+def test_cpu_features_value_after_a_space():
+    # The form README and --help show: "--cpu-features -cx16", the value starting with '-'.
+    spaced = hvvmm("cpuid", "--cpu-features", "-cx16")
+    joined = hvvmm("cpuid", "--cpu-features=-cx16")
+    assert spaced.returncode == 0, spaced.stderr
+    assert spaced.stdout == joined.stdout
+    plain = hvvmm("cpuid")
+    assert " cx16" in plain.stdout and " cx16" not in spaced.stdout
+    proc = hvvmm("run", "--cpu-features", "-cx16", "--smp", "1")
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_kvm_device_that_is_not_kvm():
+    proc = hvvmm("run", env={"HVVMM_KVM_DEVICE": "/dev/null"})
+    assert_one_line_error(proc, 6, "/dev/null is not a KVM device")
+    assert "Error" not in proc.stderr
+
+
+def test_missing_compiler_for_the_built_in_guest(tmp_path):
+    # No prebuilt guest (a source checkout) and no gcc: a sentence, not "GuestBuildError".
+    from hvvmm.guestbuild import shipped_default_guest
+
+    if shipped_default_guest().is_file():
+        pytest.skip("this hvvmm install ships a prebuilt default guest: no compiler is needed")
+    proc = hvvmm("run", env={"HVVMM_GUEST_CC": "no-such-gcc", "XDG_CACHE_HOME": str(tmp_path)})
+    assert_one_line_error(proc, 4, "cannot build the built-in guest: 'no-such-gcc' not found")
+    assert "GuestBuildError" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", [["cpuid"], ["run", "--smp", "2"]])
+def test_output_into_a_closed_pipe_is_quiet(command):
+    # `hvvmm cpuid | head -2`, `hvvmm run | head -3`: the reader is gone; no traceback, no
+    # warning, and SIGPIPE's status (128 + 13), as other command-line tools.
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # every write fails with EPIPE, at once: no race with a reader
+    try:
+        proc = subprocess.run([*HVVMM, *command], stdout=write_end, stderr=subprocess.PIPE,
+                              stdin=subprocess.DEVNULL, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == ""
+    assert proc.returncode == 128 + signal.SIGPIPE
+
+
+def test_output_into_head_is_quiet():
+    shell = f"{' '.join(HVVMM)} cpuid | head -2 >/dev/null; echo ${{PIPESTATUS[0]}}"
+    for _ in range(3):
+        proc = subprocess.run(["bash", "-c", shell], capture_output=True, text=True,
+                              timeout=60, stdin=subprocess.DEVNULL)
+        assert proc.stderr == ""
+        assert proc.stdout.strip() in ("0", "141"), proc.stdout  # 0: all fitted in the pipe
 
 
 def test_no_kvm_device():
@@ -149,3 +231,12 @@ def test_help_lists_exit_statuses():
     proc = hvvmm("run", "--help")
     assert proc.returncode == 0
     assert "exit status:" in proc.stdout and "--timeout" in proc.stdout
+    assert "wrote 0 to" in proc.stdout and "--qemu-exit-status" in proc.stdout
+
+
+def test_top_level_help_shows_each_commands_options():
+    proc = hvvmm("--help")
+    assert proc.returncode == 0
+    for option in ("--kernel", "--smp", "--memory", "--cpu-features", "--crash-report"):
+        assert option in proc.stdout
+    assert "hvvmm run [-h]" in proc.stdout and "hvvmm cpuid" in proc.stdout

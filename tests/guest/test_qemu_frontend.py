@@ -21,6 +21,13 @@ GUEST_CACHE = pathlib.Path(__file__).resolve().parents[1] / ".guest-cache"
 KUT = ["--no-reboot", "-nodefaults", "-device", "pc-testdev", "-device",
        "isa-debug-exit,iobase=0xf4,iosize=0x4", "-vnc", "none", "-serial", "stdio",
        "-machine", "accel=kvm", "-kernel"]
+# kvm-unit-tests' x86/run today (scripts/arch-run.bash's run_test gets it): "${qemu} --no-reboot
+# -nodefaults $pit $pc_testdev -display none -serial stdio $pci_testdev -accel $ACCEL -kernel",
+# pit="-global kvm-pit.lost_tick_policy=discard"; $pci_testdev is empty for hvvmm (its device
+# list has no pci-testdev).
+KUT_RUN_SCRIPT = ["--no-reboot", "-nodefaults", "-global", "kvm-pit.lost_tick_policy=discard",
+                  "-device", "pc-testdev", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4",
+                  "-display", "none", "-serial", "stdio", "-accel", "kvm", "-kernel"]
 
 # A guest that resets through the i8042 (or triple-faults with "triple"), for -no-reboot.
 RESET_GUEST = r"""
@@ -73,6 +80,13 @@ def test_kvm_unit_tests_command_line_status(guest_image, code):
     assert f"exiting with code {code}" in proc.stdout
     assert only_warnings(proc.stderr), proc.stderr  # the pc-testdev warning only
     assert "pc-testdev" in proc.stderr
+
+
+def test_kvm_unit_tests_run_script_command_line(guest_image):
+    proc = qemu(*KUT_RUN_SCRIPT, str(guest_image("smp")), "-smp", "2")
+    assert proc.returncode == 1, proc.stderr  # debug-exit 0: QEMU's (0 << 1) | 1
+    assert "PASS: 2 of 2 vCPUs online" in proc.stdout
+    assert only_warnings(proc.stderr), proc.stderr
 
 
 def test_options_reach_the_guest(default_guest, guest_image, tmp_path):

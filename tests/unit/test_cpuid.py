@@ -292,3 +292,17 @@ def test_format_names_every_hyperv_bit():
         assert expected in text, expected
     assert "KVMKVMKVM" not in text
     assert format_cpuid_table([]) == ""
+
+
+def test_extended_leaf_0x80000001_bits_are_named():
+    # Intel SDM Vol. 2A CPUID 80000001H and AMD APM Vol. 3 Fn8000_0001: every defined bit by name.
+    from hvvmm.cpuid import CpuidEntry, format_cpuid_table
+
+    text = format_cpuid_table([CpuidEntry(0x8000_0001, ecx=0x3DEB_BFFF, edx=0xEFD3_FBFF)])
+    ecx_line = next(line for line in text.splitlines() if line.strip().startswith("ecx:"))
+    edx_line = next(line for line in text.splitlines() if line.strip().startswith("edx:"))
+    assert "bit" not in ecx_line and "bit" not in edx_line, text
+    for name in ("lahf_lm", "cmp_legacy", "svm", "abm", "prefetchw", "xop", "fma4", "mwaitx"):
+        assert f" {name}" in ecx_line
+    for name in ("fpu", "cmov", "syscall", "nx", "pdpe1gb", "rdtscp", "lm", "3dnow"):
+        assert f" {name}" in edx_line

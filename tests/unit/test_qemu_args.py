@@ -14,6 +14,15 @@ MiB, GiB = 1 << 20, 1 << 30
 KUT = ["--no-reboot", "-nodefaults", "-device", "pc-testdev", "-device",
        "isa-debug-exit,iobase=0xf4,iosize=0x4", "-vnc", "none", "-serial", "stdio",
        "-machine", "accel=kvm", "-kernel", "x86/msr.flat"]
+# kvm-unit-tests' x86/run today: "${qemu} --no-reboot -nodefaults $pit $pc_testdev -display none
+# -serial stdio $pci_testdev -accel $ACCEL$ACCEL_PROPS -kernel", with
+# pit="-global kvm-pit.lost_tick_policy=discard"; run_tests.sh adds the test's -smp and
+# extra_params (hyperv_synic: -cpu host,hv_passthrough -device hyperv-testdev). $pci_testdev is
+# empty: `hvvmm qemu -device ?` does not list pci-testdev.
+KUT_RUN_SCRIPT = ["--no-reboot", "-nodefaults", "-global", "kvm-pit.lost_tick_policy=discard",
+                  "-device", "pc-testdev", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4",
+                  "-display", "none", "-serial", "stdio", "-accel", "kvm", "-kernel", "x86/hyperv_synic.flat", "-smp", "2",
+                  "-cpu", "host,hv_passthrough", "-device", "hyperv-testdev"]
 
 
 def parse(*args, kernel=True):
@@ -39,6 +48,51 @@ def test_kvm_unit_tests_command_line():
     assert opts.hyperv == "hv-relaxed,hv-vpindex"
     assert opts.warnings == ["qemu-system-x86_64: -device pc-testdev: warning: hvvmm: pc-testdev "
                              "is not emulated; ignored"]
+
+
+def test_kvm_unit_tests_run_script_command_line():
+    opts = parse_args(KUT_RUN_SCRIPT)
+    assert opts.action == "run" and opts.kernel == "x86/hyperv_synic.flat"
+    assert opts.smp == 2 and opts.hyperv_testdev and opts.debug_exit == (0xF4, 4)
+    assert opts.serial == "stdio"  # -serial stdio wins over -display none
+    assert opts.pit_reinject is False  # lost_tick_policy=discard: KVM_REINJECT_CONTROL off
+    assert qemu.machine_config(opts).pit_reinject is False
+    # kvm-unit-tests fails a run whose stderr has lines other than warnings
+    assert all("warning:" in line for line in opts.warnings), opts.warnings
+
+
+@pytest.mark.parametrize("arg,reinject", [
+    ("kvm-pit.lost_tick_policy=discard", False),
+    ("kvm-pit.lost_tick_policy=delay", True),
+    ("driver=kvm-pit,property=lost_tick_policy,value=discard", False),
+])
+def test_global_pit_policy_is_honoured(arg, reinject):
+    opts = parse("-global", arg)
+    assert opts.pit_reinject is reinject and opts.warnings == []
+
+
+def test_global_properties_that_change_nothing_are_accepted():
+    opts = parse("-global", "PIIX4_PM.disable_s3=1", "-global", "ICH9-LPC.disable_s4=on",
+                 "-global", "kvm-apic.vapic=false")
+    assert opts.warnings == []
+
+
+def test_global_properties_hvvmm_ignores_warn():
+    opts = parse("-global", "kvm-apic.vapic=on", "-global", "mc146818rtc.lost_tick_policy=slew")
+    assert len(opts.warnings) == 2
+    assert all("warning:" in w and "ignored" in w for w in opts.warnings), opts.warnings
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("kvm-pit.lost_tick_policy=slew", "cannot be honoured"),
+    ("PIIX4_PM.disable_s3=0", "no ACPI S3/S4 sleep states"),
+    ("e1000.mac=52:54:00:12:34:56", "-global e1000.mac is not supported"),
+    ("nodot=1", "Invalid format"),
+    ("driver=kvm-pit,property=lost_tick_policy", "Parameter 'value' is missing"),
+])
+def test_global_properties_that_cannot_be_honoured_are_refused(arg, message):
+    text = error("-global", arg)
+    assert text.startswith(f"qemu-system-x86_64: -global {arg}: ") and message in text, text
 
 
 def test_defaults():
