@@ -20,6 +20,7 @@ import math
 import os
 import select
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -345,6 +346,7 @@ class Machine:
         self._input_pump: _InputPump | None = None
         self._started = False
         self._closed = False
+        self._dead_halt_reported = False
         self.console = ConsoleBuffer(config.console_capture_limit, config.console)
         self.hyperv = None  # hvvmm.hyperv.HyperV when the guest gets the Hyper-V interface
         self.hyperv_testdev = None  # hvvmm.devices.hyperv_testdev.HypervTestDev if configured
@@ -630,12 +632,77 @@ class Machine:
             check_timeout(timeout)
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
-        if not self._done.wait(timeout):
+        if not self._wait_watching_for_a_dead_halt(timeout):
             self.request_stop(StopRequest("timeout", f"the guest did not finish within "
                                                      f"{timeout:g} s"))
         self._join_vcpus()
         assert self._result is not None
         return self._result
+
+    # How often wait() looks for a guest that halted for good.
+    HALT_PROBE_INTERVAL = 1.0
+
+    def _wait_watching_for_a_dead_halt(self, timeout: float | None) -> bool:
+        """Wait for the end of the run (False: ``timeout`` passed). Meanwhile, say once when
+        every vCPU sits in HLT with interrupts disabled: a guest that ended without
+        isa-debug-exit or power-off idles for ever, and the user should know why."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        previous = None
+        while True:
+            step = self.HALT_PROBE_INTERVAL
+            if deadline is not None:
+                step = min(step, deadline - time.monotonic())
+                if step <= 0:
+                    return self._done.is_set()
+            if self._done.wait(step):
+                return True
+            if self._dead_halt_reported:
+                continue
+            states = self._halt_states()
+            if states is not None and states == previous:  # twice the same: settled
+                self._dead_halt_reported = True
+                halted = ", ".join(f"vCPU {index} at RIP {rip:#x}" for index, rip in
+                                   enumerate(states) if rip is not None)
+                log.warning("the guest halted with interrupts disabled (%s) and nothing can "
+                            "wake it: it wrote no isa-debug-exit and did not power off, so it "
+                            "idles until stopped (Ctrl-C, or a timeout)", halted)
+            previous = states
+
+    def _halt_states(self) -> list[int | None] | None:
+        """Each vCPU's RIP if it is halted with RFLAGS.IF clear and no NMI pending, None for an
+        AP waiting for INIT/SIPI; None in all if any vCPU could still run. Read on each vCPU's own
+        thread (KVM serializes vCPU ioctls with KVM_RUN): a halted vCPU with the in-kernel LAPIC
+        stays in KVM_RUN in KVM_MP_STATE_HALTED, and only INIT, SIPI or an NMI wakes it with
+        interrupts disabled (Intel SDM Vol. 2A, HLT)."""
+        count = len(self.vcpus)
+        states: list = [False] * count
+        answered = threading.Semaphore(0)
+
+        def probe(vcpu_thread: VcpuThread) -> None:
+            try:
+                vcpu = vcpu_thread.vcpu
+                mp_state = vcpu.get_mp_state()
+                if mp_state in (kvmc.KVM_MP_STATE_UNINITIALIZED,
+                                kvmc.KVM_MP_STATE_INIT_RECEIVED):  # an AP waiting for INIT/SIPI
+                    states[vcpu_thread.index] = None
+                elif mp_state == kvmc.KVM_MP_STATE_HALTED:
+                    regs = vcpu.get_regs()
+                    events = vcpu.get_vcpu_events()
+                    if not regs.rflags & 0x200 and not (events.nmi.pending or events.nmi.injected):
+                        states[vcpu_thread.index] = regs.rip
+            except OSError:
+                pass  # left False: not known to be halted
+            finally:
+                answered.release()
+
+        for vcpu_thread in self.vcpus:
+            vcpu_thread.run_soon(lambda v=vcpu_thread: probe(v))
+        for _ in range(count):
+            if not answered.acquire(timeout=0.5):
+                return None  # a vCPU busy elsewhere is not halted
+        if any(state is False for state in states) or all(state is None for state in states):
+            return None
+        return states
 
     def run(self, timeout: float | None = None) -> MachineResult:
         """Start the guest and wait for it to end (or time out)."""

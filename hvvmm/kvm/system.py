@@ -405,6 +405,13 @@ class Vcpu:
         ffi.buffer(state)[:] = registers
         self._ioctl(lib.KVM_SET_LAPIC, state, "KVM_SET_LAPIC")
 
+    def get_mp_state(self) -> int:
+        """``KVM_GET_MP_STATE``: KVM_MP_STATE_RUNNABLE, _HALTED (after HLT, with the in-kernel
+        LAPIC), _INIT_RECEIVED (an AP waiting for SIPI), ..."""
+        state = ffi.new("struct kvm_mp_state *")
+        self._ioctl(lib.KVM_GET_MP_STATE, state, "KVM_GET_MP_STATE")
+        return state.mp_state
+
     def get_vcpu_events(self):
         events = ffi.new("struct kvm_vcpu_events *")
         self._ioctl(lib.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")

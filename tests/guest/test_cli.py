@@ -240,3 +240,57 @@ def test_top_level_help_shows_each_commands_options():
     for option in ("--kernel", "--smp", "--memory", "--cpu-features", "--crash-report"):
         assert option in proc.stdout
     assert "hvvmm run [-h]" in proc.stdout and "hvvmm cpuid" in proc.stdout
+
+
+HALTED_FOR_GOOD = r"""
+#include "guest.h"
+int main(void)
+{
+    puts("last line");
+    if (cmdline_has("sti"))
+        asm volatile("sti");    /* halted, but an interrupt could wake it: not stuck */
+    else
+        asm volatile("cli");
+    for (;;)
+        asm volatile("hlt");
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def halted_guest(tmp_path_factory):
+    from hvvmm.guestbuild import build_guest_source
+
+    return str(build_guest_source(HALTED_FOR_GOOD, name="halted_for_good",
+                                  output_dir=tmp_path_factory.mktemp("halted")))
+
+
+@pytest.mark.parametrize("front_end", ["run", "qemu"])
+def test_a_guest_halted_for_good_is_reported_once(halted_guest, front_end):
+    if front_end == "run":
+        command = [*HVVMM, "run", "--kernel", halted_guest, "--smp", "2", "--timeout", "5"]
+    else:  # no isa-debug-exit: the guest's end is a halt (the issue's example)
+        command = [*HVVMM, "qemu", "-kernel", halted_guest, "-serial", "stdio", "-smp", "2"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True)
+    try:
+        assert read_line(proc) == "last line"
+        if front_end == "qemu":
+            time.sleep(4)
+            proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    lines = [line for line in stderr.splitlines() if "halted with interrupts disabled" in line]
+    assert len(lines) == 1, stderr
+    assert "vCPU 0 at RIP" in lines[0] and "nothing can wake it" in lines[0]
+    if front_end == "qemu":
+        assert "warning:" in lines[0]  # kvm-unit-tests tolerates warning lines only
+
+
+@pytest.mark.parametrize("kernel,append", [("spin", ""), ("halted", "sti")])
+def test_a_guest_that_can_still_run_is_not_reported(guest_image, halted_guest, kernel, append):
+    image = halted_guest if kernel == "halted" else str(guest_image("spin"))
+    proc = hvvmm("run", "--kernel", image, "--append", append, "--timeout", "3.5")
+    assert proc.returncode == 124
+    assert "halted" not in proc.stderr, proc.stderr
