@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--append", metavar="STR", default="",
                      help="kernel command line (after the kernel's name)")
     run.add_argument("--smp", metavar="N", type=_positive_int, default=1,
-                     help="number of vCPUs (default 1)")
+                     help="number of vCPUs (default 1; at most 255, the xAPIC IDs, or fewer "
+                          "where KVM_CAP_MAX_VCPUS says so)")
     run.add_argument("--memory", "-m", metavar="SIZE", type=_size, default=DEFAULT_MEMORY,
                      help=f"guest RAM, e.g. 512M or 2G (default {DEFAULT_MEMORY // MiB}M)")
     run.add_argument("--serial", metavar="stdio|none|file:PATH", default="stdio",

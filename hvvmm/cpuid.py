@@ -238,7 +238,10 @@ def _topology(entries: list[CpuidEntry], vcpu_index: int, vcpu_count: int) -> li
         elif entry.function == 4 and entry.eax & 0x1F:  # a cache descriptor (type != 0)
             level = (entry.eax >> 5) & 0x7
             sharing = addressable - 1 if level >= 3 else 0  # L1/L2 per core, L3 per package
-            eax = (entry.eax & 0x3FFF) | (sharing << 14) | ((addressable - 1) << 26)
+            # EAX[31:26] is cores per package - 1 in six bits (Intel SDM Vol. 2A, CPUID leaf
+            # 04H): more than 64 cores saturate at 63, as on real many-core parts.
+            eax = (entry.eax & 0x3FFF) | (min(sharing, 0xFFF) << 14) | \
+                ((min(addressable, 64) - 1) << 26)
             entry = replace(entry, eax=eax)
         elif entry.function == 0x8000_0008 and amd:
             ecx = (entry.ecx & ~0xF0FF) | (core_bits << 12) | ((vcpu_count - 1) & 0xFF)

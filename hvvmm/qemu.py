@@ -1150,7 +1150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # the last line of defence: one line, as everything else
         if os.environ.get("HVVMM_LOG_LEVEL", "").upper() == "DEBUG":
             raise
-        print(f"{PROG}: hvvmm: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(f"{PROG}: hvvmm: error: {exc or type(exc).__name__} (HVVMM_LOG_LEVEL=DEBUG "
+              "shows where)", file=sys.stderr)
         return 1
 
 

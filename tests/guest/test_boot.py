@@ -159,3 +159,17 @@ def test_guest_runtime_says_when_it_uses_fewer_vcpus_than_present(tmp_path):
     assert ("guest runtime: 3 vCPUs present, but this guest was built for at most 2 (MAX_CPUS"
             in console), console
     assert result.kind is ExitKind.DEBUG_EXIT, console  # and ended (the third AP just halts)
+
+
+def test_ram_the_host_refuses_is_a_sentence(monkeypatch):
+    import errno
+
+    from hvvmm.machine import ConfigError
+    from hvvmm.memory import GuestMemory
+
+    def refuse(cls, layout):
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(GuestMemory, "anonymous", classmethod(refuse))
+    with pytest.raises(ConfigError, match="cannot give the guest 256 MiB of RAM"):
+        Machine(MachineConfig())

@@ -294,3 +294,11 @@ def test_a_guest_that_can_still_run_is_not_reported(guest_image, halted_guest, k
     proc = hvvmm("run", "--kernel", image, "--append", append, "--timeout", "3.5")
     assert proc.returncode == 124
     assert "halted" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_more_vcpus_than_the_built_in_guest_uses_are_not_silent():
+    proc = hvvmm("run", "--smp", "100", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "guest runtime: 100 vCPUs present, but this guest was built for at most 64" in \
+        proc.stdout

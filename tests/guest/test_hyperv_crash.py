@@ -124,7 +124,7 @@ def test_cli_on_crash_continue(guest_image, tmp_path):
     path = tmp_path / "crash.json"
     proc = hvvmm_run("--kernel", str(guest_image("hv_crash")), "--append", "msg",
                      "--crash-report", str(path), "--on-crash", "continue")
-    assert proc.returncode == 1, describe(proc)  # debug-exit 0: (0 << 1) | 1
+    assert proc.returncode == 0, describe(proc)  # debug-exit 0: hvvmm run exits 0
     assert "INFO: still running after the crash report" in proc.stdout
     assert "SUMMARY: " in proc.stdout and "FAIL" not in proc.stdout
     assert json.loads(path.read_text())["message"] == MESSAGE

@@ -145,7 +145,7 @@ def test_trace_file_has_the_msr_writes_and_hypercalls(guest_image, tmp_path):
         [sys.executable, "-m", "hvvmm", "run", "--kernel", str(guest_image("hv_linux_boot")),
          "--smp", "2", "--trace", str(trace), "--timeout", str(RUN_TIMEOUT)],
         capture_output=True, text=True, timeout=RUN_TIMEOUT + 30, stdin=subprocess.DEVNULL)
-    assert proc.returncode == 1, describe(proc)  # debug-exit 0 -> (0 << 1) | 1
+    assert proc.returncode == 0, describe(proc)  # debug-exit 0: hvvmm run exits 0
     assert "SUMMARY: " in proc.stdout and "FAIL" not in proc.stdout, proc.stdout
 
     lines = trace.read_text().splitlines()

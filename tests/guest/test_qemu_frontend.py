@@ -218,3 +218,12 @@ def test_console_script_if_installed():
 
     proc = subprocess.run([str(script), "-version"], capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0 and proc.stdout.startswith("QEMU emulator version")
+
+
+def test_memory_the_host_cannot_give(guest_image):
+    # Checked before the guest starts, one QEMU-style line, no Python exception name.
+    proc = qemu("-m", "1T", "-kernel", str(guest_image("hello")))
+    assert proc.returncode == 1
+    assert proc.stderr == ("qemu-system-x86_64: hvvmm: memory size 1 TiB is more than this "
+                           f"host's RAM and swap ({proc.stderr.rsplit('(', 1)[1]}")
+    assert "Error" not in proc.stderr and proc.stdout == ""

@@ -306,3 +306,13 @@ def test_extended_leaf_0x80000001_bits_are_named():
         assert f" {name}" in ecx_line
     for name in ("fpu", "cmov", "syscall", "nx", "pdpe1gb", "rdtscp", "lm", "3dnow"):
         assert f" {name}" in edx_line
+
+
+@pytest.mark.parametrize("vcpu_count", [65, 100, 128, 200, 255])
+def test_many_vcpus_fit_the_registers(vcpu_count):
+    # Up to hvvmm's 255 vCPUs every register is 32 bits; leaf 4's six-bit core count saturates.
+    table = build_cpuid(HOST, vcpu_index=vcpu_count - 1, vcpu_count=vcpu_count, hyperv=None)
+    assert all(getattr(e, r) >> 32 == 0 for e in table for r in ("eax", "ebx", "ecx", "edx"))
+    l1d, l3 = leaf(table, 4, 0), leaf(table, 4, 3)
+    assert l1d.eax >> 26 == 63 and l1d.eax & 0x3FFF == 0x0121
+    assert (l3.eax >> 14) & 0xFFF == (1 << (vcpu_count - 1).bit_length()) - 1
