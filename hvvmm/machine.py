@@ -706,6 +706,10 @@ class Machine:
 
     def run(self, timeout: float | None = None) -> MachineResult:
         """Start the guest and wait for it to end (or time out)."""
+        try:
+            check_timeout(self.config.timeout if timeout is None else timeout)
+        except ConfigError as exc:  # before the guest starts
+            raise ValueError(str(exc)) from None
         self.start()
         return self.wait(timeout)
 

@@ -173,3 +173,10 @@ def test_ram_the_host_refuses_is_a_sentence(monkeypatch):
     monkeypatch.setattr(GuestMemory, "anonymous", classmethod(refuse))
     with pytest.raises(ConfigError, match="cannot give the guest 256 MiB of RAM"):
         Machine(MachineConfig())
+
+
+def test_a_timeout_no_wait_can_take_is_refused_before_the_guest_starts(guest_image):
+    with Machine(MachineConfig(kernel=guest_image("hello"))) as machine:
+        with pytest.raises(ValueError, match="too long"):
+            machine.run(timeout=float("inf"))
+        assert machine.result is None and not machine.vcpus[0].thread

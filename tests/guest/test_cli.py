@@ -225,6 +225,7 @@ def test_info_reports_the_host():
     assert "hardware virtualization:" in proc.stdout
     assert "KVM_CAP_X86_USER_SPACE_MSR" in proc.stdout
     assert "instruction completion: " in proc.stdout and "popcnt" in proc.stdout
+    assert "hvvmm's own limit: 255" in proc.stdout  # beside KVM_CAP_MAX_VCPUS
 
 
 def test_help_lists_exit_statuses():
