@@ -557,7 +557,7 @@ def _global_vapic(opts: QemuOptions, value: str, where: tuple[str, ...]) -> None
     # QEMU's kvm-apic vapic option ROM patches TPR accesses of 32-bit Windows XP; hvvmm has no
     # option ROMs, so the guest runs the same either way.
     if _global_bool(value) is None:
-        raise QemuError(f"Parameter 'vapic' expects 'on' or 'off'", where)
+        raise QemuError("Parameter 'vapic' expects 'on' or 'off'", where)
     if _global_bool(value):
         opts.warnings.append(warning_text("hvvmm: kvm-apic.vapic=on ignored: hvvmm has no TPR "
                                           "patching option ROM", where))

@@ -61,7 +61,8 @@ def test_assembly_guest(hvvmm_build_guest, hvvmm_machine):
         assert_guest_passed(machine)
 
 def test_failing_guest_fails(hvvmm_build_guest, hvvmm_run_guest):
-    image = hvvmm_build_guest(source='#include "guest.h"\\nint main(void) { report(0, "x"); report_summary(); }')
+    image = hvvmm_build_guest(
+        source='#include "guest.h"\\nint main(void) { report(0, "x"); report_summary(); }')
     result, console = hvvmm_run_guest(image)
     with pytest.raises(AssertionError, match="FAIL"):
         assert_guest_passed(result, console)

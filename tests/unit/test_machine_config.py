@@ -45,7 +45,8 @@ def test_one_vcpu_limit_with_its_reason():
     for bad in (0, -1, 256, True, "2"):
         with pytest.raises(ConfigError):
             check_smp(bad)
-    with pytest.raises(ConfigError, match="--smp 17 is too many: this host's KVM allows at most 16"):
+    with pytest.raises(ConfigError,
+                       match="--smp 17 is too many: this host's KVM allows at most 16"):
         check_smp(17, 16)
 
 

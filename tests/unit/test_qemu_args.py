@@ -21,7 +21,8 @@ KUT = ["--no-reboot", "-nodefaults", "-device", "pc-testdev", "-device",
 # empty: `hvvmm qemu -device ?` does not list pci-testdev.
 KUT_RUN_SCRIPT = ["--no-reboot", "-nodefaults", "-global", "kvm-pit.lost_tick_policy=discard",
                   "-device", "pc-testdev", "-device", "isa-debug-exit,iobase=0xf4,iosize=0x4",
-                  "-display", "none", "-serial", "stdio", "-accel", "kvm", "-kernel", "x86/hyperv_synic.flat", "-smp", "2",
+                  "-display", "none", "-serial", "stdio", "-accel", "kvm",
+                  "-kernel", "x86/hyperv_synic.flat", "-smp", "2",
                   "-cpu", "host,hv_passthrough", "-device", "hyperv-testdev"]
 
 

@@ -7,8 +7,6 @@ import re
 import shutil
 import subprocess
 
-import pytest
-
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
