@@ -1,4 +1,5 @@
-"""The ``hvvmm`` command line: ``hvvmm run``, ``hvvmm info``, ``hvvmm cpuid``.
+"""The ``hvvmm`` command line: ``hvvmm run``, ``hvvmm info``, ``hvvmm cpuid`` (``hvvmm qemu`` and
+``hvvmm img`` live in their own modules).
 
 Every error is one line on stderr and a distinct exit status (see ``hvvmm run --help``); a
 traceback only with ``--debug``.
@@ -145,12 +146,16 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("qemu", add_help=False,
                         help="run a qemu-system-x86_64 command line (a subset of QEMU's options; "
                              "see hvvmm qemu -help)")
+    commands.add_parser("img", add_help=False,
+                        help="create, inspect, check, convert, compare and commit disk images "
+                             "(raw, VHD; see hvvmm img --help)")
     # The top-level help shows each command's options, so `hvvmm --help` is enough to start.
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = ("options of each command (`hvvmm COMMAND --help` explains them):\n"
                      + "".join(commands.choices[name].format_usage().replace("usage: ", "  ")
                                for name in ("run", "cpuid", "info"))
-                     + "  hvvmm qemu QEMU-OPTIONS...  (see hvvmm qemu -help)\n")
+                     + "  hvvmm qemu QEMU-OPTIONS...  (see hvvmm qemu -help)\n"
+                     + "  hvvmm img SUBCOMMAND ...  (see hvvmm img --help)\n")
     parser.commands = commands.choices  # name -> subparser, for errors that name the command
     return parser
 
@@ -480,6 +485,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .qemu import main as qemu_main
 
         return qemu_main(argv[1:])
+    if argv[:1] == ["img"]:  # its own subcommands and exit statuses: see hvvmm/img.py
+        from .img import main as img_main
+
+        return img_main(argv[1:])
     parser = build_parser()
     args = None
     try:

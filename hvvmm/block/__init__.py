@@ -5,8 +5,8 @@ thread, never from a vCPU thread, so a slow disk cannot stall a vCPU; every meth
 safe to call from one worker thread while another thread only reads ``size``/``read_only``.
 
 Formats register themselves in :data:`FORMATS`; :func:`open_image` picks one from the file's bytes
-(``probe``) unless the caller names it. Raw files are the first format; others (VHD) plug in the
-same way.
+(``probe``) unless the caller names it. Raw files are the first format; VHD (``vhd.py``) plugs
+in the same way.
 
 Images are locked as QEMU locks them (QEMU ``block/file-posix.c``, ``raw_apply_lock_bytes``): open
 file description locks on byte 100 + permission ("I use it") and 200 + permission ("I do not let
@@ -27,7 +27,7 @@ from typing import Callable, Protocol
 SECTOR_SIZE = 512
 
 __all__ = ["SECTOR_SIZE", "BlockBackend", "BlockError", "ImageFormatError", "ImageLockedError",
-           "RawBackend", "ImageFormat", "FORMATS", "open_image", "lock_image"]
+           "RawBackend", "ImageFormat", "FORMATS", "open_image", "probe_format", "lock_image"]
 
 
 class BlockError(OSError):
@@ -217,23 +217,34 @@ FORMATS: dict[str, ImageFormat] = {
 }
 
 
+def probe_format(path: str) -> str:
+    """The format of the image at ``path``: any format but raw that claims it, else raw."""
+    try:
+        with open(path, "rb") as stream:
+            head = stream.read(64 * 1024)
+            size = os.fstat(stream.fileno()).st_size
+            stream.seek(max(size - SECTOR_SIZE, 0))
+            tail = stream.read(SECTOR_SIZE)
+    except OSError as exc:
+        raise BlockError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
+    return next((name for name, fmt in FORMATS.items()
+                 if name != "raw" and fmt.probe(head, tail, size)), "raw")
+
+
 def open_image(path: str | os.PathLike, format: str | None = None, read_only: bool = False,
                cache: str = "writeback") -> BlockBackend:
     """Open a disk image, its format named or probed (any format but raw that claims the file
     wins; raw takes the rest)."""
     path = os.fspath(path)
     if format is None:
-        try:
-            with open(path, "rb") as stream:
-                head = stream.read(64 * 1024)
-                size = os.fstat(stream.fileno()).st_size
-                stream.seek(max(size - SECTOR_SIZE, 0))
-                tail = stream.read(SECTOR_SIZE)
-        except OSError as exc:
-            raise BlockError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
-        format = next((name for name, fmt in FORMATS.items()
-                       if name != "raw" and fmt.probe(head, tail, size)), "raw")
+        format = probe_format(path)
     if format not in FORMATS:
         raise ImageFormatError(f"unknown image format {format!r} (known: "
                                f"{', '.join(sorted(FORMATS))})")
     return FORMATS[format].open(path, read_only=read_only, cache=cache)
+
+
+# Formats other than raw live in their own modules and register here.
+from . import vhd as _vhd  # noqa: E402  (vhd.py imports the names above)
+
+FORMATS["vhd"] = _vhd.FORMAT
