@@ -679,6 +679,20 @@ class VhdBackend:
                 raise
 
     def _write_in_block(self, block: int, first: int, n: int, chunk) -> None:
+        if self.parent is not None and (first | n) & 7:
+            # Widen to whole bitmap bytes (4 KiB), the rest copied from what the disk reads now:
+            # libvhdi takes a bitmap byte as all-or-nothing, so every reader then agrees.
+            start = first & ~7
+            end = min(-(-(first + n) // 8) * 8, self._block_sectors,
+                      self.size // SECTOR_SIZE - (block << self._block_shift))
+            base = block << self._block_shift
+            head = self._read_in_block(block, base + start, start, first - start) \
+                if first > start else b""
+            tail = self._read_in_block(block, base + first + n, first + n, end - first - n) \
+                if end > first + n else b""
+            if head or tail:
+                chunk = head + bytes(chunk) + tail
+                first, n = start, end - start
         entry = self._bat[block]
         if entry == UNUSED:
             self._allocate(block, first, n, chunk)
