@@ -24,14 +24,17 @@ never leaves a BAT entry pointing at garbage:
 1. the footer is written at the new end of the file, past the new block. The file grows; the new
    block's bytes are a hole and read as zeros, and the file has a valid footer at its end again;
 2. the block's sector bitmap and the written data (the rest of the block stays zeroed);
-3. a flush (``fdatasync``; a ``cache="none"`` image is opened O_DSYNC and needs none), so the block
-   is on stable storage before anything refers to it;
-4. the BAT entry.
+3. the data reaches stable storage: with ``cache="writeback"`` at the next :meth:`flush` (an
+   ``fdatasync``), with ``cache="none"`` at once (the file is opened O_DSYNC);
+4. the BAT entry: with ``writeback`` it is kept in memory until that flush has synced the data,
+   then written; with ``none`` it is written right after step 2.
 
-Cut short after 1 or 2, the image holds an unreferenced ("leaked") block, which reads as before
-and which ``check -r`` trims; before 4 no reader can see the new block. The footer never changes
-after creation, so the copy at offset 0 stays valid; if the end footer is ever torn, the copy is
-used and ``check -r`` rewrites the end footer.
+Cut short before 4, the image holds an unreferenced ("leaked") block, which reads as before and
+which ``check -r`` trims. A differencing image's bitmap bits follow the same rule as BAT entries
+(set in memory at once, written after the data is synced). So writes that were never flushed may
+be lost, as on any disk with a write cache, but the image stays consistent. The footer never
+changes after creation, so the copy at offset 0 stays valid; if the end footer is ever torn, the
+copy is used and ``check -r`` rewrites the end footer.
 
 Hostile images: everything read from the file is checked (checksums, sizes, BAT entries inside
 the file and not overlapping each other or the metadata, the block size a power of two, parent
@@ -44,6 +47,7 @@ from __future__ import annotations
 import collections
 import datetime
 import errno
+import functools
 import os
 import struct
 import threading
@@ -74,6 +78,8 @@ CREATOR = b"hvvm"                # QEMU takes the footer's current size for unkn
 CREATOR_OS = b"Wi2k"
 EPOCH = datetime.datetime(2000, 1, 1, tzinfo=datetime.timezone.utc)
 BITMAP_CACHE_BLOCKS = 1024
+_SECTOR_SHIFT = 9
+DATA_ALIGNMENT = 4096
 
 W2RU, W2KU = b"W2ru", b"W2ku"    # "Parent Locator Entries": Windows relative / absolute paths
 
@@ -510,20 +516,36 @@ class VhdBackend:
         self.subformat = DISK_TYPES[footer.disk_type]
         self.size = footer.current_size
         self.uuid = uuid_module.UUID(bytes=footer.uuid)
-        self._barrier = cache == "writeback"
+        # writeback: BAT entries and bitmap bits wait for flush(), which puts the data they
+        # cover on stable storage first; "none" (O_DSYNC) writes each at once, in order.
+        self._deferred = cache == "writeback" and not self.read_only
+        self._dirty_bat: set[int] = set()
+        self._dirty_bitmaps: set[int] = set()
         self._broken = ""
-        if footer.disk_type == FIXED:
+        self._fixed = footer.disk_type == FIXED
+        file = self._file
+        if type(file) is HostFile:   # the hot path calls the system directly
+            self._fast_pread = functools.partial(os.pread, file.fd)
+            self._fast_pwrite = functools.partial(os.pwrite, file.fd)
+        else:                        # a test's wrapper sees every access
+            self._fast_pread = file.pread
+            self._fast_pwrite = lambda data, offset: file.pwrite(data, offset) or len(data)
+        if self._fixed:
             return
         header = meta.header
         self.block_size = header.block_size
         self._block_sectors = header.block_size // SECTOR_SIZE
         self._block_shift = self._block_sectors.bit_length() - 1
+        self._block_mask = self._block_sectors - 1
         self._bitmap_size = meta.bitmap_size
         self._bat = meta.bat
         self._next_free = meta.next_free
         self._footer_bytes = footer.pack()
         self._bitmaps: collections.OrderedDict[int, int] = collections.OrderedDict()
-        self._full = (1 << self._bitmap_size * 8) - 1
+        self._bitmap_bits = self._bitmap_size * 8
+        self._full = (1 << self._bitmap_bits) - 1
+        self._all_present = self._run_mask(0, self._block_sectors)
+        self._full_blocks: set[int] = set()
         self._zeros = bytes(self.block_size)
         if footer.disk_type == DIFFERENCING:
             self.parent = self._open_parent(cache, lock, parent_read_only,
@@ -586,9 +608,13 @@ class VhdBackend:
         return bits
 
     def _remember(self, block: int, bits: int) -> None:
+        if bits & self._all_present == self._all_present:
+            self._full_blocks.add(block)   # bits are never cleared: no bitmap needed any more
         self._bitmaps[block] = bits
         self._bitmaps.move_to_end(block)
         if len(self._bitmaps) > BITMAP_CACHE_BLOCKS:
+            if next(iter(self._bitmaps)) in self._dirty_bitmaps:
+                self._write_back()     # a dirty bitmap leaves the cache only once written
             self._bitmaps.popitem(last=False)
 
     def _run_mask(self, first: int, count: int) -> int:
@@ -596,15 +622,54 @@ class VhdBackend:
 
     # -- BlockBackend --
 
+    def _simple_offset(self, sector: int, count: int, writing: bool = False) -> int:
+        """Where the request's bytes are when they all are in one place of this file: a fixed
+        image, or one allocated block (in a differencing image, with the sectors present and
+        the bitmap cached); -1 for an unallocated block of a dynamic image (zeros), -2 when the
+        general path must serve it. The hot path of :meth:`read` and :meth:`write`, lock-free:
+        a BAT entry or a bitmap bit is set only once the data it covers is written."""
+        if self._fixed:
+            return sector * SECTOR_SIZE
+        block = sector >> self._block_shift
+        if (sector + count - 1) >> self._block_shift != block:
+            return -2
+        entry = self._bat[block]
+        if entry == UNUSED:
+            return -1 if self.parent is None else -2
+        first = sector & self._block_mask
+        if self.parent is not None and block not in self._full_blocks:
+            bits = self._bitmaps.get(block)
+            mask = ((1 << count) - 1) << (self._bitmap_bits - first - count)
+            if bits is None:
+                return -2
+            if bits & mask != mask:
+                # A write of whole bitmap bytes sets its bits in the cache, written at flush()
+                if not (writing and self._deferred and not (first | count) & 7):
+                    return -2
+                self._dirty_bitmaps.add(block)
+                self._remember(block, bits | mask)
+        return entry * SECTOR_SIZE + self._bitmap_size + (first << _SECTOR_SHIFT)
+
     def read(self, sector: int, count: int) -> bytes:
-        self._range(sector, count)
-        if self.subformat == "fixed":
-            return self._pread(count * SECTOR_SIZE, sector * SECTOR_SIZE)
+        if sector < 0 or count <= 0 or (sector + count) * SECTOR_SIZE > self.size:
+            self._range(sector, count)
+            if not count:
+                return b""
+        length = count << _SECTOR_SHIFT
+        offset = self._simple_offset(sector, count)
+        if offset >= 0:
+            data = self._fast_pread(length, offset)
+            if len(data) == length:
+                return data
+        elif offset == -1:
+            return bytes(length)
         with self._lock:
+            if self._fixed:
+                return self._pread(length, sector * SECTOR_SIZE)
             parts = []
             while count:
                 block = sector >> self._block_shift
-                first = sector & (self._block_sectors - 1)
+                first = sector & self._block_mask
                 n = min(count, self._block_sectors - first)
                 parts.append(self._read_in_block(block, sector, first, n))
                 sector += n
@@ -655,28 +720,46 @@ class VhdBackend:
             raise BlockError(errno.EIO, f"{self._broken}; not writing to it")
 
     def write(self, sector: int, data) -> None:
-        self._writable()
-        if len(data) % SECTOR_SIZE:
-            raise BlockError(errno.EINVAL, "a write must be whole sectors")
-        self._range(sector, len(data) // SECTOR_SIZE)
-        if self.subformat == "fixed":
-            self._file.pwrite(data, sector * SECTOR_SIZE)
+        if self.read_only or self._broken:
+            self._writable()
+        length = len(data)
+        if length % SECTOR_SIZE or (isinstance(data, memoryview) and data.itemsize != 1):
+            data = memoryview(data).cast("B")
+            length = len(data)
+            if length % SECTOR_SIZE:
+                raise BlockError(errno.EINVAL, "a write must be whole sectors")
+        count = length >> _SECTOR_SHIFT
+        if sector < 0 or (sector + count) * SECTOR_SIZE > self.size:
+            self._range(sector, count)
+        if not count:
             return
-        view = memoryview(data).cast("B")
-        with self._lock:
-            try:
+        try:
+            offset = self._simple_offset(sector, count, writing=True)
+            if offset >= 0:   # in place: nothing but the data (and cached bits) changes
+                done = self._fast_pwrite(data, offset)
+                if done != length:
+                    self._file.pwrite(memoryview(data)[done:], offset + done)
+                return
+            view = memoryview(data).cast("B")
+            with self._lock:
+                if self._fixed:
+                    self._file.pwrite(view, sector * SECTOR_SIZE)
+                    return
                 while view:
                     block = sector >> self._block_shift
-                    first = sector & (self._block_sectors - 1)
+                    first = sector & self._block_mask
                     n = min(len(view) // SECTOR_SIZE, self._block_sectors - first)
                     self._write_in_block(block, first, n, view[:n * SECTOR_SIZE])
                     view = view[n * SECTOR_SIZE:]
                     sector += n
-            except OSError as exc:
-                if not isinstance(exc, BlockError):
-                    self._broken = f"{self.path}: a write failed ({exc.strerror or exc})"
-                    raise BlockError(exc.errno or errno.EIO, self._broken) from None
-                raise
+        except BlockError:
+            raise
+        except OSError as exc:
+            self._fail(exc)
+            raise BlockError(exc.errno or errno.EIO, self._broken) from None
+        except Exception as exc:
+            self._fail(exc)
+            raise
 
     def _write_in_block(self, block: int, first: int, n: int, chunk) -> None:
         if self.parent is not None and (first | n) & 7:
@@ -707,11 +790,16 @@ class VhdBackend:
         if bits & mask != mask or n == self._block_sectors:
             bits |= mask
             if self._bitmaps.get(block) != bits:
-                self._file.pwrite(bits.to_bytes(self._bitmap_size, "big"), start)
+                if self._deferred:
+                    self._dirty_bitmaps.add(block)
+                else:
+                    self._file.pwrite(bits.to_bytes(self._bitmap_size, "big"), start)
             self._remember(block, bits)
 
     def _allocate(self, block: int, first: int, n: int, chunk) -> None:
-        start = self._next_free
+        # The data starts on a 4 KiB boundary, the bitmap right before it (a BAT entry may name
+        # any sector): a guest's 4 KiB request is then one host page, not two.
+        start = _round_up(self._next_free + self._bitmap_size, DATA_ALIGNMENT) - self._bitmap_size
         end = start + self._bitmap_size + self.block_size
         if end // SECTOR_SIZE > UNUSED:
             raise BlockError(errno.ENOSPC, f"{self.path}: the VHD file cannot grow past 2 TiB")
@@ -726,24 +814,54 @@ class VhdBackend:
         else:
             self._file.pwrite(bitmap, start)
             self._file.pwrite(chunk, start + self._bitmap_size + first * SECTOR_SIZE)
-        # 3. on stable storage before anything points at it
-        if self._barrier:
-            self._file.sync()
-        # 4. the BAT entry
-        self._file.pwrite((start // SECTOR_SIZE).to_bytes(4, "big"),
-                          self.meta.header.table_offset + 4 * block)
+        # 3. and 4.: on stable storage before the BAT entry points at it (see flush())
+        if self._deferred:
+            self._dirty_bat.add(block)
+        else:
+            self._file.pwrite((start // SECTOR_SIZE).to_bytes(4, "big"),
+                              self.meta.header.table_offset + 4 * block)
         self._bat[block] = start // SECTOR_SIZE
         if self.parent is not None:
             self._remember(block, bits)
 
+    def _write_back(self) -> None:
+        """Flush the data, then write the BAT entries and bitmaps that point at it."""
+        if not (self._dirty_bat or self._dirty_bitmaps):
+            return
+        self._file.sync()
+        for block in sorted(self._dirty_bitmaps):
+            self._file.pwrite(self._bitmaps[block].to_bytes(self._bitmap_size, "big"),
+                              self._bat[block] * SECTOR_SIZE)
+        self._dirty_bitmaps.clear()
+        table = self.meta.header.table_offset
+        entries_per_sector = SECTOR_SIZE // 4
+        for first in sorted({block - block % entries_per_sector for block in self._dirty_bat}):
+            entries = self._bat[first:first + entries_per_sector]
+            self._file.pwrite(struct.pack(f">{len(entries)}I", *entries), table + 4 * first)
+        self._dirty_bat.clear()
+
     def flush(self) -> None:
-        if not self.read_only:
-            self._file.sync()
+        if self.read_only:
+            return
+        if self._broken:
+            raise BlockError(errno.EIO, f"{self._broken}; not writing to it")
+        with self._lock:
+            try:
+                if not self._fixed:
+                    self._write_back()
+                self._file.sync()
+            except Exception as exc:
+                self._fail(exc)
+                raise
+
+    def _fail(self, exc: BaseException) -> None:
+        """After a failed write the file's state is unknown: nothing more is written to it."""
+        self._broken = f"{self.path}: a write failed ({getattr(exc, 'strerror', None) or exc!r})"
 
     def discard(self, sector: int, count: int) -> None:
         self._writable()
         self._range(sector, count)
-        if self.subformat == "fixed":
+        if self._fixed:
             self._file.punch_hole(sector * SECTOR_SIZE, count * SECTOR_SIZE)
             return
         if self.parent is not None:
@@ -784,11 +902,18 @@ class VhdBackend:
         return runs
 
     def close(self) -> None:
-        if self.parent is not None:
-            self.parent.close()
-            self.parent = None
-        if self._file is not None:
-            self._file.close()
+        """Write what flush() would write (without waiting for the disk), then close."""
+        try:
+            if getattr(self, "_deferred", False) and not self._broken and \
+                    (self._dirty_bat or self._dirty_bitmaps):
+                with self._lock:
+                    self._write_back()
+        finally:
+            if self.parent is not None:
+                self.parent.close()
+                self.parent = None
+            if self._file is not None:
+                self._file.close()
 
     def __enter__(self):
         return self

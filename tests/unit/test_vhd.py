@@ -89,6 +89,8 @@ def test_dynamic_reads_zeros_then_what_was_written(tmp_path):
     with open_image(path) as disk:
         assert disk.read(BLOCK_SECTORS - 2, 5) == pattern(2, 5)
         assert disk.allocated_blocks() == [0, 1]
+        # each block's data starts on a 4 KiB boundary, its bitmap right before it
+        assert all((disk._bat[block] * 512 + 512) % 4096 == 0 for block in (0, 1))
     assert check_vhd(str(path)).errors == []
 
 
@@ -537,6 +539,7 @@ def test_allocation_cut_short_at_every_step(tmp_path, kind, first):
         disk = VhdBackend(path, lock=False, host_file=CuttingFile(fd, str(path), allowed))
         try:
             disk.write(sector, new)
+            disk.flush()
             completed = True
         except (Crash, BlockError):
             completed = False
@@ -551,10 +554,11 @@ def test_allocation_cut_short_at_every_step(tmp_path, kind, first):
         assert data in (before, bytes(after)), allowed
         if completed:
             assert data == bytes(after)
-            # the footer at the new end, the bitmap and data, a flush, then the BAT entry
-            assert [step[0] for step in steps][-2:] == ["sync", "write"]
-            assert steps[-1][1:] == (1536 + 4, 4)
-            assert steps[0][1] > max(step[1] for step in steps[1:-2])
+            # the footer at the new end, the bitmap and data; at the flush, a sync, then the
+            # BAT entry (its sector of the BAT), then a sync
+            assert [step[0] for step in steps][-3:] == ["sync", "write", "sync"]
+            assert steps[-2][1:] == (1536, 16)
+            assert steps[0][1] > max(step[1] for step in steps[1:-3])
             assert allowed >= 4
             break
         repaired = check_vhd(str(path), repair=True)
@@ -568,6 +572,23 @@ def test_allocation_cut_short_at_every_step(tmp_path, kind, first):
         assert check_vhd(str(path)).leaks == []
     else:
         pytest.fail("the write never completed")
+
+
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+def test_a_vmm_killed_without_flush_leaves_a_consistent_image(tmp_path, cache):
+    path = tmp_path / "d.vhd"
+    create_vhd(path, 4 * MiB, force_size=True)
+    disk = VhdBackend(path, cache=cache)
+    disk.write(0, pattern(30, 16))
+    os.close(disk._file.fd)      # killed: no flush, no close
+    disk._file.fd = -1
+    with open_image(path) as reopened:
+        data = reopened.read(0, 16)
+    # writeback: the BAT entry waits for a flush, so the write is lost but the image is sound;
+    # cache=none: every step reached the file at once
+    assert data == (bytes(16 * 512) if cache == "writeback" else pattern(30, 16))
+    result = check_vhd(str(path))
+    assert result.errors == [] and bool(result.leaks) == (cache == "writeback")
 
 
 def test_damaged_end_footer_uses_the_copy_and_check_repairs_it(tmp_path):
@@ -727,3 +748,11 @@ def test_qemu_img_reads_hvvmm_dynamic_after_check_repair(tmp_path):
     check_vhd(str(path), repair=True)
     assert path.read_bytes() == bytes(raw)
     assert qemu_raw(path, tmp_path, current_size=True) == expected
+
+
+def test_benchmark_runs_and_prints_ratios(bench_module, capsys):
+    ratios = bench_module("vhd_io").main(["--size", "4", "--runs", "1"])
+    out = capsys.readouterr().out
+    assert set(ratios) == {"dynamic", "differencing"}
+    assert all(ratio > 0 for kind in ratios.values() for ratio in kind.values())
+    assert "random read" in out and "ratio" in out
