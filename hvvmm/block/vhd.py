@@ -52,12 +52,12 @@ import os
 import struct
 import threading
 import uuid as uuid_module
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 
 from . import SECTOR_SIZE, BlockError, ImageFormat, ImageFormatError, lock_image
 
-__all__ = ["VhdBackend", "create_vhd", "chs_size", "inspect_vhd", "check_vhd", "chs_geometry", "FORMAT",
-           "DEFAULT_BLOCK_SIZE", "MAX_SIZE", "HostFile"]
+__all__ = ["VhdBackend", "create_vhd", "chs_size", "inspect_vhd", "check_vhd", "chs_geometry",
+           "FORMAT", "DEFAULT_BLOCK_SIZE", "MAX_SIZE", "HostFile"]
 
 FOOTER_COOKIE = b"conectix"
 HEADER_COOKIE = b"cxsparse"
@@ -440,7 +440,7 @@ def read_metadata(file: HostFile, path: str) -> Metadata:
     meta.used_end = regions[-1][1]
     meta.next_free = max(_round_up(footer_at), meta.used_end)
     for (_, end_a, _), (start_b, _, _) in zip(regions, regions[1:]):
-        if start_b - end_a >= block_bytes:
+        if start_b - end_a >= max(block_bytes, DATA_ALIGNMENT):   # not alignment padding
             meta.leaks.append((end_a, start_b - end_a))
     if footer_at > meta.used_end:
         meta.leaks.append((meta.used_end, footer_at - meta.used_end))
@@ -958,7 +958,7 @@ def create_vhd(path: str | os.PathLike, size: int = 0, subformat: str = "dynamic
         with VhdBackend(parent, read_only=True) as backing:
             parent_footer = backing.footer
         if size and size != parent_footer.current_size:
-            raise ImageFormatError(f"{path}: a differencing image has its parent's size "
+            raise ValueError(f"{path}: a differencing image has its parent's size "
                                    f"({parent_footer.current_size} bytes), not {size}")
         size = parent_footer.current_size
     if subformat not in ("fixed", "dynamic", "differencing"):
@@ -1072,9 +1072,7 @@ def check_vhd(path: str, repair: bool = False) -> CheckResult:
 
 
 def _check_bitmaps(file: HostFile, meta: Metadata, result: CheckResult) -> None:
-    """Each allocated block's bitmap is readable; in a dynamic image a clear bit is noted (its
-    sector reads as zeros from hvvmm and QEMU alike, but other readers differ)."""
-    sectors_per_block = meta.header.block_size // SECTOR_SIZE
+    """Each allocated block's bitmap can be read whole."""
     for index, entry in enumerate(meta.bat):
         if entry == UNUSED:
             continue

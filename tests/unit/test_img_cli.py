@@ -1,4 +1,4 @@
-"""``hvvmm img``: create, info, check, convert, compare, commit; one-line errors and exit statuses."""
+"""``hvvmm img``: create, info, check, convert, compare, commit; one-line errors, exit statuses."""
 
 from __future__ import annotations
 

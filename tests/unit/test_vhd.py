@@ -168,7 +168,8 @@ write_ops = st.lists(st.tuples(st.integers(0, 3 * BLOCK_SECTORS // 2 + 2), st.in
 
 
 @pytest.mark.parametrize("kind", ["fixed", "dynamic", "differencing"])
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=write_ops)
 def test_random_writes_match_a_bytearray_model_across_reopens(tmp_path_factory, kind, ops):
     model = Model(tmp_path_factory.mktemp(kind), kind)
@@ -265,7 +266,7 @@ def test_a_parent_that_is_not_the_parent_is_refused(tmp_path, what):
         base.write_bytes(raw)
     with pytest.raises(ImageFormatError) as excinfo:
         open_image(child)
-    assert f"expects" in one_line_error(excinfo) and what.upper()[:4] in \
+    assert "expects" in one_line_error(excinfo) and what.upper()[:4] in \
         one_line_error(excinfo).upper()
     assert child.read_bytes() == before
 
