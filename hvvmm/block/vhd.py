@@ -617,6 +617,17 @@ class VhdBackend:
                 self._write_back()     # a dirty bitmap leaves the cache only once written
             self._bitmaps.popitem(last=False)
 
+    def _mark_present(self, sector: int, count: int) -> None:
+        """Set the bits of sectors just written in place (one block, bitmap cached)."""
+        block = sector >> self._block_shift
+        if block in self._full_blocks:
+            return
+        bits = self._bitmaps[block]
+        mask = self._run_mask(sector & self._block_mask, count)
+        if bits & mask != mask:
+            self._dirty_bitmaps.add(block)
+            self._remember(block, bits | mask)
+
     def _run_mask(self, first: int, count: int) -> int:
         return ((1 << count) - 1) << (self._bitmap_size * 8 - first - count)
 
@@ -642,12 +653,11 @@ class VhdBackend:
             mask = ((1 << count) - 1) << (self._bitmap_bits - first - count)
             if bits is None:
                 return -2
-            if bits & mask != mask:
-                # A write of whole bitmap bytes sets its bits in the cache, written at flush()
-                if not (writing and self._deferred and not (first | count) & 7):
-                    return -2
-                self._dirty_bitmaps.add(block)
-                self._remember(block, bits | mask)
+            # A write of whole bitmap bytes may go in place too: write() sets the bits after
+            # the data (in the cache; written at flush()).
+            if bits & mask != mask and not (writing and self._deferred and
+                                            not (first | count) & 7):
+                return -2
         return entry * SECTOR_SIZE + self._bitmap_size + (first << _SECTOR_SHIFT)
 
     def read(self, sector: int, count: int) -> bytes:
@@ -739,6 +749,8 @@ class VhdBackend:
                 done = self._fast_pwrite(data, offset)
                 if done != length:
                     self._file.pwrite(memoryview(data)[done:], offset + done)
+                if self.parent is not None:
+                    self._mark_present(sector, count)
                 return
             view = memoryview(data).cast("B")
             with self._lock:
