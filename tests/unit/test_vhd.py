@@ -190,6 +190,36 @@ def test_random_writes_match_a_bytearray_model_across_reopens(tmp_path_factory, 
     assert result.errors == [] and result.leaks == []
 
 
+@pytest.mark.parametrize("kind", ["dynamic", "differencing"])
+@pytest.mark.parametrize("cache", ["writeback", "none"])
+@settings(max_examples=25, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.tuples(st.integers(0, 3 * BLOCK_SECTORS // 2 + 2),
+                              st.sampled_from([1, 7, 8, 16, 64, 300]), st.integers(0, 255),
+                              st.booleans()), min_size=1, max_size=20))
+def test_random_writes_in_one_session_then_reopened(tmp_path_factory, kind, cache, ops):
+    """Writes and reads in one open image (the cached, in-place and deferred paths), some
+    flushed, then the image reopened."""
+    model = Model(tmp_path_factory.mktemp(kind), kind)
+    total = len(model.data) // SECTOR_SIZE
+    with VhdBackend(model.path, cache=cache) as disk:
+        for sector, count, value, flush in ops:
+            sector -= sector % 8 if count % 8 == 0 else 0
+            count = min(count, total - sector)
+            data = bytes([value]) * (count * SECTOR_SIZE)
+            disk.write(sector, data)
+            model.data[sector * SECTOR_SIZE:(sector + count) * SECTOR_SIZE] = data
+            start = max(0, min(sector - 9, total - 20))
+            assert disk.read(start, 20) == bytes(model.data[start * 512:(start + 20) * 512])
+            if flush:
+                disk.flush()
+        assert read_all(disk) == bytes(model.data)
+    with open_image(model.path, read_only=True) as disk:
+        assert read_all(disk) == bytes(model.data)
+    result = check_vhd(str(model.path))
+    assert (result.errors, result.leaks, result.stale) == ([], [], [])
+
+
 # -- differencing chains -----------------------------------------------------------------------
 
 def test_differencing_reads_the_parent_where_it_holds_nothing(tmp_path):
