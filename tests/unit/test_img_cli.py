@@ -146,6 +146,20 @@ def test_bad_images_are_one_line_and_status_4(capsys, tmp_path):
     assert path.read_bytes() == bytes(raw)
 
 
+def test_a_missing_parent_is_a_bad_image(capsys, tmp_path):
+    base, child = tmp_path / "base.vhd", tmp_path / "child.vhd"
+    run(capsys, "create", "-f", "vhd", base, "1M")
+    run(capsys, "create", "-b", base, child)
+    base.unlink()
+    status, out, _ = run(capsys, "info", child)
+    assert status == 0 and "base.vhd (not found)" in out
+    status, out, _ = run(capsys, "check", child)
+    assert status == 4 and "parent image is missing" in out
+    for argv in (["compare", child, child], ["commit", child]):
+        status, _, err = run(capsys, *argv)
+        assert status == 4 and len(err.strip().splitlines()) == 1 and "missing" in err
+
+
 def test_usage_and_io_errors(capsys, tmp_path):
     assert run(capsys, "create", "-f", "vhd", tmp_path / "a.vhd")[0] == 2
     assert run(capsys, "create", "-f", "vhd", "-o", "subformat=sparse", tmp_path / "a.vhd",
