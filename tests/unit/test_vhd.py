@@ -168,7 +168,7 @@ write_ops = st.lists(st.tuples(st.integers(0, 3 * BLOCK_SECTORS // 2 + 2), st.in
 
 
 @pytest.mark.parametrize("kind", ["fixed", "dynamic", "differencing"])
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=write_ops)
 def test_random_writes_match_a_bytearray_model_across_reopens(tmp_path_factory, kind, ops):
@@ -192,7 +192,7 @@ def test_random_writes_match_a_bytearray_model_across_reopens(tmp_path_factory, 
 
 @pytest.mark.parametrize("kind", ["dynamic", "differencing"])
 @pytest.mark.parametrize("cache", ["writeback", "none"])
-@settings(max_examples=25, deadline=None,
+@settings(max_examples=15, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(st.tuples(st.integers(0, 3 * BLOCK_SECTORS // 2 + 2),
                               st.sampled_from([1, 7, 8, 16, 64, 300]), st.integers(0, 255),
