@@ -967,6 +967,8 @@ def create_vhd(path: str | os.PathLike, size: int = 0, subformat: str = "dynamic
     if parent is not None:
         parent = os.fspath(parent)
         subformat = "differencing"
+        if os.path.exists(path) and os.path.exists(parent) and os.path.samefile(path, parent):
+            raise ValueError(f"{path} cannot be its own parent")
         with VhdBackend(parent, read_only=True) as backing:
             parent_footer = backing.footer
         if size and size != parent_footer.current_size:

@@ -174,6 +174,8 @@ def test_usage_and_io_errors(capsys, tmp_path):
     with open_image(tmp_path / "b.vhd"):
         status, _, err = run(capsys, "create", "-f", "vhd", tmp_path / "b.vhd", "1M")
         assert status == 3 and "in use" in err
+    status, _, err = run(capsys, "create", "-b", tmp_path / "b.vhd", tmp_path / "b.vhd")
+    assert status == 2 and "its own parent" in err
     status, _, err = run(capsys, "create", "-f", "vhd", "-b", tmp_path / "missing.vhd",
                          tmp_path / "c.vhd")
     assert status == 3
