@@ -1122,7 +1122,10 @@ def _repair(file: HostFile, meta: Metadata, result: CheckResult) -> None:
 # -- registration ------------------------------------------------------------------------------
 
 def probe(head: bytes, tail: bytes, size: int) -> bool:
-    """A footer at the end, or a dynamic image's footer copy at offset 0."""
+    """A footer at the end, or a dynamic image's footer copy at offset 0.
+
+    A guest can write both places of a raw disk; a drive a guest writes to should name its
+    format rather than be probed (QEMU warns about probed raw images for the same reason)."""
     return tail[:8] == FOOTER_COOKIE or head[:8] == FOOTER_COOKIE
 
 
