@@ -23,7 +23,8 @@ enlightenments' declarations (:mod:`hvvmm.enlightenments`), the same declaration
 the MSRs and hypercalls, so the guest is never told about something the VM does not do.
 
 CPUID is frozen after the first ``KVM_RUN`` (ref. §1, §2.14), so every leaf is final from reset.
-Nothing here imports the KVM layer; :class:`CpuidEntry` is the type the KVM layer uses.
+Nothing here imports the KVM layer, nor does the KVM layer import this: it takes any entry with
+``function``, ``index``, ``flags`` and the four registers, and gives back plain tuples.
 """
 
 from __future__ import annotations

@@ -432,7 +432,7 @@ class Machine:
         for index in range(config.smp):
             vcpu = vm.create_vcpu(index)
             self.vcpus.append(VcpuThread(self, vcpu, self.pio_bus, self.mmio_bus,
-                                         self.memslots.overlay_at))
+                                         self.memslots.take_overlay_write))
             try:
                 table = build_cpuid(supported, vcpu_index=index, vcpu_count=config.smp,
                                     hyperv=hyperv_config, cpu_features_mask=cpu_mask)

@@ -21,6 +21,7 @@ from typing import Callable, ContextManager, Iterable
 from .hv.platform import OverlayError
 from .kvm import PinnedBuffer, atomic_fetch_or_u8
 from .layout import PC
+from .logonce import LogOnce
 from .memory import PAGE_SIZE, GuestMemory
 
 log = logging.getLogger(__name__)
@@ -98,6 +99,7 @@ class MemslotManager:
                      for region, host in zip(memory.regions, host_addresses)]
         self._overlays: dict[int, Overlay] = {}
         self._slots: dict[int, _Slot] = {}
+        self._log_once = LogOnce(log)
         self._apply()
 
     @property
@@ -106,6 +108,20 @@ class MemslotManager:
 
     def overlay_at(self, gpa: int) -> Overlay | None:
         return self._overlays.get(gpa & ~(PAGE_SIZE - 1))
+
+    def take_overlay_write(self, vcpu_index: int, gpa: int, size: int) -> bool:
+        """The vCPU loop's MMIO-write hook: a write exit inside a read-only overlay comes from
+        that overlay's slot, whatever the bus has below it (the guest places overlays), and is
+        not applied. The TLFS says such a write raises #GP; KVM reports it only after its
+        emulator retired the instruction (RIP already past it), so a #GP injected now would point
+        at the wrong instruction and break fault fix-ups: hvvmm drops the write and logs it."""
+        overlay = self._overlays.get(gpa & ~(PAGE_SIZE - 1))
+        if overlay is None:
+            return False
+        self._log_once(("overlay write", overlay.gpa), logging.WARNING,
+                       "vCPU %d wrote %d byte(s) to the read-only %s at %#x; the write was "
+                       "dropped", vcpu_index, size, overlay.name, gpa)
+        return True
 
     def map_overlay(self, gpa: int, content: bytes, *, readonly: bool, name: str) -> Overlay:
         if gpa % PAGE_SIZE:

@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from .bus import Bus
-from .logonce import LogOnce
 from .kvm import (KICK_SIGNAL, FailEntryExit, HltExit, InternalErrorExit, InterruptedExit, IoExit,
                   MmioExit, MsrExit, ShutdownExit, SystemEventExit, UnknownExit, Vcpu, VcpuExit,
                   constants)
@@ -67,14 +66,19 @@ class PortHandler(Protocol):
     def handle_port(self, vcpu: "VcpuThread", exit: IoExit) -> None: ...
 
 
+# Consulted for every MMIO write exit before the bus: ``hook(vcpu_index, address, size)``
+# returns True when it took the write (the memslot manager takes writes to read-only pages it
+# maps over RAM, which the bus knows nothing of).
+MmioWriteHook = Callable[[int, int, int], bool]
+
+
 class VcpuThread:
     """Runs one vCPU until the machine stops."""
 
     def __init__(self, machine: MachineControl, vcpu: Vcpu, pio_bus: Bus, mmio_bus: Bus,
-                 overlay_at: Callable[[int], object | None]):
+                 mmio_write_hook: MmioWriteHook | None = None):
         self.machine = machine
-        self._overlay_at = overlay_at
-        self._log_once = LogOnce(log)
+        self._mmio_write_hook = mmio_write_hook
         self.vcpu = vcpu
         self.index = vcpu.index
         self.pio_bus = pio_bus
@@ -205,25 +209,13 @@ class VcpuThread:
 
     def _mmio(self, exit: MmioExit) -> None:
         if exit.is_write:
-            # A write exit inside a read-only overlay comes from that overlay's slot, whatever
-            # the bus has below it (the guest places overlays).
-            overlay = self._overlay_at(exit.address)
-            if overlay is not None:
-                self._overlay_write(exit, overlay)
+            hook = self._mmio_write_hook
+            if hook is not None and hook(self.index, exit.address, exit.size):
                 return
             self.mmio_bus.write(exit.address, exit.size, int.from_bytes(exit.data, "little"))
         else:
             exit.data[:] = self.mmio_bus.read(exit.address, exit.size).to_bytes(exit.size,
                                                                                 "little")
-
-    def _overlay_write(self, exit: MmioExit, overlay) -> None:
-        """A guest write to a read-only overlay page (hypercall, reference TSC) is not applied.
-        The TLFS says such a write raises #GP. KVM reports it only after its emulator retired the
-        instruction (RIP already past it), so a #GP injected now would point at the wrong
-        instruction and break fault fix-ups; hvvmm drops the write and logs it instead."""
-        self._log_once(("overlay write", overlay.gpa), logging.WARNING,
-                       "vCPU %d wrote %d byte(s) to the read-only %s at %#x; the write was "
-                       "dropped", self.index, exit.size, overlay.name, exit.address)
 
     def _msr(self, exit: MsrExit) -> None:
         handler = self.msr_handler

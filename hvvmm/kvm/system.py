@@ -11,9 +11,8 @@ import os
 import signal
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, NamedTuple, Protocol, Sequence
 
-from ..cpuid import CpuidEntry
 from ._kvm import ffi, lib
 from .exits import InterruptedExit, VcpuExit, decode_exit
 
@@ -21,6 +20,32 @@ KVM_REQUIRED_API_VERSION = 12
 
 # Kicks a vCPU thread out of KVM_RUN (see hvvmm_install_kick_handler in _build.py).
 KICK_SIGNAL = signal.SIGRTMIN + 7
+
+
+class KvmCpuidEntry(NamedTuple):
+    """One ``struct kvm_cpuid_entry2`` as plain data: ``function`` is the leaf (EAX in),
+    ``index`` the subleaf (ECX in), ``flags`` KVM's (bit 0: the index is significant). The CPUID
+    policy (``hvvmm.cpuid``) builds its own entries from these; this layer knows no policy."""
+
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+class CpuidLeaf(Protocol):
+    """What :meth:`Vcpu.set_cpuid` reads from each entry (``hvvmm.cpuid.CpuidEntry`` has it)."""
+
+    function: int
+    index: int
+    flags: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
 
 
 class KvmError(OSError):
@@ -89,7 +114,7 @@ class Kvm:
         result = lib.hvvmm_ioctl_value(self.fd, lib.KVM_CHECK_EXTENSION, cap)
         return max(result, 0)
 
-    def supported_cpuid(self) -> list[CpuidEntry]:
+    def supported_cpuid(self) -> list[KvmCpuidEntry]:
         """``KVM_GET_SUPPORTED_CPUID``: what the host and KVM can give a guest."""
         count = 128
         while True:
@@ -99,7 +124,7 @@ class Kvm:
                 count *= 2
                 continue
             _check(result, "KVM_GET_SUPPORTED_CPUID")
-            return [CpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+            return [KvmCpuidEntry(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
                     for e in (buf.entries[i] for i in range(buf.nent))]
 
     def create_vm(self) -> "Vm":
@@ -382,7 +407,7 @@ class Vcpu:
         if done != len(items):
             raise KvmError(f"KVM_SET_MSRS(MSR {items[done][0]:#x})", errno.EINVAL)
 
-    def set_cpuid(self, entries: Sequence[CpuidEntry]) -> None:
+    def set_cpuid(self, entries: Sequence[CpuidLeaf]) -> None:
         table = ffi.new("struct kvm_cpuid2 *", {"nent": len(entries), "entries": len(entries)})
         for i, entry in enumerate(entries):
             target = table.entries[i]

@@ -107,3 +107,18 @@ def test_overlay_content_is_host_writable(setup):
     assert overlay.read(6, 4) == b"\xcc\xcc\x01\x02"
     with pytest.raises(ValueError):
         overlay.write(4095, b"ab")
+
+
+def test_writes_to_an_overlay_are_taken_and_logged_once(setup, caplog):
+    manager, _, _ = setup
+    overlay = manager.map_overlay(5 * PAGE, bytes(PAGE), readonly=True, name="hypercall page")
+    assert not manager.take_overlay_write(0, 4 * PAGE + 8, 4)  # RAM: the bus's
+    with caplog.at_level("WARNING", logger="hvvmm.memslots"):
+        assert manager.take_overlay_write(1, 5 * PAGE + 16, 8)
+        assert manager.take_overlay_write(1, 5 * PAGE + 24, 8)
+    warnings = [r.getMessage() for r in caplog.records
+                if "read-only" in r.getMessage() and r.levelname == "WARNING"]
+    assert warnings == ["vCPU 1 wrote 8 byte(s) to the read-only hypercall page at 0x5010; "
+                        "the write was dropped (logged once)"]
+    manager.unmap_overlay(overlay)
+    assert not manager.take_overlay_write(0, 5 * PAGE + 16, 8)
