@@ -38,9 +38,18 @@ Semantics, as implemented:
   first point of the original grid after now ([K] ``stimer_start``:
   ``exp_time = time_now + (count - (time_now - exp_time) % count)``). The TLFS permits this ("some
   timer expiration signals may be skipped completely"); its optional "period modulation" is not
-  done. The host timer is never re-armed sooner than :data:`MIN_REARM_NS` after the previous
-  expiry, so a tiny period cannot livelock the timer thread (the grid is kept; extra expiries are
-  skipped as missed).
+  done.
+* Host work is bounded, whatever the guest writes (:data:`MIN_PERIOD_UNITS`,
+  :data:`MIN_REARM_NS`; the reasons are at those constants): a periodic timer's effective period
+  is at least 200 us (COUNT reads back as written; expiries fall on the grid of the effective
+  period, so never before the guest's own); a timer's host timer is never due sooner than 50 us
+  after that timer's previous expiry (a one-shot rewritten into the past in a loop); and a
+  periodic message-mode timer whose message waits for its slot stops its host timer until the
+  message is placed (EOM), then resumes on its grid (KVM ``kvm_hv_process_stimers`` restarts a
+  timer only ``if (!stimer->msg_pending)``), so expiries the guest has not consumed coalesce into
+  the one waiting message instead of waking the host. Direct-mode expiries the guest has not
+  taken coalesce in the LAPIC's IRR (one bit per vector), which the host cannot see without a
+  vCPU ioctl; the period floor bounds them.
 * Lazy periodic: "the timer signal is deferred until this virtual processor is available. If it
   doesn't become available until shortly before the next timer is due to expire, it is skipped
   entirely" [T]. hvvmm skips a lazy timer's signal (at expiry, or when a deferred message is
@@ -57,10 +66,10 @@ Semantics, as implemented:
   If the slot is busy (or the SIMP/SCONTROL is off, or the SINT masked) the message stays pending
   with the ExpirationTime of the expiry it reports (ref. §9.3; the SynIC sets MessagePending on a
   busy slot) and is retried from the SynIC's EOM listeners (the guest wrote EOM, or SCONTROL, SIMP
-  or the SINT changed so it can take messages) and at the timer's next expiry; expiries while it
-  waits are folded into it (one pending message per timer). [K] does not retry periodic messages
-  at all ("to avoid piling up periodic ticks"); hvvmm retries them, subject to the lazy rule
-  above. DeliveryTime is the reference time when the message is placed [P]: read exactly on a
+  or the SINT changed so it can take messages). A periodic timer is parked meanwhile (no host
+  timer; the grid points it passes are counted as missed periods, the TLFS's skipped signals) and
+  is restarted on its grid once the message is placed or dropped by the lazy rule above; one
+  pending message per timer. [K] does likewise (``msg_pending`` holds the restart). DeliveryTime is the reference time when the message is placed [P]: read exactly on a
   vCPU thread (EOM retries), or on the timer thread the clock map's lower bound (at most a few
   microseconds under the true time, never under ExpirationTime).
 * Direct mode (DirectMode = 1): ApicVector is raised as a fixed, edge-triggered interrupt on the
@@ -130,7 +139,28 @@ ROUND_UP_NS = 1_000  # added to every converted deadline
 RESYNC_AFTER_NS = 100_000_000  # re-anchor the conversion when the anchor is older than this
 FRESH_ANCHOR_NS = 20_000_000  # a one-shot COUNT/CONFIG write re-anchors only past this age
 MAX_ARM_NS = 3_600 * 10**9  # host timers are armed at most this far ahead (then re-armed)
-MIN_REARM_NS = 50_000  # a periodic timer's host timer is re-armed at least this far ahead
+
+# Bounds on the host work a guest's timers can cause. Each host expiry costs the timer thread
+# some tens of microseconds of Python and the GIL, so a guest arming STIMERs with a period of
+# 100 ns would otherwise keep a host core busy for nothing (bench/stimer_cpu.py).
+#
+# * Periodic timers: KVM limits periodic LAPIC timers to ``min_timer_period_us`` (module
+#   parameter, default 200 us; arch/x86/kvm/lapic.c ``limit_periodic_timer_frequency``: "Do not
+#   allow the guest to program periodic timers with small interval, since the hrtimers are not
+#   throttled by the host scheduler"), and its Hyper-V synthetic timers are throttled by
+#   processing expiries on the vCPU itself (arch/x86/kvm/hyperv.c ``kvm_hv_process_stimers``) and
+#   by clamping a deadline that is already past (Linux commit "KVM: x86: hyper-v: Clamp stimer
+#   deadline to avoid livelock"). The TLFS (timers.md) states no minimum period, guarantees only
+#   that an expiry is never early, and lets periodic signals be skipped; the guests that use
+#   periodic STIMERs want at most a 0.5 ms clock tick (Windows' finest timer resolution) and
+#   kvm-unit-tests 1 kHz. hvvmm takes KVM's LAPIC default: the effective period is at least
+#   200 us (at most 5,000 host expiries per second per timer, 20,000 per VP).
+# * Any timer (one-shot included): its host timer is due at least MIN_REARM_NS after its previous
+#   expiry (at most 20,000 per second per timer). Re-arming a one-shot takes a COUNT/CONFIG write,
+#   an exit the guest pays for; 50 us is also Linux's default timer slack (the lateness a Linux
+#   task's timers are allowed; prctl(2) PR_SET_TIMERSLACK).
+MIN_PERIOD_UNITS = 2_000  # 200 us in reference units
+MIN_REARM_NS = 50_000
 
 
 def timer_message(index: int, expiration_time: int, delivery_time: int) -> bytes:
@@ -298,6 +328,8 @@ class SyntheticTimer:
     handle: "TimerHandle | None" = None
     token: int = 0  # bumped on every write and every arm; a callback with an old one is stale
     pending: PendingSignal | None = None
+    parked: bool = False  # periodic, message waiting for its slot: no host timer until EOM
+    last_expiry_ns: int | None = None  # host time of the last expiry processed (re-arm floor)
     counters: TimerCounters = field(default_factory=TimerCounters)
 
     @property
@@ -307,6 +339,11 @@ class SyntheticTimer:
     @property
     def periodic(self) -> bool:
         return bool(self.config & STIMER_PERIODIC)
+
+    @property
+    def period(self) -> int:
+        """A periodic timer's effective period: COUNT, at least :data:`MIN_PERIOD_UNITS`."""
+        return max(self.count, MIN_PERIOD_UNITS)
 
     @property
     def lazy(self) -> bool:
@@ -420,6 +457,7 @@ class SyntheticTimers:
         stale, timer.handle = timer.handle, None
         timer.expiration = None
         timer.pending = None
+        timer.parked = False
         return stale
 
     def _start_locked(self, timer: SyntheticTimer, now: int | None) -> _Arm | None:
@@ -429,7 +467,7 @@ class SyntheticTimers:
             return None
         if timer.periodic:
             assert now is not None
-            timer.expiration = now + timer.count
+            timer.expiration = now + timer.period
         else:
             timer.expiration = timer.count
         return self._arm_locked(timer, None)
@@ -440,6 +478,8 @@ class SyntheticTimers:
         assert deadline is not None, "armed before any anchor"
         if not_before_ns is not None:
             deadline = max(deadline, not_before_ns)
+        if timer.last_expiry_ns is not None:
+            deadline = max(deadline, timer.last_expiry_ns + MIN_REARM_NS)
         timer.token += 1
         return _Arm(timer, timer.token, deadline)
 
@@ -476,6 +516,7 @@ class SyntheticTimers:
                 timer.counters.early_wakeups += now is not None
                 arm = self._arm_locked(timer, host_now)
             else:
+                timer.last_expiry_ns = host_now
                 signal = self._expired_locked(timer, expiration, now, host_now)
                 if signal is not None and self.observer is not None:
                     self.observer(vp_index, timer.index, signal.expiration, now)
@@ -487,8 +528,10 @@ class SyntheticTimers:
                     self._signal_locked(vp_index, timer)
                 elif signal is not None:
                     self._deliver_message_locked(vp_index, timer, signal, now)
-                if timer.expiration is not None:
-                    arm = self._arm_locked(timer, host_now + MIN_REARM_NS)
+                if timer.periodic and timer.pending is not None:
+                    timer.parked = True  # restarted when the message is placed (on_eom)
+                elif timer.expiration is not None:
+                    arm = self._arm_locked(timer, None)
         if arm is not None:
             self._arm(vp_index, arm)
         if self.map.want_resync(host_now):
@@ -502,7 +545,7 @@ class SyntheticTimers:
         counters = timer.counters
         counters.expired += 1
         if timer.periodic:
-            period = timer.count
+            period = timer.period
             following = next_periodic_expiration(expiration, period, now)
             counters.missed_periods += max(0, (now - expiration) // period)
             timer.expiration = following
@@ -562,26 +605,43 @@ class SyntheticTimers:
     # -- EOM (vCPU thread): retry deferred messages ---------------------------------------------
 
     def on_eom(self, vp_index: int) -> None:
-        """The guest wrote EOM on VP ``vp_index``: retry its timers' deferred messages."""
+        """The guest wrote EOM on VP ``vp_index``: retry its timers' deferred messages, and
+        restart the periodic timers that were parked behind them."""
         vp = self.vps[vp_index]
         with vp.lock:
             if not any(t.pending is not None for t in vp.timers):
                 return
         now = self.map.sample(vp_index)
+        arms = []
         with vp.lock:
             for timer in vp.timers:
                 signal = timer.pending
                 if signal is None:  # only message-mode timers keep a pending signal
                     continue
                 if (timer.periodic and timer.lazy and timer.expiration is not None
-                        and _shortly_before(now, timer.expiration, timer.count)):
+                        and _shortly_before(now, timer.expiration, timer.period)):
                     timer.pending = None
                     timer.counters.lazy_skipped += 1
-                    continue
-                if self.observer is not None:
-                    self.observer(vp_index, timer.index, signal.expiration, now)
-                if self._deliver_message_locked(vp_index, timer, signal, now):
-                    timer.counters.retried += 1
+                else:
+                    if self.observer is not None:
+                        self.observer(vp_index, timer.index, signal.expiration, now)
+                    if self._deliver_message_locked(vp_index, timer, signal, now):
+                        timer.counters.retried += 1
+                if timer.parked and timer.pending is None:
+                    arms.append(self._resume_locked(timer, now))
+        for arm in arms:
+            self._arm(vp_index, arm)
+
+    def _resume_locked(self, timer: SyntheticTimer, now: int) -> _Arm:
+        """Restart a parked periodic timer on its grid: the next expiry is the first grid point
+        after ``now``; the ones it passed while parked were skipped."""
+        timer.parked = False
+        assert timer.expiration is not None
+        if timer.expiration <= now:
+            period = timer.period
+            timer.counters.missed_periods += (now - timer.expiration) // period + 1
+            timer.expiration = next_periodic_expiration(timer.expiration, period, now)
+        return self._arm_locked(timer, None)
 
     # -- lifecycle -----------------------------------------------------------------------------
 
@@ -594,6 +654,7 @@ class SyntheticTimers:
                     handle = self._stop_locked(timer)
                     if handle is not None:
                         stale.append(handle)
+                    timer.last_expiry_ns = None
                     timer.config = 0
                     timer.count = 0
         for handle in stale:

@@ -339,7 +339,7 @@ def test_deadlines_are_never_scheduled_before_the_expiry():
         elapsed_ns = timer.deadline_ns - rig.platform.host_epoch_ns
         assert elapsed_ns * 10**7 // 10**9 >= due - 1
         assert timer.deadline_ns >= rig.platform.host_time_ns()
-        rig.advance_units(offset + 100)
+        rig.advance_units(offset + 100 + S.MIN_REARM_NS // 100)  # past the re-arm floor too
     rig.assert_never_early()
     assert len(rig.signals) == 5
 
@@ -451,6 +451,53 @@ def test_tiny_period_cannot_livelock_the_timer_thread(rig):
     rig.assert_never_early()
 
 
+@pytest.mark.parametrize("count", [1, 7, 15, S.MIN_PERIOD_UNITS - 1])
+@pytest.mark.parametrize("lazy", [False, True])
+def test_tiny_periods_wake_the_host_at_most_once_per_minimum_period(rig, count, lazy):
+    # A guest arming a 100 ns - 1.5 us periodic timer (interrupts masked: it never takes them)
+    # cost the host one expiry per 50 us; the effective period is now at least 200 us.
+    flags = (ENABLE, PERIODIC, LAZY) if lazy else (ENABLE, PERIODIC)
+    rig.wr(count_msr(0), count)
+    rig.wr(config_msr(0), direct_config(0x70, *flags))
+    t0 = rig.now
+    fired = rig.advance_ms(100)
+    per_second = fired * 10
+    assert per_second <= 10**7 // S.MIN_PERIOD_UNITS + 10  # 5,000 host wake-ups a second
+    assert fired >= 100 * MS // S.MIN_PERIOD_UNITS - 2  # and the timer still runs
+    assert rig.rd(count_msr(0)) == count  # the guest's value reads back
+    expirations = [e for _vp, _i, e, _r in rig.signals]
+    assert all((e - t0) % S.MIN_PERIOD_UNITS == 0 and e > t0 for e in expirations)
+    rig.assert_never_early()
+
+
+def test_a_busy_slot_stops_a_tiny_period_message_timer_waking_the_host(rig):
+    synic = rig.synics[0]
+    rig.wr(count_msr(0), 1)  # 100 ns, message mode; the guest never takes the message
+    rig.wr(config_msr(0), sint_config(4, ENABLE, PERIODIC))
+    fired = rig.advance_ms(100)
+    assert fired == 2  # the first expiry placed its message, the second found it there
+    assert len(rig.messages()) == 1 and rig.platform.pending_timers() == []
+    synic.consume(4)
+    synic.eom()  # the waiting expiry is placed, the timer resumes
+    assert len(rig.messages()) == 2
+    assert rig.advance_ms(100) == 1
+    rig.assert_never_early()
+
+
+def test_a_one_shot_rewritten_into_the_past_is_rate_limited(rig):
+    # Each COUNT write in the past expires the one-shot at once; a guest doing that in a loop
+    # gets at most one host expiry per MIN_REARM_NS.
+    rig.wr(config_msr(3), direct_config(0x71))
+    fired = 0
+    for _ in range(2_000):
+        rig.wr(config_msr(3), direct_config(0x71, ENABLE))
+        rig.wr(count_msr(3), 1)
+        fired += rig.advance_units(10)  # 1 us of guest time per round: 2 ms in all
+    assert fired <= 2_000_000 // S.MIN_REARM_NS + 2
+    assert fired >= 2_000_000 // S.MIN_REARM_NS // 2
+    rig.assert_never_early()
+
+
 # -- message mode: busy slot, EOM, SynIC off ------------------------------------------------------
 
 def test_busy_slot_is_retried_after_eom_with_the_original_expiration(rig):
@@ -477,7 +524,7 @@ def test_busy_slot_is_retried_after_eom_with_the_original_expiration(rig):
     rig.assert_never_early()
 
 
-def test_pending_message_folds_later_periodic_expiries(rig):
+def test_periodic_timer_parks_while_its_message_waits(rig):
     synic = rig.synics[0]
     synic.slots[4] = b"occupied by someone else"
     rig.wr(count_msr(0), MS)
@@ -486,14 +533,27 @@ def test_pending_message_folds_later_periodic_expiries(rig):
     rig.advance_ms(5.5)
     timer = rig.state.vps[0].timers[0]
     assert synic.delivered == []
-    assert timer.counters.expired == 5 and timer.counters.folded == 4
+    # The unconsumed expiries coalesce into the one waiting message: no host timer meanwhile.
+    assert timer.counters.expired == 1 and timer.counters.deferred == 1
+    assert rig.platform.pending_timers() == []
     synic.consume(4)
     synic.eom()
     [(_s, _t, _z, _i, expiration, delivery, _r)] = rig.messages()
     assert expiration == t0 + MS  # the first missed expiry
     assert delivery >= t0 + 5 * MS
+    assert timer.counters.missed_periods == 4  # t0 + 2..5 ms passed while parked
+    assert timer.expiration == t0 + 6 * MS  # back on the grid
     rig.advance_ms(1)
     assert len(rig.messages()) == 1  # slot now busy with our message: next one waits again
+    assert rig.platform.pending_timers() == []
+    synic.consume(4)
+    synic.eom()  # places the t0 + 6 ms expiry; the timer runs again
+    assert [m[4] for m in rig.messages()] == [t0 + MS, t0 + 6 * MS]
+    rig.advance_ms(1)  # t0 + 7 ms finds the slot busy
+    synic.consume(4)
+    synic.eom()
+    assert [m[4] for m in rig.messages()] == [t0 + MS, t0 + 6 * MS, t0 + 7 * MS]
+    rig.assert_never_early()
 
 
 def test_lazy_pending_message_dropped_near_the_next_expiry(rig):

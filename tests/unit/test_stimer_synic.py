@@ -139,21 +139,22 @@ def test_masked_sint_holds_the_message_until_unmasked(guest):
     assert guest.platform.interrupts == [(0, 0x43)]
 
 
-def test_periodic_messages_keep_the_grid_and_fold_while_busy(guest):
+def test_periodic_messages_keep_the_grid_and_park_while_busy(guest):
     guest.wr(count_msr(0), MS)
     guest.wr(config_msr(0), sint_config(2, ENABLE, PERIODIC))
     t0 = guest.now
     guest.advance_ms(1.1)
     assert S.decode_timer_message(guest.consume(2))[3] == t0 + MS
-    guest.advance_ms(3)  # 2 ms placed; 3 ms finds the slot busy; 4 ms folds into it
+    guest.advance_ms(3)  # 2 ms placed; 3 ms finds the slot busy and parks the timer
     timer = guest.state.vps[0].timers[0]
-    assert (timer.counters.deferred, timer.counters.folded) == (2, 1)
+    assert (timer.counters.deferred, timer.counters.expired) == (1, 3)
+    assert guest.platform.pending_timers() == []  # 4 ms does not wake the host
     assert guest.slot_pending(2)
     first = guest.consume(2)  # MessagePending set: the EOM delivers the pending message
     assert S.decode_timer_message(first)[3] == t0 + 2 * MS
     second = guest.consume(2)
     assert S.decode_timer_message(second)[3] == t0 + 3 * MS  # the first missed expiry
-    assert S.decode_timer_message(second)[4] >= t0 + 4 * MS  # delivered after the fold
+    assert S.decode_timer_message(second)[4] >= t0 + 4 * MS  # delivered at the EOM
     guest.advance_ms(1)
     assert S.decode_timer_message(guest.slot(2))[3] == t0 + 5 * MS
 
