@@ -205,6 +205,9 @@ static const size_t HVVMM_SYNC_REGS_OFFSET;
 int hvvmm_ioctl(int fd, unsigned long request, void *arg);
 int hvvmm_ioctl_value(int fd, unsigned long request, unsigned long arg);
 int hvvmm_run(int vcpu_fd);
+#define HVVMM_PACKED_IO ...
+#define HVVMM_PACKED_OUT ...
+long long hvvmm_run_packed(int vcpu_fd, struct kvm_run *run, size_t run_size);
 void *hvvmm_map_shared(int fd, size_t size);
 int hvvmm_unmap(void *address, size_t size);
 int hvvmm_install_kick_handler(int signo);
@@ -240,6 +243,38 @@ int hvvmm_run(int vcpu_fd)
 {
     int r = ioctl(vcpu_fd, KVM_RUN, 0);
     return r < 0 ? -errno : r;
+}
+
+/* KVM_RUN (again while an AP leaves wait-for-SIPI: EAGAIN), and the common exit decoded in C so
+ * that Python reads one integer instead of the kvm_run page: one port access of 1, 2 or 4 bytes
+ * comes back as HVVMM_PACKED_IO | size << 48 | port << 32 | (OUT: HVVMM_PACKED_OUT | the value;
+ * IN: the data offset in the page, where the answer goes). Any other exit returns 0 (decode it
+ * from the page), a failed KVM_RUN -errno. The data offset is checked against the page, as the
+ * Python decoder does: never trust an offset, even the kernel's. x86 hosts: little-endian. */
+#define HVVMM_PACKED_IO (1ll << 62)
+#define HVVMM_PACKED_OUT (1ll << 61)
+
+long long hvvmm_run_packed(int vcpu_fd, struct kvm_run *run, size_t run_size)
+{
+    int r;
+    do
+        r = ioctl(vcpu_fd, KVM_RUN, 0);
+    while (r < 0 && errno == EAGAIN);
+    if (r < 0)
+        return -errno;
+    if (run->exit_reason != KVM_EXIT_IO || run->io.count != 1)
+        return 0;
+    unsigned size = run->io.size;
+    unsigned long long offset = run->io.data_offset;
+    if ((size != 1 && size != 2 && size != 4) || offset > run_size - size)
+        return 0;
+    long long packed = HVVMM_PACKED_IO | (long long)size << 48 | (long long)run->io.port << 32;
+    if (run->io.direction == KVM_EXIT_IO_OUT) {
+        uint32_t value = 0;
+        memcpy(&value, (const char *)run + offset, size);
+        return packed | HVVMM_PACKED_OUT | value;
+    }
+    return packed | offset;
 }
 
 /* A locked OR on one byte of memory the guest shares (SynIC event flags), so a guest clearing

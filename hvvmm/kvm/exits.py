@@ -259,3 +259,15 @@ def decode_exit(run, run_view: memoryview) -> VcpuExit:
     if reason == _EXIT_INTR:
         return InterruptedExit()
     return UnknownExit(reason)
+
+
+# The packed form of a single port access (``Vcpu.run_packed``; hvvmm_run_packed in _build.py).
+PACKED_IO = lib.HVVMM_PACKED_IO
+PACKED_OUT = lib.HVVMM_PACKED_OUT
+
+
+def unpack_io(packed: int) -> tuple[int, int, bool, int]:
+    """``(port, size, is_write, value)`` of a packed port access; for a read, ``value`` is the
+    data offset in the kvm_run page where the answer goes (``Vcpu.complete_in``)."""
+    return ((packed >> 32) & 0xFFFF, (packed >> 48) & 0xFF, bool(packed & PACKED_OUT),
+            packed & 0xFFFF_FFFF)

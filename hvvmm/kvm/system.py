@@ -314,6 +314,26 @@ class Vcpu:
             raise KvmError("KVM_RUN", -result)
         return decode_exit(self.run_struct, self._run_view)
 
+    def run_packed(self) -> int:
+        """One ``KVM_RUN`` for the vCPU loop's fast path (GIL released): a single port access of
+        1, 2 or 4 bytes comes back as one int (:func:`unpack_io`; its exit object is never
+        built), any other exit as 0, to be read with :meth:`last_exit`, and a failed ``KVM_RUN``
+        as ``-errno`` (:meth:`last_exit` turns it into the exit or the error :meth:`run` gives)."""
+        return lib.hvvmm_run_packed(self.fd, self.run_struct, self._run_size)
+
+    def last_exit(self, packed: int) -> VcpuExit:
+        """The exit :meth:`run` would have returned for the ``KVM_RUN`` that gave ``packed``."""
+        if packed < 0:
+            if packed == -errno.EINTR:
+                self.run_struct.immediate_exit = 0
+                return InterruptedExit()
+            raise KvmError("KVM_RUN", -packed)
+        return decode_exit(self.run_struct, self._run_view)
+
+    def complete_in(self, offset: int, size: int, value: int) -> None:
+        """Answer the port read of a packed IN exit (``offset`` from :func:`unpack_io`)."""
+        self._run_view[offset:offset + size] = value.to_bytes(size, "little")
+
     def request_immediate_exit(self) -> None:
         """Make the next (or current, together with a kick signal) ``KVM_RUN`` return EINTR."""
         self.run_struct.immediate_exit = 1
