@@ -105,7 +105,7 @@ def guest_image(mode: str, count: int) -> tuple[bytes, int]:
     return aout_kernel(code)
 
 
-def run_hvvmm(kernel: pathlib.Path, mode: str, count: int) -> float:
+def run_hvvmm(kernel: pathlib.Path, mode: str, count: int) -> tuple[float, float]:
     from hvvmm import ExitKind, Machine, MachineConfig
 
     sink = MarkerSink()
@@ -127,7 +127,7 @@ def run_hvvmm(kernel: pathlib.Path, mode: str, count: int) -> float:
         done = vp0["msr_reads"].get("HV_X64_MSR_VP_INDEX", 0)
     if done != count:
         raise SystemExit(f"hvvmm {mode}: {done} successful accesses, expected {count}: {vp0}")
-    return (sink.times[1] - sink.times[0]) / count
+    return (sink.times[1] - sink.times[0]) / count, (sink.user[1] - sink.user[0]) / count
 
 
 def run_c(binary: pathlib.Path, image: pathlib.Path, entry: int, mode: str, count: int) -> float:
@@ -135,17 +135,19 @@ def run_c(binary: pathlib.Path, image: pathlib.Path, entry: int, mode: str, coun
 
 
 def measure(mode: str, count: int, runs: int, binary: pathlib.Path,
-            tmp: pathlib.Path) -> tuple[list[float], list[float]]:
+            tmp: pathlib.Path) -> tuple[list[float], list[float], list[float]]:
     image, entry = guest_image(mode, count)
     kernel = tmp / f"hv-{mode}.elf"
     kernel.write_bytes(image)  # the C side loads the same whole image at LOAD_ADDRESS
     run_hvvmm(kernel, mode, count)  # warm-up: imports, first VM, page cache
     run_c(binary, kernel, entry, mode, count)
-    hvvmm_ns, c_ns = [], []
+    hvvmm_ns, c_ns, user_ns = [], [], []
     for _ in range(runs):
-        hvvmm_ns.append(run_hvvmm(kernel, mode, count))
+        wall, user = run_hvvmm(kernel, mode, count)
+        hvvmm_ns.append(wall)
+        user_ns.append(user)
         c_ns.append(run_c(binary, kernel, entry, mode, count))
-    return hvvmm_ns, c_ns
+    return hvvmm_ns, c_ns, user_ns
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -158,10 +160,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ratios = {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in (args.only,) if args.only else MODES:
-            hvvmm_ns, c_ns = measure(mode, args.count, args.runs, binary, pathlib.Path(tmp))
+            hvvmm_ns, c_ns, user_ns = measure(mode, args.count, args.runs, binary,
+                                              pathlib.Path(tmp))
             label = ("hypercall (HvExtCallQueryCapabilities)" if mode == "hypercall"
                      else "synthetic MSR read (VP_INDEX)")
-            ratios[mode] = summarize(label, hvvmm_ns, c_ns)
+            ratios[mode] = summarize(label, hvvmm_ns, c_ns, user_ns)
     return ratios
 
 

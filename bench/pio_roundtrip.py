@@ -17,7 +17,8 @@ import tempfile
 import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-from common import LOAD_ADDRESS, aout_kernel, build_c, out_loop_code, summarize  # noqa: E402
+from common import (LOAD_ADDRESS, aout_kernel, build_c, out_loop_code, summarize,  # noqa: E402
+                    thread_user_ns)
 
 LOOP_PORT = 0x5E0
 
@@ -29,6 +30,7 @@ class TimedSink:
         self.exits = exits
         self.seen = 0
         self.first = self.last = 0
+        self.first_user = self.last_user = 0
 
     def read(self, offset: int, size: int) -> int:
         return 0
@@ -37,11 +39,13 @@ class TimedSink:
         self.seen += 1
         if self.seen == 1:
             self.first = time.perf_counter_ns()
+            self.first_user = thread_user_ns()
         elif self.seen == self.exits:
             self.last = time.perf_counter_ns()
+            self.last_user = thread_user_ns()
 
 
-def run_hvvmm(kernel: pathlib.Path, exits: int) -> float:
+def run_hvvmm(kernel: pathlib.Path, exits: int) -> tuple[float, float]:
     from hvvmm import ExitKind, Machine, MachineConfig
 
     sink = TimedSink(exits)
@@ -50,7 +54,8 @@ def run_hvvmm(kernel: pathlib.Path, exits: int) -> float:
         result = machine.run(timeout=120)
     if result.kind is not ExitKind.DEBUG_EXIT or sink.seen != exits:
         raise SystemExit(f"hvvmm run failed: {result.message} ({sink.seen} exits)")
-    return (sink.last - sink.first) / (exits - 1)
+    return ((sink.last - sink.first) / (exits - 1),
+            (sink.last_user - sink.first_user) / (exits - 1))
 
 
 def run_c(binary: pathlib.Path, code: pathlib.Path, entry: int, exits: int) -> float:
@@ -72,11 +77,13 @@ def main() -> None:
         code = pathlib.Path(tmp) / "pio-loop.bin"
         code.write_bytes(image)  # the C side loads the whole image at LOAD_ADDRESS
         run_hvvmm(kernel, args.exits)  # warm-up: imports, first VM
-        hvvmm_ns, c_ns = [], []
+        hvvmm_ns, c_ns, user_ns = [], [], []
         for _ in range(args.runs):
             c_ns.append(run_c(binary, code, entry, args.exits))
-            hvvmm_ns.append(run_hvvmm(kernel, args.exits))
-    summarize("PIO exit", hvvmm_ns, c_ns)
+            wall, user = run_hvvmm(kernel, args.exits)
+            hvvmm_ns.append(wall)
+            user_ns.append(user)
+    summarize("PIO exit", hvvmm_ns, c_ns, user_ns)
 
 
 if __name__ == "__main__":

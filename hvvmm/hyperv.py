@@ -422,13 +422,15 @@ class HyperV:
 
     # -- vCPU handlers ------------------------------------------------------------------------
 
-    def handle_msr(self, vcpu_thread, exit) -> bool:
+    def read_msr(self, vcpu_index: int, index: int) -> int | None:
         try:
-            if exit.is_write:
-                self.partition.msr_write(vcpu_thread.index, exit.index, exit.value)
-                exit.complete()
-            else:
-                exit.complete(self.partition.msr_read(vcpu_thread.index, exit.index))
+            return self.partition.msr_read(vcpu_index, index)
+        except MsrAccessFault:
+            return None  # #GP, as the TLFS says
+
+    def write_msr(self, vcpu_index: int, index: int, value: int) -> bool:
+        try:
+            self.partition.msr_write(vcpu_index, index, value)
         except MsrAccessFault:
             return False  # #GP, as the TLFS says
         return True

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from .bus import Bus
-from .kvm.exits import PACKED_OUT
+from .kvm.exits import PACKED_IO, PACKED_MSR, PACKED_OUT, PACKED_WRMSR
 from .kvm import (KICK_SIGNAL, FailEntryExit, HltExit, InternalErrorExit, InterruptedExit, IoExit,
                   MmioExit, MsrExit, ShutdownExit, SystemEventExit, UnknownExit, Vcpu, VcpuExit,
                   constants)
@@ -56,9 +56,13 @@ class MachineControl(Protocol):
 
 
 class MsrHandler(Protocol):
-    """Answers RDMSR/WRMSR exits (the Hyper-V synthetic MSRs); returns False to refuse (#GP)."""
+    """Answers RDMSR/WRMSR exits (the Hyper-V synthetic MSRs) on vCPU ``vcpu_index``."""
 
-    def handle_msr(self, vcpu: "VcpuThread", exit: MsrExit) -> bool: ...
+    def read_msr(self, vcpu_index: int, index: int) -> int | None:
+        """The value the guest reads; None refuses the read (#GP)."""
+
+    def write_msr(self, vcpu_index: int, index: int, value: int) -> bool:
+        """Apply the write; False refuses it (#GP)."""
 
 
 class PortHandler(Protocol):
@@ -155,15 +159,19 @@ class VcpuThread:
         while True:
             packed = run_packed()
             if packed > 0 and not observers:
-                # The hot exit, decoded in C into one int (Vcpu.run_packed): one access of 1, 2
-                # or 4 bytes to a bus port; no exit object is built.
-                port = (packed >> 32) & 0xFFFF
-                if port not in vcpu_ports:
-                    size = (packed >> 48) & 0xFF
-                    if packed & PACKED_OUT:
-                        pio.write(port, size, packed & 0xFFFF_FFFF)
-                    else:
-                        complete_in(packed & 0xFFFF_FFFF, size, pio.read(port, size))
+                # The hot exits, decoded in C into one int (Vcpu.run_packed): one access of 1, 2
+                # or 4 bytes to a bus port, and MSR exits; no exit object is built.
+                if packed & PACKED_IO:
+                    port = (packed >> 32) & 0xFFFF
+                    if port not in vcpu_ports:
+                        size = (packed >> 48) & 0xFF
+                        if packed & PACKED_OUT:
+                            pio.write(port, size, packed & 0xFFFF_FFFF)
+                        else:
+                            complete_in(packed & 0xFFFF_FFFF, size, pio.read(port, size))
+                        continue
+                elif packed & PACKED_MSR:
+                    self._packed_msr(packed)
                     continue
             exit = last_exit(packed)
             if observers:
@@ -231,10 +239,34 @@ class VcpuThread:
             exit.data[:] = self.mmio_bus.read(exit.address, exit.size).to_bytes(exit.size,
                                                                                 "little")
 
+    def _packed_msr(self, packed: int) -> None:
+        handler, vcpu, index = self.msr_handler, self.vcpu, packed & 0xFFFF_FFFF
+        if handler is None:
+            vcpu.complete_msr(False)
+        elif packed & PACKED_WRMSR:
+            vcpu.complete_msr(handler.write_msr(self.index, index, vcpu.msr_value()))
+        else:
+            value = handler.read_msr(self.index, index)
+            if value is None:
+                vcpu.complete_msr(False)
+            else:
+                vcpu.complete_rdmsr(value)
+
     def _msr(self, exit: MsrExit) -> None:
         handler = self.msr_handler
-        if handler is None or not handler.handle_msr(self, exit):
+        if handler is None:
             exit.fail()
+        elif exit.is_write:
+            if handler.write_msr(self.index, exit.index, exit.value):
+                exit.complete()
+            else:
+                exit.fail()
+        else:
+            value = handler.read_msr(self.index, exit.index)
+            if value is None:
+                exit.fail()
+            else:
+                exit.complete(value)
 
     def _terminal_exit(self, exit: VcpuExit) -> StopRequest:
         """The exits that end the VM, each with a message a user can act on."""

@@ -207,6 +207,8 @@ int hvvmm_ioctl_value(int fd, unsigned long request, unsigned long arg);
 int hvvmm_run(int vcpu_fd);
 #define HVVMM_PACKED_IO ...
 #define HVVMM_PACKED_OUT ...
+#define HVVMM_PACKED_MSR ...
+#define HVVMM_PACKED_WRMSR ...
 long long hvvmm_run_packed(int vcpu_fd, struct kvm_run *run, size_t run_size);
 void *hvvmm_map_shared(int fd, size_t size);
 int hvvmm_unmap(void *address, size_t size);
@@ -248,11 +250,15 @@ int hvvmm_run(int vcpu_fd)
 /* KVM_RUN (again while an AP leaves wait-for-SIPI: EAGAIN), and the common exit decoded in C so
  * that Python reads one integer instead of the kvm_run page: one port access of 1, 2 or 4 bytes
  * comes back as HVVMM_PACKED_IO | size << 48 | port << 32 | (OUT: HVVMM_PACKED_OUT | the value;
- * IN: the data offset in the page, where the answer goes). Any other exit returns 0 (decode it
- * from the page), a failed KVM_RUN -errno. The data offset is checked against the page, as the
+ * IN: the data offset in the page, where the answer goes); an RDMSR/WRMSR sent to user space as
+ * HVVMM_PACKED_MSR | (WRMSR: HVVMM_PACKED_WRMSR) | the MSR index (the value written, and the
+ * answer, stay in run->msr). Any other exit returns 0 (decode it from the page), a failed KVM_RUN
+ * -errno. The data offset is checked against the page, as the
  * Python decoder does: never trust an offset, even the kernel's. x86 hosts: little-endian. */
 #define HVVMM_PACKED_IO (1ll << 62)
 #define HVVMM_PACKED_OUT (1ll << 61)
+#define HVVMM_PACKED_MSR (1ll << 60)
+#define HVVMM_PACKED_WRMSR (1ll << 59)
 
 long long hvvmm_run_packed(int vcpu_fd, struct kvm_run *run, size_t run_size)
 {
@@ -262,6 +268,10 @@ long long hvvmm_run_packed(int vcpu_fd, struct kvm_run *run, size_t run_size)
     while (r < 0 && errno == EAGAIN);
     if (r < 0)
         return -errno;
+    if (run->exit_reason == KVM_EXIT_X86_RDMSR)
+        return HVVMM_PACKED_MSR | run->msr.index;
+    if (run->exit_reason == KVM_EXIT_X86_WRMSR)
+        return HVVMM_PACKED_MSR | HVVMM_PACKED_WRMSR | run->msr.index;
     if (run->exit_reason != KVM_EXIT_IO || run->io.count != 1)
         return 0;
     unsigned size = run->io.size;

@@ -261,9 +261,12 @@ def decode_exit(run, run_view: memoryview) -> VcpuExit:
     return UnknownExit(reason)
 
 
-# The packed form of a single port access (``Vcpu.run_packed``; hvvmm_run_packed in _build.py).
+# The packed forms of a single port access and of an MSR exit (``Vcpu.run_packed``;
+# hvvmm_run_packed in _build.py).
 PACKED_IO = lib.HVVMM_PACKED_IO
 PACKED_OUT = lib.HVVMM_PACKED_OUT
+PACKED_MSR = lib.HVVMM_PACKED_MSR
+PACKED_WRMSR = lib.HVVMM_PACKED_WRMSR
 
 
 def unpack_io(packed: int) -> tuple[int, int, bool, int]:

@@ -263,6 +263,10 @@ def _sync_layout():
 
 _SYNC_GPRS, _SYNC_GPRS_OFFSET, _SYNC_SREGS = _sync_layout()
 _U64 = struct.Struct("<Q")
+# kvm_run.msr.error (u8) and .data (u64), answered by struct rather than cffi proxies.
+_MSR_ERROR_OFFSET = ffi.offsetof("struct kvm_run", "msr", "error")
+_MSR_DATA_OFFSET = ffi.offsetof("struct kvm_run", "msr", "data")
+_MSR_ERROR_AND_DATA = struct.Struct(f"<B{_MSR_DATA_OFFSET - _MSR_ERROR_OFFSET - 1}xQ")
 
 
 class SyncSnapshot:
@@ -329,6 +333,19 @@ class Vcpu:
                 return InterruptedExit()
             raise KvmError("KVM_RUN", -packed)
         return decode_exit(self.run_struct, self._run_view)
+
+    def msr_value(self) -> int:
+        """The value a packed WRMSR exit writes."""
+        return _U64.unpack_from(self._run_view, _MSR_DATA_OFFSET)[0]
+
+    def complete_rdmsr(self, value: int) -> None:
+        """Answer a packed RDMSR exit: the guest reads ``value``."""
+        _MSR_ERROR_AND_DATA.pack_into(self._run_view, _MSR_ERROR_OFFSET, 0,
+                                      value & 0xFFFF_FFFF_FFFF_FFFF)
+
+    def complete_msr(self, ok: bool) -> None:
+        """Finish a packed MSR exit's access (``ok``) or refuse it (KVM injects #GP)."""
+        self._run_view[_MSR_ERROR_OFFSET] = 0 if ok else 1
 
     def complete_in(self, offset: int, size: int, value: int) -> None:
         """Answer the port read of a packed IN exit (``offset`` from :func:`unpack_io`)."""
