@@ -268,9 +268,3 @@ PACKED_OUT = lib.HVVMM_PACKED_OUT
 PACKED_MSR = lib.HVVMM_PACKED_MSR
 PACKED_WRMSR = lib.HVVMM_PACKED_WRMSR
 
-
-def unpack_io(packed: int) -> tuple[int, int, bool, int]:
-    """``(port, size, is_write, value)`` of a packed port access; for a read, ``value`` is the
-    data offset in the kvm_run page where the answer goes (``Vcpu.complete_in``)."""
-    return ((packed >> 32) & 0xFFFF, (packed >> 48) & 0xFF, bool(packed & PACKED_OUT),
-            packed & 0xFFFF_FFFF)

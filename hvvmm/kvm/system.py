@@ -266,7 +266,6 @@ _U64 = struct.Struct("<Q")
 # kvm_run.msr.error (u8) and .data (u64), answered by struct rather than cffi proxies.
 _MSR_ERROR_OFFSET = ffi.offsetof("struct kvm_run", "msr", "error")
 _MSR_DATA_OFFSET = ffi.offsetof("struct kvm_run", "msr", "data")
-_MSR_ERROR_AND_DATA = struct.Struct(f"<B{_MSR_DATA_OFFSET - _MSR_ERROR_OFFSET - 1}xQ")
 
 
 class SyncSnapshot:
@@ -319,10 +318,11 @@ class Vcpu:
         return decode_exit(self.run_struct, self._run_view)
 
     def run_packed(self) -> int:
-        """One ``KVM_RUN`` for the vCPU loop's fast path (GIL released): a single port access of
-        1, 2 or 4 bytes comes back as one int (:func:`unpack_io`; its exit object is never
-        built), any other exit as 0, to be read with :meth:`last_exit`, and a failed ``KVM_RUN``
-        as ``-errno`` (:meth:`last_exit` turns it into the exit or the error :meth:`run` gives)."""
+        """One ``KVM_RUN`` for the vCPU loop's fast path (GIL released). A single port access of
+        1, 2 or 4 bytes and an MSR exit come back as one int (layout: ``hvvmm_run_packed`` in
+        ``_build.py``; no exit object is built); any other exit as 0, to be read with
+        :meth:`last_exit`; a failed ``KVM_RUN`` as ``-errno`` (:meth:`last_exit` turns it into
+        the exit or the error :meth:`run` gives)."""
         return lib.hvvmm_run_packed(self.fd, self.run_struct, self._run_size)
 
     def last_exit(self, packed: int) -> VcpuExit:
@@ -340,15 +340,16 @@ class Vcpu:
 
     def complete_rdmsr(self, value: int) -> None:
         """Answer a packed RDMSR exit: the guest reads ``value``."""
-        _MSR_ERROR_AND_DATA.pack_into(self._run_view, _MSR_ERROR_OFFSET, 0,
-                                      value & 0xFFFF_FFFF_FFFF_FFFF)
+        view = self._run_view
+        view[_MSR_ERROR_OFFSET] = 0
+        _U64.pack_into(view, _MSR_DATA_OFFSET, value & 0xFFFF_FFFF_FFFF_FFFF)
 
     def complete_msr(self, ok: bool) -> None:
         """Finish a packed MSR exit's access (``ok``) or refuse it (KVM injects #GP)."""
         self._run_view[_MSR_ERROR_OFFSET] = 0 if ok else 1
 
     def complete_in(self, offset: int, size: int, value: int) -> None:
-        """Answer the port read of a packed IN exit (``offset`` from :func:`unpack_io`)."""
+        """Answer the port read of a packed IN exit at ``offset``, the data offset it carries."""
         self._run_view[offset:offset + size] = value.to_bytes(size, "little")
 
     def request_immediate_exit(self) -> None:

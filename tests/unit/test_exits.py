@@ -142,3 +142,37 @@ def test_emulation_failure_carries_the_instruction_bytes(run_page):
     assert decode_exit(run, view).instruction_bytes is None
     run.internal.suberror = c.KVM_INTERNAL_ERROR_DELIVERY_EV
     assert not decode_exit(run, view).is_emulation_failure
+
+
+# -- the packed path's completions (Vcpu.run_packed's exits are answered in the page) -----------
+
+def _vcpu_over(run, view):
+    from hvvmm.kvm import Vcpu
+
+    vcpu = object.__new__(Vcpu)  # no fd: only the kvm_run page is used
+    vcpu.run_struct, vcpu._run_view = run, view
+    return vcpu
+
+
+def test_packed_msr_completion_touches_only_error_and_data(run_page):
+    run, view, _ = run_page
+    run.exit_reason = c.KVM_EXIT_X86_WRMSR
+    run.msr.index, run.msr.reason, run.msr.data, run.msr.error = 0x40000070, 4, 0xAB_CDEF, 7
+    vcpu = _vcpu_over(run, view)
+    assert vcpu.msr_value() == 0xAB_CDEF
+    vcpu.complete_msr(True)
+    assert (run.msr.error, run.msr.index, run.msr.reason, run.msr.data) == \
+        (0, 0x40000070, 4, 0xAB_CDEF)
+    vcpu.complete_msr(False)
+    assert run.msr.error == 1
+    vcpu.complete_rdmsr((1 << 64) + 0x1234)  # a u64, as MsrExit.complete answers
+    assert (run.msr.error, run.msr.index, run.msr.reason, run.msr.data) == \
+        (0, 0x40000070, 4, 0x1234)
+
+
+def test_packed_in_completion_writes_the_answer_at_the_offset(run_page):
+    run, view, _ = run_page
+    vcpu = _vcpu_over(run, view)
+    vcpu.complete_in(4096, 2, 0xBEEF)
+    assert bytes(view[4096:4099]) == b"\xef\xbe\x00"
+
