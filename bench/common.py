@@ -62,10 +62,10 @@ def summarize(name: str, hvvmm_ns: list[float], c_ns: list[float],
               hvvmm_user_ns: list[float] | None = None) -> float:
     h, c = statistics.median(hvvmm_ns), statistics.median(c_ns)
     ratio = h / c
-    user = (f"; hvvmm's vCPU thread spent {statistics.median(hvvmm_user_ns) / 1000:.2f} us of "
-            f"user CPU per round trip" if hvvmm_user_ns else "")
-    print(f"{name}: hvvmm {h / 1000:.2f} us, C {c / 1000:.2f} us per round trip "
-          f"(medians of {len(hvvmm_ns)} alternating runs); ratio {ratio:.2f}x{user}")
+    user = (f" (its vCPU thread's user CPU {statistics.median(hvvmm_user_ns) / 1000:.2f} us)"
+            if hvvmm_user_ns else "")
+    print(f"{name}: hvvmm {h / 1000:.2f} us{user}, C {c / 1000:.2f} us per round trip "
+          f"(medians of {len(hvvmm_ns)} alternating runs); ratio {ratio:.2f}x")
     return ratio
 
 
