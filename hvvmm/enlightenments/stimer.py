@@ -312,7 +312,6 @@ class TimerCounters:
     delivered: int = 0  # messages placed / interrupts accepted
     deferred: int = 0  # message deliveries that found the slot busy (or the SynIC off)
     retried: int = 0  # deferred messages delivered later
-    folded: int = 0  # expiries folded into a message still pending
     missed_periods: int = 0  # whole periods skipped by the catch-up rule
     lazy_skipped: int = 0  # lazy signals skipped because the next expiry was close
     refused: int = 0  # direct-mode interrupts the LAPIC refused
@@ -555,10 +554,8 @@ class SyntheticTimers:
         else:
             timer.config &= ~STIMER_ENABLE  # TLFS: a one-shot is disabled when it expires
             timer.expiration = None
-        pending = timer.pending
-        if pending is not None:
-            counters.folded += 1  # the message still waiting stands for this expiry too
-            return pending
+        # A timer whose message waits is parked (periodic) or spent (one-shot): it cannot expire.
+        assert timer.pending is None, "an expiry behind a waiting message"
         signal = PendingSignal(expiration)
         if not timer.direct:
             timer.pending = signal
