@@ -69,8 +69,9 @@ Semantics, as implemented:
   or the SINT changed so it can take messages). A periodic timer is parked meanwhile (no host
   timer; the grid points it passes are counted as missed periods, the TLFS's skipped signals) and
   is restarted on its grid once the message is placed or dropped by the lazy rule above; one
-  pending message per timer. [K] does likewise (``msg_pending`` holds the restart). DeliveryTime is the reference time when the message is placed [P]: read exactly on a
-  vCPU thread (EOM retries), or on the timer thread the clock map's lower bound (at most a few
+  pending message per timer. [K] does likewise (``msg_pending`` holds the restart).
+  DeliveryTime is the reference time when the message is placed [P]: read exactly on a vCPU
+  thread (EOM retries), or on the timer thread the clock map's lower bound (at most a few
   microseconds under the true time, never under ExpirationTime).
 * Direct mode (DirectMode = 1): ApicVector is raised as a fixed, edge-triggered interrupt on the
   VP (``platform.signal_interrupt``); no SynIC involvement (ref. §9.4). An interrupt the LAPIC

@@ -5,8 +5,7 @@ from .exits import (FailEntryExit, HltExit, InternalErrorExit, InterruptedExit, 
                     IrqWindowOpenExit, MmioExit, MsrExit, ShutdownExit, SystemEventExit,
                     UnknownExit, VcpuExit, decode_exit)
 from .system import (KICK_SIGNAL, Kvm, KvmCpuidEntry, KvmError, KvmUnavailableError,
-                     MsrFilterRange,
-                     PinnedBuffer, SyncSnapshot, Vcpu, Vm, atomic_fetch_or_u8,
+                     MsrFilterRange, PinnedBuffer, SyncSnapshot, Vcpu, Vm, atomic_fetch_or_u8,
                      install_kick_handler)
 
 __all__ = [
