@@ -32,7 +32,7 @@ exit status:
   odd N      the guest wrote v != 0 to isa-debug-exit: N = (v << 1) | 1, as QEMU
              (--qemu-exit-status: QEMU's rule for v = 0 too, so 0 gives 1)
   2          bad command line (unknown flag, --smp 0, bad size, ...)
-  4          bad kernel or initrd (missing, unreadable, not Multiboot, larger than RAM)
+  4          bad kernel or initrd (missing, unreadable, of no known format, does not fit)
   6          /dev/kvm missing or not usable
   8          the guest triple-faulted
   10         the guest asked for a reset
@@ -92,15 +92,24 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     run = commands.add_parser(
-        "run", help="boot a Multiboot kernel (or the built-in default guest)",
-        description="Boot a Multiboot v1 kernel; with no --kernel, a built-in guest that prints "
-                    "what it sees (vCPUs, memory, CPUID hypervisor leaves) and powers off.",
+        "run", help="boot a Linux or Multiboot kernel (or the built-in default guest)",
+        description="Boot a kernel: a Linux bzImage, an ELF vmlinux (PVH or 64-bit entry) or a "
+                    "Multiboot v1 kernel, told apart by their bytes; with no --kernel, a built-in "
+                    "guest that prints what it sees (vCPUs, memory, CPUID hypervisor leaves) and "
+                    "powers off.",
         epilog=EXIT_STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    run.add_argument("--kernel", metavar="FILE", help="Multiboot v1 kernel (ELF or a.out kludge)")
+    run.add_argument("--kernel", metavar="FILE",
+                     help="Linux bzImage or ELF vmlinux, or a Multiboot v1 kernel (ELF or a.out "
+                          "kludge)")
     run.add_argument("--initrd", metavar="'FILE [ARGS]'", action="append", default=[],
-                     help="a Multiboot module with its command line; repeat for more modules")
+                     help="Linux: the initrd (one FILE); Multiboot: a module with its command "
+                          "line, repeat for more modules")
     run.add_argument("--append", metavar="STR", default="",
-                     help="kernel command line (after the kernel's name)")
+                     help="kernel command line (Multiboot: after the kernel's name)")
+    run.add_argument("--kernel-decompress", choices=("host", "guest"), default="host",
+                     help="where a bzImage's compressed kernel is unpacked: host (default; "
+                          "gzip, bzip2, lzma, xz, lz4, zstd) or guest (the kernel's own "
+                          "decompressor)")
     run.add_argument("--smp", metavar="N", type=_positive_int, default=1,
                      help="number of vCPUs (default 1; at most 255, the xAPIC IDs, or fewer "
                           "where KVM_CAP_MAX_VCPUS says so)")
@@ -267,7 +276,8 @@ def cmd_run(args) -> int:
 
     try:
         config = MachineConfig(kernel=args.kernel, initrd=tuple(args.initrd), append=args.append,
-                               smp=args.smp, memory=args.memory, timeout=args.timeout,
+                               kernel_decompress=args.kernel_decompress, smp=args.smp,
+                               memory=args.memory, timeout=args.timeout,
                                kvm_device=kvm_device(),
                                hyperv=args.hyperv, cpu_features=args.cpu_features,
                                on_crash=args.on_crash,

@@ -59,6 +59,9 @@ class PcLayout:
     legacy_hole: tuple[int, int] = (0xA_0000, 0xE_0000)
     acpi_tables: tuple[int, int] = (0xE_0000, 0xF_0000)
     bios_area: tuple[int, int] = (0xF_0000, 0x10_0000)
+    # What a direct Linux boot writes for the kernel in conventional memory (boot GDT, page
+    # tables, zero page or PVH start info, command line); the kernel copies it out early.
+    boot_data: tuple[int, int] = (0x1000, 0x9_0000)
     # The 32-bit hole above low RAM: the IOAPIC, the LAPICs and the pages KVM needs on Intel.
     ioapic_base: int = 0xFEC0_0000
     ioapic_size: int = 0x1000

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
-from . import multiboot
+from . import boot
 from .acpi import build_acpi_tables
 from .acpi.loader import build_firmware_files
 from .cpuid import CpuidError, build_cpuid, parse_cpu_features_mask, physical_address_bits
@@ -175,8 +175,9 @@ class MachineConfig:
     """Everything that defines a machine. ``kernel=None`` boots the built-in default guest."""
 
     kernel: str | os.PathLike | None = None
-    initrd: Sequence[str] = ()      # Multiboot modules: "PATH" or "PATH args..."
+    initrd: Sequence[str] = ()      # Linux: one initrd file; Multiboot: "PATH [args...]" each
     append: str = ""
+    kernel_decompress: str = "host"  # where a bzImage's kernel is unpacked: "host" or "guest"
     smp: int = 1
     memory: int | str = DEFAULT_MEMORY  # bytes, or a size string as on the command line: "1G"
     console: BinaryIO | None = None  # where guest serial output also goes (captured anyway)
@@ -219,6 +220,9 @@ class MachineConfig:
         if self.memory > host_limit:
             raise ConfigError(f"memory size {format_size(self.memory)} is more than this host's "
                               f"RAM and swap ({format_size(host_limit)})")
+        if self.kernel_decompress not in boot.DECOMPRESS:
+            raise ConfigError(f"kernel_decompress must be 'host' or 'guest' (got "
+                              f"{self.kernel_decompress!r})")
         if self.on_crash not in ("stop", "continue"):
             raise ConfigError(f"on_crash must be 'stop' or 'continue' (got {self.on_crash!r})")
         check_timeout(self.timeout)
@@ -353,7 +357,7 @@ class Machine:
         self.crash_reports: list = []
         self.crash_listeners: list[Callable] = []
         self.instruction_completer = None  # hvvmm.x86.Completer, see emulation_counters()
-        self.boot: multiboot.BootState | None = None
+        self.boot: boot.BootState | None = None
         self.acpi_rsdp: int | None = None  # the RSDP's guest-physical address, when ACPI is on
         # The exclusive section (see exclusive()): who holds it and how many vCPUs are parked.
         self._pause = threading.Condition()
@@ -381,7 +385,13 @@ class Machine:
             raise ConfigError("the hyperv-testdev needs Hyper-V with hv-synic (e.g. --hyperv "
                               "hv-vpindex,hv-synic, or the default)")
         kernel_image, kernel_name = self._read_kernel(config)
-        modules = [self._read_module(spec) for spec in config.initrd]
+        try:
+            kernel_format = boot.detect_format(kernel_image)
+            modules = boot.read_modules(config.initrd, kernel_format)
+        except boot.KernelImageError as exc:
+            raise ImageError(f"{kernel_name}: {exc}") from None
+        except OSError as exc:
+            raise ImageError(f"cannot read initrd {exc.filename}: {exc.strerror}") from None
         for cap, name in ((kvmc.KVM_CAP_IRQCHIP, "in-kernel irqchip"),
                           (kvmc.KVM_CAP_USER_MEMORY, "user memory"),
                           (kvmc.KVM_CAP_IMMEDIATE_EXIT, "immediate exit"),
@@ -422,10 +432,11 @@ class Machine:
                 self.fw_cfg.add_file(name, data)  # the same tables, for firmware to install
 
         try:
-            self.boot = multiboot.load_multiboot(
-                memory, kernel_image, kernel_name=kernel_name, append=config.append,
-                modules=modules, memory_map=memory_map(config.memory))
-        except multiboot.KernelImageError as exc:
+            self.boot = boot.load(
+                memory, kernel_image, fmt=kernel_format, name=kernel_name, append=config.append,
+                modules=modules, memory_map=memory_map(config.memory),
+                rsdp=self.acpi_rsdp, decompress=config.kernel_decompress)
+        except boot.KernelImageError as exc:
             raise ImageError(f"{kernel_name}: {exc}") from None
 
         self._setup_instruction_completion(kvm, vm, supported)
@@ -440,7 +451,7 @@ class Machine:
                 raise ConfigError(str(exc)) from None
             vcpu.set_cpuid(table)
             self.vcpus[-1].complete_instruction = self._vcpu_completer
-        self._set_multiboot_entry_state(self.vcpus[0].vcpu, self.boot)
+        boot.apply_entry_state(self.vcpus[0].vcpu, self.boot)
         if hyperv_config.enabled:
             from .hyperv import HyperV
 
@@ -501,15 +512,6 @@ class Machine:
                              f"({config.memory // MiB} MiB)")
         return image, name
 
-    @staticmethod
-    def _read_module(spec: str) -> multiboot.MultibootModule:
-        path = spec.split(" ", 1)[0]
-        try:
-            data = Path(path).read_bytes()
-        except OSError as exc:
-            raise ImageError(f"cannot read initrd {path}: {exc.strerror}") from None
-        return multiboot.MultibootModule(data, spec)
-
     def _add_platform_devices(self, vm: Vm, config: MachineConfig) -> None:
         """The legacy devices, each at the ports and IRQ the PC layout table gives it."""
         def place(name: str, device: BusDevice) -> None:
@@ -536,28 +538,6 @@ class Machine:
         self.reset_control = ResetControl(
             lambda: self.request_reset("the guest wrote the reset register (port 0xcf9)"))
         place("reset-control", self.reset_control)
-
-    @staticmethod
-    def _set_multiboot_entry_state(vcpu, boot: multiboot.BootState) -> None:
-        """Multiboot 0.6.96 §3.2: 32-bit flat protected mode, paging off, IF clear, EAX magic,
-        EBX the info address. Segments are flat 4 GiB read/execute and read/write."""
-        sregs = vcpu.get_sregs()
-        for name, selector, seg_type in (("cs", 0x10, 0xB), ("ds", 0x18, 0x3), ("es", 0x18, 0x3),
-                                         ("fs", 0x18, 0x3), ("gs", 0x18, 0x3), ("ss", 0x18, 0x3)):
-            seg = getattr(sregs, name)
-            seg.base, seg.limit, seg.selector, seg.type = 0, 0xFFFF_FFFF, selector, seg_type
-            seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g, seg.avl = 1, 0, 1, 1, 0, 1, 0
-            seg.unusable = 0
-        sregs.cr0 = 0x11  # PE | ET
-        sregs.cr4 = 0
-        sregs.efer = 0
-        vcpu.set_sregs(sregs)
-        regs = vcpu.get_regs()
-        regs.rip = boot.entry
-        regs.rax = boot.eax
-        regs.rbx = boot.ebx
-        regs.rflags = 0x2
-        vcpu.set_regs(regs)
 
     # -- devices and observers for library users ----------------------------------------------
 

@@ -104,7 +104,8 @@ class QemuOptions:
     #                      machine-help | accel-help | display-help
     help_subject: str = ""  # the device of "-device NAME,help"
     kernel: str | None = None
-    initrd: tuple[str, ...] = ()
+    initrd: tuple[str, ...] = ()  # as Multiboot modules: comma-separated "path args..."
+    initrd_arg: str | None = None  # -initrd as given: a Linux kernel's one initrd file
     append: str | None = None
     smp: int = 1
     memory: int = QEMU_DEFAULT_MEMORY
@@ -240,8 +241,11 @@ def _opt_kernel(opts: QemuOptions, arg: str, where: tuple[str, ...]) -> None:
 
 def _opt_initrd(opts: QemuOptions, arg: str, where: tuple[str, ...]) -> None:
     # QEMU's Multiboot loader: comma-separated modules, each "path args..." (the module's
-    # command line is the whole text; the path is up to the first space).
+    # command line is the whole text; the path is up to the first space). QEMU's Linux loader
+    # (hw/i386/x86.c) takes the argument whole as the initrd's file name; which applies depends
+    # on the kernel (boot_initrd()).
     opts.initrd = tuple(split_commas(arg))
+    opts.initrd_arg = arg
 
 
 def _opt_append(opts: QemuOptions, arg: str, where: tuple[str, ...]) -> None:
@@ -824,8 +828,8 @@ def _finish(opts: QemuOptions) -> None:
             raise QemuError("-append only allowed with -kernel option")
         if opts.initrd:
             raise QemuError("-initrd only allowed with -kernel option")
-        raise QemuError("hvvmm: no -kernel given: hvvmm boots Multiboot kernels only (there is "
-                        "no BIOS and there are no disks)")
+        raise QemuError("hvvmm: no -kernel given: hvvmm boots Linux and Multiboot kernels "
+                        "directly (there is no BIOS and there are no disks)")
     if opts.hyperv_testdev:
         from .hv.features import parse_hyperv_spec
 
@@ -915,10 +919,12 @@ Character device options:
 -monitor none   accepted (no monitor)
 
 Linux/Multiboot boot specific:
--kernel file    a Multiboot v1 kernel (ELF32, ELF64 or the a.out kludge)
+-kernel file    a Linux bzImage or ELF vmlinux (PVH or 64-bit entry), or a Multiboot v1
+                kernel (ELF32, ELF64 or the a.out kludge)
 -append cmdline the kernel command line
+-initrd file    Linux: the initial ram disk
 -initrd 'file [args][,file2 [args]]'
-                Multiboot modules, comma-separated (',,' is a literal comma)
+                Multiboot: modules, comma-separated (',,' is a literal comma)
 
 {EXIT_STATUS_HELP}
 Messages start "{PROG}:" as QEMU's do, however hvvmm was invoked.
@@ -956,7 +962,8 @@ def cpu_help_text() -> str:
 
 def machine_help_text() -> str:
     return ("Supported machines are:\n"
-            "pc                   hvvmm's small PC: Multiboot kernels, no PCI (default)\n"
+            "pc                   hvvmm's small PC: Linux and Multiboot kernels, no PCI "
+            "(default)\n"
             "q35                  the same machine (hvvmm has one)\n")
 
 
@@ -965,10 +972,28 @@ def machine_help_text() -> str:
 # --------------------------------------------------------------------------------------------
 
 
+def _is_linux_kernel(path: str | None) -> bool:
+    """Whether ``path`` holds a Linux kernel (bzImage, ELF vmlinux), as opposed to Multiboot."""
+    from . import boot
+
+    try:
+        with open(path, "rb") as file:
+            return boot.detect_format(file.read()) in boot.LINUX_FORMATS
+    except (OSError, TypeError, ValueError):
+        return False
+
+
+def boot_initrd(opts: QemuOptions) -> tuple[str, ...]:
+    """What -initrd hands the kernel: for Linux the one file named, for Multiboot the modules."""
+    if opts.initrd_arg is not None and _is_linux_kernel(opts.kernel):
+        return (opts.initrd_arg,)
+    return opts.initrd
+
+
 def machine_config(opts: QemuOptions, console=None, console_input=None):
     from .machine import MachineConfig
 
-    return MachineConfig(kernel=opts.kernel, initrd=opts.initrd, append=opts.append or "",
+    return MachineConfig(kernel=opts.kernel, initrd=boot_initrd(opts), append=opts.append or "",
                          smp=opts.smp, memory=opts.memory, timeout=None,
                          kvm_device=kvm_device(), hyperv=opts.hyperv,
                          cpu_features=opts.cpu_features,
@@ -987,6 +1012,14 @@ def _check_files(opts: QemuOptions) -> None:
     except OSError as exc:
         raise QemuError(f"qemu: could not open kernel file '{opts.kernel}': {exc.strerror}",
                         raw=True) from None
+    if opts.initrd_arg is not None and _is_linux_kernel(opts.kernel):
+        try:
+            with open(opts.initrd_arg, "rb"):
+                pass
+        except OSError as exc:  # QEMU x86_load_linux()'s wording
+            raise QemuError(f"qemu: error reading initrd {opts.initrd_arg}: {exc.strerror}",
+                            raw=True) from None
+        return
     for spec in opts.initrd:
         path = spec.split(" ", 1)[0]
         try:

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hvvmm.memory import GuestMemory, MemoryRegion
-from hvvmm.multiboot import (
+from hvvmm.boot.multiboot import (
     MULTIBOOT_BOOTLOADER_MAGIC,
     MULTIBOOT_HEADER_MAGIC,
     MULTIBOOT_INFO_SIZE,

@@ -3,7 +3,8 @@
 :func:`load_multiboot` places a Multiboot kernel, its boot modules and the ``multiboot_info`` block
 in guest RAM and returns the register state the boot CPU must start with (:class:`BootState`). It
 knows nothing of KVM: it only writes through :class:`~hvvmm.memory.GuestMemory`. Entering the kernel
-(32-bit flat protected mode, ``EAX``/``EBX`` from the :class:`BootState`) is the machine's job.
+(32-bit flat protected mode, ``EAX``/``EBX`` from the :class:`BootState`) is
+:func:`hvvmm.boot.apply_entry_state`'s job.
 
 The image comes from the user and is untrusted: every count, offset and size read from it is
 checked against the file and against guest RAM before it is used, and any problem is reported as
@@ -27,6 +28,10 @@ from typing import Sequence
 
 from hvvmm.layout import MemoryMapEntry
 from hvvmm.memory import PAGE_SIZE, GuestMemory, GuestMemoryError
+
+from .elf import is_elf, parse_elf
+from .placement import check_kernel as _check_kernel, ram_contains as _ram_contains, write as _write
+from .state import BootState, KernelImageError
 
 __all__ = [
     "MULTIBOOT_HEADER_MAGIC",
@@ -79,25 +84,6 @@ _U32 = struct.Struct("<I")
 _HEADER_BASE = struct.Struct("<III")  # magic, flags, checksum
 _HEADER_AOUT = struct.Struct("<IIIII")  # header_addr, load_addr, load_end_addr, bss_end_addr, entry
 
-# ELF
-_ELF_MAGIC = b"\x7fELF"
-_ELFCLASS32, _ELFCLASS64 = 1, 2
-_ELFDATA2LSB = 1
-_ET_EXEC, _ET_DYN = 2, 3
-_EM_386, _EM_X86_64 = 3, 62
-_PT_LOAD = 1
-_PN_XNUM = 0xFFFF
-# (e_type, e_machine, e_version, e_entry, e_phoff, e_shoff, e_flags, e_ehsize, e_phentsize, e_phnum)
-_EHDR32 = struct.Struct("<HHIIIIIHHH")
-_EHDR64 = struct.Struct("<HHIQQQIHHH")
-_PHDR32 = struct.Struct("<IIIIIIII")  # type, offset, vaddr, paddr, filesz, memsz, flags, align
-_PHDR64 = struct.Struct("<IIQQQQQQ")  # type, flags, offset, vaddr, paddr, filesz, memsz, align
-
-
-class KernelImageError(ValueError):
-    """The kernel image (or what it asks of the loader) cannot be booted; the message says why."""
-
-
 @dataclass(frozen=True)
 class MultibootModule:
     """A boot module: its contents and its command line ("name args...", passed as given)."""
@@ -126,23 +112,6 @@ class MultibootHeader:
     @property
     def aout_kludge(self) -> bool:
         return bool(self.flags & MULTIBOOT_AOUT_KLUDGE)
-
-
-@dataclass(frozen=True)
-class BootState:
-    """Where the loaded kernel starts and what it must be handed.
-
-    ``eax``/``ebx`` are the register values at entry (magic, info address). ``kernel_start`` /
-    ``kernel_end`` bound the kernel's lowest and highest loaded address (end exclusive, bss
-    included); ``info_end`` is one past the last byte the loader wrote (modules and info block).
-    """
-
-    entry: int
-    eax: int
-    ebx: int
-    kernel_start: int
-    kernel_end: int
-    info_end: int
 
 
 @dataclass(frozen=True)
@@ -296,141 +265,26 @@ def _plan_aout(image: bytes, header: MultibootHeader) -> tuple[list[_Segment], i
 
 def _plan_elf(image: bytes) -> tuple[list[_Segment], int]:
     """The ELF load: the PT_LOAD segments (by physical address) and the physical entry point."""
-    if len(image) < 16 or image[:4] != _ELF_MAGIC:
+    if not is_elf(image):
         raise KernelImageError(
             "the kernel is not an ELF file and its multiboot header does not set the a.out kludge "
             "(flags bit 16)")
-    elf_class, data_encoding = image[4], image[5]
-    if elf_class == _ELFCLASS32:
-        ehdr, phdr, machine, kind = _EHDR32, _PHDR32, _EM_386, "ELF32"
-    elif elf_class == _ELFCLASS64:
-        ehdr, phdr, machine, kind = _EHDR64, _PHDR64, _EM_X86_64, "ELF64"
-    else:
-        raise KernelImageError(f"the ELF file has an unknown class {elf_class} (not 32 or 64-bit)")
-    if data_encoding != _ELFDATA2LSB:
-        raise KernelImageError("the ELF file is not little-endian")
-    if len(image) < 16 + ehdr.size:
-        raise KernelImageError(f"the {kind} file is truncated inside its ELF header")
-    (e_type, e_machine, _version, e_entry, e_phoff, _shoff, _flags, _ehsize, e_phentsize,
-     e_phnum) = ehdr.unpack_from(image, 16)
-    if e_machine != machine:
-        wanted = "EM_386" if machine == _EM_386 else "EM_X86_64"
-        raise KernelImageError(f"the {kind} file is for machine {e_machine}, not x86 ({wanted})")
-    if e_type != _ET_EXEC:
-        what = "position-independent (ET_DYN)" if e_type == _ET_DYN else f"of type {e_type}"
-        raise KernelImageError(f"the {kind} file is {what}, not an executable (ET_EXEC)")
-    if e_phnum == 0:
-        raise KernelImageError(f"the {kind} file has no program headers")
-    if e_phnum == _PN_XNUM:
-        raise KernelImageError(
-            f"the {kind} file uses extended program header numbering (e_phnum {_PN_XNUM:#x}), "
-            f"which is not supported")
-    if e_phentsize < phdr.size:
-        raise KernelImageError(
-            f"the {kind} file's program header size e_phentsize {e_phentsize} is smaller than "
-            f"{phdr.size}")
-    if e_phoff + e_phnum * e_phentsize > len(image):
-        raise KernelImageError(
-            f"the {kind} file's program headers ({e_phnum} at offset {e_phoff:#x}) run past the "
-            f"end of the {len(image):#x}-byte file")
-
-    view = memoryview(image)
-    segments: list[_Segment] = []
-    for index in range(e_phnum):
-        fields = phdr.unpack_from(image, e_phoff + index * e_phentsize)
-        if phdr is _PHDR32:
-            p_type, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _pflags, _align = fields
-        else:
-            p_type, _pflags, p_offset, p_vaddr, p_paddr, p_filesz, p_memsz, _align = fields
-        if p_type != _PT_LOAD:
-            continue
-        name = f"segment {index} (paddr {p_paddr:#x}, {p_memsz:#x} bytes)"
-        if p_filesz > p_memsz:
-            raise KernelImageError(
-                f"ELF {name} has a file size {p_filesz:#x} larger than its memory size")
-        if p_filesz and p_offset + p_filesz > len(image):
-            raise KernelImageError(
-                f"ELF {name} holds file bytes [{p_offset:#x}, {p_offset + p_filesz:#x}) past the "
-                f"end of the {len(image):#x}-byte file")
-        if p_memsz == 0:
-            continue
-        data = view[p_offset:p_offset + p_filesz] if p_filesz else b""
-        segments.append(_Segment(p_paddr, p_memsz, data, p_vaddr, f"ELF {name}"))
-    if not segments:
-        raise KernelImageError(f"the {kind} file has no loadable (non-empty PT_LOAD) segment")
-
+    elf = parse_elf(image)
+    segments = [_Segment(seg.paddr, seg.memsz, seg.data, seg.vaddr, seg.name)
+                for seg in elf.segments]
     # The entry point is a virtual address; find it in a segment and translate (as GRUB does).
     for segment in segments:
-        if segment.vaddr <= e_entry < segment.vaddr + segment.memsz:
-            entry = e_entry - segment.vaddr + segment.gpa
+        if segment.vaddr <= elf.entry < segment.vaddr + segment.memsz:
+            entry = elf.entry - segment.vaddr + segment.gpa
             break
     else:
         raise KernelImageError(
-            f"the {kind} entry point {e_entry:#x} lies in no loadable segment")
+            f"the {elf.kind} entry point {elf.entry:#x} lies in no loadable segment")
     if entry >= _4GiB:
         raise KernelImageError(
-            f"the {kind} entry point {entry:#x} (physical) is not below 4 GiB, where 32-bit "
+            f"the {elf.kind} entry point {entry:#x} (physical) is not below 4 GiB, where 32-bit "
             f"protected-mode code can reach it")
     return segments, entry
-
-
-def _ram_contains(memory: GuestMemory, gpa: int, size: int) -> bool:
-    """Whether ``[gpa, gpa+size)`` is wholly RAM, possibly across adjacent regions."""
-    if gpa < 0 or size < 0:
-        return False
-    if size == 0:
-        return True
-    end = gpa + size
-    for region in memory.regions:  # sorted by address
-        if region.gpa <= gpa < region.end:
-            gpa = region.end
-            if gpa >= end:
-                return True
-    return False
-
-
-_ZERO_CHUNK = _MiB
-
-
-def _write(memory: GuestMemory, gpa: int, data: bytes | memoryview, size: int = 0) -> None:
-    """Copy ``data`` to ``gpa``, then zeros up to ``size`` bytes in all, across adjacent regions."""
-    total = max(len(data), size)
-    done = 0
-    while done < total:
-        here = gpa + done
-        region = next((r for r in memory.regions if r.gpa <= here < r.end), None)
-        if region is None:
-            raise GuestMemoryError(here, total - done)
-        if done < len(data):
-            chunk = min(len(data) - done, region.end - here)
-            memory.view(here, chunk)[:] = data[done:done + chunk]
-        else:
-            chunk = min(total - done, region.end - here, _ZERO_CHUNK)
-            memory.view(here, chunk)[:] = bytes(chunk)
-        done += chunk
-
-
-def _mib_text(size: int, round_up: bool) -> str:
-    return str(-(-size // _MiB) if round_up else size // _MiB)
-
-
-def _check_kernel(memory: GuestMemory, segments: list[_Segment]) -> None:
-    need = sum(segment.memsz for segment in segments)
-    if need > memory.size:
-        raise KernelImageError(
-            f"the kernel needs {_mib_text(need, True)} MiB but the guest has "
-            f"{_mib_text(memory.size, False)} MiB of RAM")
-    ordered = sorted(segments, key=lambda segment: segment.gpa)
-    for before, after in zip(ordered, ordered[1:]):
-        if after.gpa < before.end:
-            raise KernelImageError(f"{before.name} overlaps {after.name}")
-    for segment in segments:
-        if not _ram_contains(memory, segment.gpa, segment.memsz):
-            raise KernelImageError(
-                f"{segment.name} lies outside guest RAM "
-                f"[{segment.gpa:#x}, {segment.end:#x})")
-        if segment.end > _4GiB:
-            raise KernelImageError(f"{segment.name} extends past 4 GiB")
 
 
 # -- boot information --------------------------------------------------------------------------
@@ -563,5 +417,5 @@ def load_multiboot(memory: GuestMemory, image: bytes | bytearray | memoryview, *
         _write(memory, info, block)
     except GuestMemoryError as error:  # not expected after the checks above
         raise KernelImageError(f"the kernel image does not fit in guest RAM ({error})") from error
-    return BootState(entry=entry, eax=MULTIBOOT_BOOTLOADER_MAGIC, ebx=info,
+    return BootState(entry=entry, registers={"rax": MULTIBOOT_BOOTLOADER_MAGIC, "rbx": info},
                      kernel_start=kernel_start, kernel_end=kernel_end, info_end=info_end)
