@@ -27,7 +27,7 @@ from hvvmm.layout import E820_RAM, MemoryMapEntry, MiB
 from hvvmm.memory import PAGE_SIZE, GuestMemory
 
 from .decompress import HOST_FORMATS, decompress_payload, payload_format
-from .elf import EM_X86_64, ElfImage, ElfSegment, parse_elf
+from .elf import EM_X86_64, ElfImage, parse_elf
 from .placement import check_kernel, ram_contains, write
 from .state import (BOOT_CMDLINE, BOOT_CMDLINE_MAX, BOOT_GDT, BOOT_PAGE_TABLES, BOOT_PARAMS,
                     GDT_LIMIT, BootState, CpuMode, KernelImageError, boot_gdt,
@@ -105,6 +105,7 @@ TYPE_OF_LOADER_UNDEFINED = 0xFF
 STARTUP_64_OFFSET = 0x200
 DEFAULT_CMDLINE_SIZE = 2047  # COMMAND_LINE_SIZE (2048, asm/setup.h) less the NUL
 _4GiB = 1 << 32
+_PROTECTED_MODE_MIN = 0x10_0000  # boot.rst: the protected-mode kernel goes at 1 MiB or above
 
 
 def is_bzimage(image: bytes) -> bool:
@@ -352,6 +353,10 @@ def load_bzimage(memory: GuestMemory, image: bytes, *, append: str, initrd: byte
     load_at = _load_address(header)
     span = max(header["init_size"], len(header.kernel))
     long = header.version >= 0x020C and header["xloadflags"] & XLF_KERNEL_64
+    if load_at < _PROTECTED_MODE_MIN:
+        raise KernelImageError(
+            f"the bzImage asks to be loaded at {load_at:#x} (pref_address), below 1 MiB where a "
+            f"protected-mode kernel must lie")
     if load_at + span > _4GiB or not ram_contains(memory, load_at, span) or not all(
             e.type == E820_RAM or not e.length or e.end <= load_at or e.base >= load_at + span
             for e in memory_map):
@@ -446,6 +451,6 @@ def load_vmlinux(memory: GuestMemory, image: bytes, *, append: str, initrd: byte
     return _write_plan(memory, _Plan(segment_writes(elf) + writes, state))
 
 
-__all__ = ["ElfSegment", "SETUP_HEADER_FIELDS", "BOOT_PARAMS_FIELDS", "SetupHeader",
+__all__ = ["SETUP_HEADER_FIELDS", "BOOT_PARAMS_FIELDS", "SetupHeader",
            "parse_setup_header", "is_bzimage", "load_bzimage", "load_vmlinux",
            "make_boot_params", "place_initrd", "cmdline_bytes"]

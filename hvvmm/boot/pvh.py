@@ -38,7 +38,6 @@ HVM_MODLIST_ENTRY = struct.Struct("<QQQQ")      # paddr, size, cmdline_paddr, re
 HVM_MEMMAP_TABLE_ENTRY = struct.Struct("<QQII")  # addr, size, type, reserved
 # XEN_HVM_MEMMAP_TYPE_* are the e820 types (start_info.h), so the layout's map goes as it is.
 _MODLIST = BOOT_PARAMS + 0x100
-_LINUX_DIRECT_MAP_AT_ENTRY = 1 << 30  # head.S's early page tables map the first GiB
 _4GiB = 1 << 32
 
 

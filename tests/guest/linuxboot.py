@@ -40,7 +40,8 @@ def _symbols(elf: Path) -> dict[str, int]:
 
 
 def build_bzimage(out: Path, payload: bytes, *, name: str = "bzImage", protocol: int = 0x020F,
-                  initrd_addr_max: int = 0x7FFF_FFFF, cmdline_size: int = 2047) -> tuple[Path, Path]:
+                  initrd_addr_max: int = 0x7FFF_FFFF,
+                  cmdline_size: int = 2047) -> tuple[Path, Path]:
     """The bzImage and its protected-mode part's ELF64 (the "vmlinux")."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.payload").write_bytes(payload)

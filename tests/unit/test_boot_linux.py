@@ -215,7 +215,8 @@ def load(image: bytes, ram: int = RAM, **kwargs) -> tuple[GuestMemory, BootState
 
 
 def test_format_detection():
-    multiboot_header = struct.pack("<III", 0x1BADB002, 0x10003, -(0x1BADB002 + 0x10003) & 0xFFFFFFFF)
+    checksum = -(0x1BADB002 + 0x10003) & 0xFFFFFFFF
+    multiboot_header = struct.pack("<III", 0x1BADB002, 0x10003, checksum)
     assert boot.detect_format(bzimage()) == "bzimage"
     assert boot.detect_format(PVH_ELF) == "pvh"
     assert boot.detect_format(VMLINUX) == "vmlinux"
@@ -278,7 +279,7 @@ def test_lzo_payload_is_left_to_the_guest():
     assert state.mode is CpuMode.LONG64 and state.entry == 0x100200
 
 
-# -- loading ----------------------------------------------------------------------------------------
+# -- loading ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("name", sorted(COMPRESSORS))
@@ -360,6 +361,11 @@ def test_initrd_that_does_not_fit_below_initrd_addr_max():
              modules=[boot.BootModule(bytes(4 * MiB), "i")])
 
 
+def test_load_address_below_1_mib_is_refused():
+    with pytest.raises(boot.KernelImageError, match="below 1 MiB"):
+        load(bzimage(pref_address=0x2000), decompress="guest")
+
+
 def test_kernel_that_does_not_fit_in_ram():
     with pytest.raises(boot.KernelImageError, match="init_size"):
         load(bzimage(init_size=100 * MiB), decompress="guest")
@@ -405,7 +411,8 @@ def test_long_mode_entry_state():
     apply_entry_state(vcpu, BootState(entry=0x1000200, registers={"rsi": 0x8000},
                                       mode=CpuMode.LONG64, cr3=0x2000, gdt=(0x1000, 0x2F)))
     s, r = vcpu.sregs, vcpu.regs
-    assert (s.cs.selector, s.cs.l, s.cs.db, s.ds.selector, s.ss.selector) == (0x10, 1, 0, 0x18, 0x18)
+    assert (s.cs.selector, s.cs.l, s.cs.db) == (0x10, 1, 0)
+    assert (s.ds.selector, s.ss.selector) == (0x18, 0x18)
     assert s.cr0 & 0x80000001 == 0x80000001 and s.cr4 & 0x20 and s.efer == 0x500
     assert s.cr3 == 0x2000 and (s.gdt.base, s.gdt.limit) == (0x1000, 0x2F)
     assert (s.tr.type, s.tr.present, s.tr.unusable) == (11, 1, 0)
