@@ -200,6 +200,17 @@ def test_initrd_modules(text, modules):
     assert parse("-initrd", text).initrd == modules
 
 
+
+def test_initrd_for_a_linux_kernel_is_one_file(tmp_path):
+    # QEMU's Linux loader takes -initrd whole; its Multiboot loader splits modules at commas.
+    bzimage = tmp_path / "bzImage"
+    bzimage.write_bytes(bytes(0x202) + b"HdrS" + bytes(0x400))
+    opts = parse_args(["-kernel", str(bzimage), "-initrd", "a,b c"])
+    assert qemu.boot_initrd(opts) == ("a,b c",)
+    assert qemu.machine_config(opts).initrd == ("a,b c",)
+    multiboot = parse_args(["-kernel", str(tmp_path / "missing.elf"), "-initrd", "a,b c"])
+    assert qemu.boot_initrd(multiboot) == ("a", "b c")
+
 def test_split_commas():
     assert qemu.split_commas("a,,b,c") == ["a,b", "c"]
     assert qemu.split_commas("") == [""]
