@@ -1,9 +1,10 @@
 """Builds the Linux-loader test kernels of tests/guests/linuxboot with gcc, ld and objcopy.
 
 * ``pvh``: an ELF32 kernel with a PVH note (32-bit entry, EBX = hvm_start_info);
-* ``bzimage``: a bzImage (setup header from header.S, protocol 2.15, XLF_KERNEL_64) whose
-  protected-mode part has ``startup_64`` at +0x200 and carries a payload given by the caller
-  (a compressed ELF kernel, to test the host-side unpacking, or bytes of no known format);
+* ``bzimage``: a bzImage (setup header from header.S, protocol 2.15, XLF_KERNEL_64 unless told
+  otherwise) whose protected-mode part has a 32-bit protocol entry at +0, ``startup_64`` at
+  +0x200, and a payload given by the caller (a compressed ELF kernel, to test the host-side
+  unpacking, or bytes of no known format);
 * ``vmlinux``: that protected-mode part as an ELF64 (entry startup_64, no PVH note).
 """
 
@@ -40,8 +41,8 @@ def _symbols(elf: Path) -> dict[str, int]:
 
 
 def build_bzimage(out: Path, payload: bytes, *, name: str = "bzImage", protocol: int = 0x020F,
-                  initrd_addr_max: int = 0x7FFF_FFFF,
-                  cmdline_size: int = 2047) -> tuple[Path, Path]:
+                  initrd_addr_max: int = 0x7FFF_FFFF, cmdline_size: int = 2047,
+                  xloadflags: int = 1) -> tuple[Path, Path]:
     """The bzImage and its protected-mode part's ELF64 (the "vmlinux")."""
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.payload").write_bytes(payload)
@@ -56,6 +57,7 @@ def build_bzimage(out: Path, payload: bytes, *, name: str = "bzImage", protocol:
     symbols = _symbols(elf)
     defines = {"SYSSIZE": -(-len(pm) // 16), "PROTOCOL": protocol,
                "INITRD_ADDR_MAX": initrd_addr_max, "CMDLINE_SIZE": cmdline_size,
+               "XLOADFLAGS": xloadflags,
                "PAYLOAD_OFFSET": symbols["payload_start"] - 0x100000,
                "PAYLOAD_LENGTH": symbols["payload_end"] - symbols["payload_start"],
                "INIT_SIZE": symbols["_end"] - 0x100000}

@@ -95,6 +95,15 @@ def test_bzimage_guest_decompression_enters_startup_64(kernels):
     assert state.entry == 0x100200  # pref_address + 0x200
 
 
+def test_bzimage_without_xlf_kernel_64_enters_the_32_bit_protocol(kernels):
+    image, _ = build_bzimage(kernels["dir"], b"", name="bz-32", xloadflags=0)
+    with Machine(MachineConfig(kernel=image, memory=MEMORY)) as machine:
+        result = machine.run(timeout=RUN_TIMEOUT)
+        assert "linuxboot: 32-bit entry" in machine.console_text
+        assert result.kind is ExitKind.DEBUG_EXIT and result.code == 0, machine.console_text
+        assert machine.boot.entry == 0x100000
+
+
 def test_bzimage_payload_of_no_known_format_is_left_to_the_guest(kernels):
     result, console, _ = boot(kernels, "bz-plain")
     assert_passed(result, console)

@@ -37,7 +37,7 @@ header:
 	.long 0x200000		/* kernel_alignment */
 	.byte 0			/* relocatable_kernel: no, load at pref_address */
 	.byte 21		/* min_alignment */
-	.word 1			/* xloadflags: XLF_KERNEL_64 */
+	.word XLOADFLAGS	/* xloadflags: 1 = XLF_KERNEL_64 */
 	.long CMDLINE_SIZE	/* cmdline_size */
 	.long 0			/* hardware_subarch */
 	.quad 0			/* hardware_subarch_data */
