@@ -64,12 +64,12 @@ def expectations(initrd: bytes, memory: int) -> str:
     return f"console=ttyS0 size={len(initrd):#x} sum={fnv1a(initrd):#x} ram={ram:#x}"
 
 
-def boot(kernels, name, *, decompress="host", memory=MEMORY, machine_class=Machine):
+def boot(kernels, name, *, decompress="host", memory=MEMORY):
     initrd = kernels["initrd"]
     config = MachineConfig(kernel=kernels[name], initrd=(str(initrd),), memory=memory,
                            append=expectations(initrd.read_bytes(), memory),
                            kernel_decompress=decompress)
-    with machine_class(config) as machine:
+    with Machine(config) as machine:
         result = machine.run(timeout=RUN_TIMEOUT)
         return result, machine.console_text, machine.boot
 
@@ -135,16 +135,18 @@ def test_elf_vmlinux_without_pvh_note_enters_64_bit(kernels):
     assert "linuxboot: 64-bit entry" in console
 
 
-class _MachineWithRsdp(Machine):
-    acpi_rsdp = 0xE_0000  # what hvvmm's ACPI tables set during construction
-
-
 @pytest.mark.parametrize("name,decompress", [("bz-gzip", "guest"), ("pvh", "host")])
-def test_the_rsdp_address_reaches_the_kernel(kernels, name, decompress):
-    result, console, _ = boot(kernels, name, decompress=decompress,
-                              machine_class=_MachineWithRsdp)
-    assert_passed(result, console)
-    assert "rsdp=0xe0000" in console
+@pytest.mark.parametrize("acpi", [True, False])
+def test_the_rsdp_address_reaches_the_kernel(kernels, name, decompress, acpi):
+    initrd = kernels["initrd"]
+    config = MachineConfig(kernel=kernels[name], initrd=(str(initrd),), memory=MEMORY, acpi=acpi,
+                           append=expectations(initrd.read_bytes(), MEMORY),
+                           kernel_decompress=decompress)
+    with Machine(config) as machine:
+        result = machine.run(timeout=RUN_TIMEOUT)
+        assert_passed(result, machine.console_text)
+        assert (machine.acpi_rsdp is not None) == acpi
+        assert f"rsdp={machine.acpi_rsdp or 0:#x}\n" in machine.console_text
 
 
 # -- the command lines ---------------------------------------------------------------------------
