@@ -279,9 +279,9 @@ def _boot_tables(mode: CpuMode) -> list[tuple[int, bytes, int]]:
     return writes
 
 
-def _low_ram_end(memory_map: Sequence[MemoryMapEntry]) -> int:
-    """The end of the RAM below 4 GiB that starts at or below 1 MiB's range (the loaders keep
-    everything below 4 GiB, inside the boot identity map)."""
+def low_ram_end(memory_map: Sequence[MemoryMapEntry]) -> int:
+    """The end of the highest RAM range that starts below 4 GiB: the loaders keep what they
+    place (the initrd) below it, inside the boot identity map and 32-bit reach."""
     return max((e.end for e in memory_map if e.type == E820_RAM and e.base < _4GiB),
                default=0)
 
@@ -297,7 +297,7 @@ def _common(memory: GuestMemory, *, header: bytes, mode: CpuMode, entry: int,
     initrd_at = None
     info_end = BOOT_CMDLINE + len(cmdline)
     if initrd is not None:
-        limit = min(initrd_limit, _low_ram_end(memory_map))
+        limit = min(initrd_limit, low_ram_end(memory_map))
         address = place_initrd(memory_map, len(initrd), above=kernel_range[1], limit=limit,
                                ram_size=memory.size)
         initrd_at = (address, len(initrd))

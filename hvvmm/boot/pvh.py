@@ -17,8 +17,8 @@ from hvvmm.layout import MemoryMapEntry
 from hvvmm.memory import GuestMemory
 
 from .elf import ElfImage, parse_elf
-from .linux import (DEFAULT_CMDLINE_SIZE, cmdline_bytes, header_field, place_initrd,
-                    plan_elf_segments, segment_writes)
+from .linux import (DEFAULT_CMDLINE_SIZE, cmdline_bytes, header_field, low_ram_end,
+                    place_initrd, plan_elf_segments, segment_writes)
 from .placement import write
 from .state import (BOOT_CMDLINE, BOOT_CMDLINE_MAX, BOOT_GDT, BOOT_MEMMAP, BOOT_PARAMS, GDT_LIMIT,
                     BootState, CpuMode, KernelImageError, boot_gdt)
@@ -96,9 +96,9 @@ def load_pvh(memory: GuestMemory, image: bytes, *, append: str, initrd: bytes | 
     modules = []
     info_end = BOOT_CMDLINE + len(cmdline)
     if initrd is not None:
-        low_end = max((e.end for e in memory_map if e.type == 1 and e.base < _4GiB), default=0)
         address = place_initrd(memory_map, len(initrd), above=kernel_end,
-                               limit=min(initrd_limit, low_end), ram_size=memory.size)
+                               limit=min(initrd_limit, low_ram_end(memory_map)),
+                               ram_size=memory.size)
         modules.append((address, len(initrd)))
         writes.append((address, initrd, 0))
         info_end = max(info_end, address + len(initrd))
