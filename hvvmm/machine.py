@@ -387,7 +387,7 @@ class Machine:
         kernel_image, kernel_name = self._read_kernel(config)
         try:
             kernel_format = boot.detect_format(kernel_image)
-            modules = boot.read_modules(config.initrd, kernel_format)
+            modules = boot.read_modules(config.initrd, kernel_format, config.memory)
         except boot.KernelImageError as exc:
             raise ImageError(f"{kernel_name}: {exc}") from None
         except OSError as exc:

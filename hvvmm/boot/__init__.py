@@ -17,10 +17,10 @@ A Linux kernel takes one initrd; a Multiboot kernel any number of modules ("FILE
 
 from __future__ import annotations
 
-from pathlib import Path
+import os
 from typing import Sequence
 
-from hvvmm.layout import MemoryMapEntry
+from hvvmm.layout import MemoryMapEntry, MiB
 from hvvmm.memory import GuestMemory
 
 from . import linux, multiboot, pvh
@@ -57,18 +57,25 @@ def detect_format(image: bytes) -> str:
                            f"{no_multiboot}")
 
 
-def read_modules(specs: Sequence[str], fmt: str) -> list[BootModule]:
+def read_modules(specs: Sequence[str], fmt: str, ram_size: int | None = None) -> list[BootModule]:
     """Read what ``--initrd`` names. For Multiboot each spec is "FILE [ARGS...]" (a module);
-    for Linux there is at most one, a file name as it is (QEMU's ``-initrd``). An unreadable
-    file raises :class:`OSError` with ``filename`` set."""
+    for Linux there is at most one, a file name as it is (QEMU's ``-initrd``). A file larger
+    than ``ram_size`` is refused before it is read. An unreadable file raises :class:`OSError`
+    with ``filename`` set."""
     if fmt in LINUX_FORMATS:
         if len(specs) > 1:
             raise KernelImageError(f"a Linux kernel takes one initrd, not {len(specs)}")
-        return [BootModule(Path(spec).read_bytes(), spec) for spec in specs]
+        paths = [(spec, spec) for spec in specs]
+    else:
+        paths = [(spec.split(" ", 1)[0], spec) for spec in specs]
     modules = []
-    for spec in specs:
-        path = spec.split(" ", 1)[0]
-        modules.append(BootModule(Path(path).read_bytes(), spec))
+    for path, spec in paths:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            if ram_size is not None and size > ram_size:
+                raise KernelImageError(f"the initrd {path} ({-(-size // MiB)} MiB) is larger "
+                                       f"than guest RAM ({ram_size // MiB} MiB)")
+            modules.append(BootModule(file.read(), spec))
     return modules
 
 

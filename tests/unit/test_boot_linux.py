@@ -236,6 +236,14 @@ def test_linux_takes_one_initrd_as_a_whole_file_name(tmp_path):
         boot.read_modules([str(path), str(path)], "pvh")
 
 
+def test_an_initrd_larger_than_ram_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "sparse.img"
+    with open(path, "wb") as file:
+        file.truncate(3 << 30)  # sparse: reading it would take 3 GiB
+    with pytest.raises(boot.KernelImageError, match=r"\(3072 MiB\) is larger than guest RAM"):
+        boot.read_modules([str(path)], "bzimage", ram_size=RAM)
+
+
 # -- decompression ---------------------------------------------------------------------------------
 
 
