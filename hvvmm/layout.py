@@ -89,8 +89,30 @@ class PcLayout:
         IsaDevice("i8042-command", 0x64, 1),
         IsaDevice("post-code", 0x80, 1),
         IsaDevice("acpi-pm", 0x600, 12, irq=9),
-        IsaDevice("reset-control", 0xCF9, 1),
+        # PCI configuration mechanism #1: 0xCF8 CONFIG_ADDRESS, 0xCFC-0xCFF CONFIG_DATA, and in
+        # between, at 0xCF9, the PIIX3's reset control register (hvvmm.devices.reset_control),
+        # which the configuration ports hand byte accesses at 0xCF9 to (ranges on a bus never
+        # overlap). Then fw_cfg's DMA address register (QEMU docs/specs/fw_cfg.rst) and the
+        # firmware debug console QEMU calls isa-debugcon (SeaBIOS writes its log there).
+        IsaDevice("pci-config", 0xCF8, 8),
+        IsaDevice("fw_cfg-dma", 0x514, 8),
+        IsaDevice("debugcon", 0x402, 1),
     )
+    # PCI bus 0 as QEMU's pc machine has it: the i440FX host bridge at 00.0, the PIIX3 at 01.0,
+    # other devices from slot 2 up. PIRQA-D go to these ISA IRQs (SeaBIOS ``pci_irqs``), so a
+    # device's INTx reaches the in-kernel PIC and the IOAPIC pin of that number.
+    pci_host_bridge_devfn: int = 0x00
+    pci_isa_bridge_devfn: int = 0x08
+    pci_first_free_slot: int = 2
+    pci_irqs: tuple[int, int, int, int] = (10, 10, 11, 11)
+    # The firmware image ends at 4 GiB (the reset vector is 16 bytes below), at most 256 KiB so
+    # it stays above KVM's TSS; its last 128 KiB also appear at 0xE0000 until the firmware
+    # shadows itself into RAM through the PAM registers.
+    firmware_end: int = 4 * GiB
+    firmware_max_size: int = 256 * KiB
+    firmware_low_alias: tuple[int, int] = (0xE_0000, 0x10_0000)
+    # The legacy window whose decoding the PAM registers switch between RAM and ROM.
+    pam_window: tuple[int, int] = (0xC_0000, 0x10_0000)
 
     def device(self, name: str) -> IsaDevice:
         for device in self.isa_devices:
@@ -105,6 +127,14 @@ class PcLayout:
         if size > low:
             regions.append((self.high_ram_base, size - low))
         return regions
+
+    def pci_mmio_window(self, size: int) -> tuple[int, int]:
+        """Where 32-bit memory BARs go for ``size`` bytes of RAM: from the end of low RAM
+        (rounded up as SeaBIOS does, ``i440fx_mem_addr_setup``) to the IOAPIC. The e820 map leaves
+        this range out, as a PC's does, which tells an OS it is free for devices."""
+        low = min(size, self.low_ram_limit)
+        start = 2 * GiB if low <= 2 * GiB else self.low_ram_limit
+        return start, self.reserved_hole[0]
 
     def memory_map(self, size: int) -> list[MemoryMapEntry]:
         """The e820 map a PC reports for ``size`` bytes of RAM: the RAM of

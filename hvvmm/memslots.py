@@ -83,8 +83,20 @@ class Overlay:
         self._buffer.close()
 
 
+@dataclass(frozen=True)
+class Window:
+    """A host-placed range that hides the RAM under it (firmware ROM, the PAM segments):
+    ``host_address`` None leaves a hole there (accesses exit as MMIO), otherwise that host memory
+    is shown, read-only if ``readonly`` (guest writes exit as MMIO)."""
+
+    gpa: int
+    size: int
+    host_address: int | None
+    readonly: bool = True
+
+
 class MemslotManager:
-    """Keeps KVM's memslots equal to RAM minus overlays, plus the overlays."""
+    """Keeps KVM's memslots equal to RAM, covered by windows, covered by overlays."""
 
     def __init__(self, set_slot: Callable[[int, int, int, int, bool], None], memory: GuestMemory,
                  host_addresses: Iterable[int], exclusive: Callable[[], ContextManager],
@@ -98,6 +110,7 @@ class MemslotManager:
         self._ram = [(region.gpa, region.size, host)
                      for region, host in zip(memory.regions, host_addresses)]
         self._overlays: dict[int, Overlay] = {}
+        self._windows: dict[str, tuple[Window, ...]] = {}
         self._slots: dict[int, _Slot] = {}
         self._log_once = LogOnce(log)
         self._apply()
@@ -155,27 +168,52 @@ class MemslotManager:
         overlay.close()
         log.debug("%s at %#x removed", overlay.name, overlay.gpa)
 
+    def set_windows(self, name: str, windows: Iterable[Window]) -> None:
+        """Replace the windows called ``name`` (e.g. the firmware ROM, the PAM segments)."""
+        windows = tuple(windows)
+        if self._windows.get(name, ()) == windows:
+            return
+        self._windows[name] = windows
+        with self._exclusive():
+            self._apply()
+
     def close(self) -> None:
         for overlay in self._overlays.values():
             overlay.close()
         self._overlays.clear()
 
     def desired_slots(self) -> set[_Slot]:
-        """RAM split around the overlays, plus one slot per overlay."""
-        slots = set()
-        pages = sorted(self._overlays)
-        for gpa, size, host in self._ram:
-            start = gpa
-            for page in pages:
-                if gpa <= page < gpa + size:
-                    if page > start:
-                        slots.add(_Slot(start, page - start, host + start - gpa, False))
-                    start = page + PAGE_SIZE
-            if start < gpa + size:
-                slots.add(_Slot(start, gpa + size - start, host + start - gpa, False))
-        for overlay in self._overlays.values():
-            slots.add(_Slot(overlay.gpa, PAGE_SIZE, overlay.host_address, overlay.readonly))
+        """What the guest sees at each address: an overlay over a window over RAM; ranges where
+        the topmost is a hole get no slot. Pieces of one source that touch are merged."""
+        # (priority, gpa, size, host address or None, readonly)
+        sources = [(0, gpa, size, host, False) for gpa, size, host in self._ram]
+        sources += [(1, w.gpa, w.size, w.host_address, w.readonly)
+                    for windows in self._windows.values() for w in windows]
+        sources += [(2, o.gpa, PAGE_SIZE, o.host_address, o.readonly)
+                    for o in self._overlays.values()]
+        edges = sorted({gpa for _, gpa, _, _, _ in sources}
+                       | {gpa + size for _, gpa, size, _, _ in sources})
+        slots: set[_Slot] = set()
+        current: list | None = None  # [source, start, end] of the slot being grown
+        for start, end in zip(edges, edges[1:]):
+            top = max((s for s in sources if s[1] <= start and end <= s[1] + s[2]),
+                      key=lambda s: s[0], default=None)
+            if top is not None and top[3] is None:
+                top = None
+            if current is not None and top is current[0] and current[2] == start:
+                current[2] = end
+                continue
+            if current is not None:
+                slots.add(self._piece(*current))
+            current = [top, start, end] if top is not None else None
+        if current is not None:
+            slots.add(self._piece(*current))
         return slots
+
+    @staticmethod
+    def _piece(source, start: int, end: int) -> _Slot:
+        _, gpa, _, host, readonly = source
+        return _Slot(start, end - start, host + start - gpa, readonly)
 
     def _apply(self) -> None:
         desired = self.desired_slots()

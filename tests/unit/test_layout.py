@@ -3,12 +3,24 @@
 from hvvmm.devices.acpi_pm import ACPI_PM1A_CNT_PORT, ACPI_PM_BASE, ACPI_PM_BLOCK_LENGTH
 from hvvmm.devices.cmos import CMOS_BASE, CMOS_PORT_COUNT
 from hvvmm.devices.debug_exit import DEBUG_EXIT_BASE, DEBUG_EXIT_PORT_COUNT
-from hvvmm.devices.fw_cfg import FW_CFG_IO_BASE, FW_CFG_PORT_COUNT
+from hvvmm.devices.fw_cfg import FW_CFG_DMA_PORT_COUNT, FW_CFG_IO_BASE, FW_CFG_PORT_COUNT
 from hvvmm.devices.i8042 import I8042_COMMAND_PORT, I8042_DATA_PORT, I8042_PORT_COUNT
 from hvvmm.devices.port80 import POST_CODE_PORT, POST_CODE_PORT_COUNT
 from hvvmm.devices.reset_control import RESET_CONTROL_PORT, RESET_CONTROL_PORT_COUNT
 from hvvmm.devices.serial import COM1_IRQ, SERIAL_COM1_BASE, SERIAL_PORT_COUNT
+from hvvmm.pci.host import CONFIG_ADDRESS_PORT, CONFIG_PORT_COUNT
 from hvvmm.layout import E820_ACPI, E820_RAM, E820_RESERVED, GiB, MiB, PC, MemoryMapEntry
+
+
+def test_pci_window_lies_between_low_ram_and_the_ioapic():
+    for size in (256 * MiB, 2 * 1024 * MiB, 3 * 1024 * MiB, 8 * 1024 * MiB):
+        start, end = PC.pci_mmio_window(size)
+        assert min(size, PC.low_ram_limit) <= start < end == PC.ioapic_base
+        assert all(e.end <= start or e.base >= end for e in PC.memory_map(size))
+
+
+def test_firmware_fits_above_kvm_pages():
+    assert PC.firmware_end - PC.firmware_max_size >= PC.kvm_tss + 3 * 4096
 
 
 def test_device_modules_agree_with_the_layout_table():
@@ -21,10 +33,15 @@ def test_device_modules_agree_with_the_layout_table():
         "i8042-command": (I8042_COMMAND_PORT, I8042_PORT_COUNT, None),
         "post-code": (POST_CODE_PORT, POST_CODE_PORT_COUNT, None),
         "acpi-pm": (ACPI_PM_BASE, ACPI_PM_BLOCK_LENGTH, PC.sci_irq),
-        "reset-control": (RESET_CONTROL_PORT, RESET_CONTROL_PORT_COUNT, None),
+        "pci-config": (CONFIG_ADDRESS_PORT, CONFIG_PORT_COUNT, None),
+        "fw_cfg-dma": (FW_CFG_IO_BASE + 4, FW_CFG_DMA_PORT_COUNT, None),
+        "debugcon": (0x402, 1, None),
     }
     assert {d.name: (d.port, d.ports, d.irq) for d in PC.isa_devices} == expected
     assert ACPI_PM_BASE == PC.acpi_pm_base and ACPI_PM1A_CNT_PORT == PC.acpi_pm_base + 4
+    # The reset control register is decoded inside the PCI configuration ports.
+    assert RESET_CONTROL_PORT_COUNT == 1
+    assert CONFIG_ADDRESS_PORT < RESET_CONTROL_PORT < CONFIG_ADDRESS_PORT + CONFIG_PORT_COUNT
 
 
 def test_isa_devices_do_not_overlap():

@@ -122,3 +122,37 @@ def test_writes_to_an_overlay_are_taken_and_logged_once(setup, caplog):
                         "the write was dropped (logged once)"]
     manager.unmap_overlay(overlay)
     assert not manager.take_overlay_write(0, 5 * PAGE + 16, 8)
+
+
+def test_windows_hide_ram_and_holes_leave_no_slot(setup):
+    from hvvmm.memslots import Window
+
+    manager, kvm, _ = setup
+    manager.set_windows("rom", [Window(4 * PAGE, 2 * PAGE, 0x5000_0000, readonly=True),
+                                Window(8 * PAGE, PAGE, None)])
+    assert kvm.layout() == [
+        (0, 4 * PAGE, 0x7000_0000, False),
+        (4 * PAGE, 2 * PAGE, 0x5000_0000, True),
+        (6 * PAGE, 2 * PAGE, 0x7000_0000 + 6 * PAGE, False),
+        (9 * PAGE, 7 * PAGE, 0x7000_0000 + 9 * PAGE, False),
+        (1 << 32, 4 * PAGE, 0x9000_0000, False),
+    ]
+    # An overlay wins over a window; removing the windows restores plain RAM.
+    manager.map_overlay(5 * PAGE, bytes(PAGE), readonly=False, name="hypercall page")
+    assert (5 * PAGE, PAGE, manager.overlay_at(5 * PAGE).host_address, False) in kvm.layout()
+    assert (4 * PAGE, PAGE, 0x5000_0000, True) in kvm.layout()
+    manager.unmap_overlay(manager.overlay_at(5 * PAGE))
+    manager.set_windows("rom", [])
+    assert kvm.layout() == [(0, 16 * PAGE, 0x7000_0000, False), (1 << 32, 4 * PAGE, 0x9000_0000,
+                                                                 False)]
+
+
+def test_window_outside_ram_gets_its_own_slot(setup):
+    from hvvmm.memslots import Window
+
+    manager, kvm, _ = setup
+    manager.set_windows("firmware", [Window(0xFFFC_0000, 0x4_0000, 0x6000_0000)])
+    assert (0xFFFC_0000, 0x4_0000, 0x6000_0000, True) in kvm.layout()
+    calls = kvm.calls
+    manager.set_windows("firmware", [Window(0xFFFC_0000, 0x4_0000, 0x6000_0000)])
+    assert kvm.calls == calls  # unchanged windows touch no slot
