@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
-from . import boot
+from . import boot, firmware
 from .acpi import build_acpi_tables
 from .acpi.loader import build_firmware_files
 from .cpuid import CpuidError, build_cpuid, parse_cpu_features_mask, physical_address_bits
@@ -35,7 +35,8 @@ from .bus import Bus, BusDevice, mmio_bus, pio_bus
 from .devices.acpi_pm import AcpiPm
 from .devices.cmos import Cmos
 from .devices.debug_exit import DebugExit, exit_status
-from .devices.fw_cfg import FwCfg
+from .devices.fw_cfg import FwCfg, FwCfgDma
+from .devices.virtio_blk import attach_drives
 from .devices.i8042 import I8042
 from .devices.port80 import PostCodePort
 from .devices.reset_control import ResetControl
@@ -46,6 +47,7 @@ from .layout import PC, KiB, MemoryMapEntry, MiB
 from .memory import GuestMemory
 from .memslots import MemslotManager
 from .sizes import format_size, parse_size
+from .pci.pc import PcPci
 from .vcpu import ExitObserver, StopRequest, VcpuThread, current_vcpu_index
 
 log = logging.getLogger(__name__)
@@ -196,6 +198,10 @@ class MachineConfig:
     hyperv_testdev: bool = False     # QEMU's hyperv-testdev at port 0x3000 (needs hv-synic)
     acpi: bool = True                # ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) in 0xE0000
     pit_reinject: bool = True        # the PIT re-injects lost ticks (False: QEMU's "discard")
+    # Disks (hvvmm.drive.DriveSpec), each a virtio-blk PCI device; firmware boot: a BIOS image
+    # started at the reset vector instead of a kernel (the default BIOS when only disks are given).
+    drives: Sequence = ()
+    bios: str | os.PathLike | None = None
 
     def __post_init__(self):
         if isinstance(self.memory, str):  # "1G", as --memory takes it
@@ -384,14 +390,18 @@ class Machine:
         if config.hyperv_testdev and not hyperv_config.has("hv-synic"):
             raise ConfigError("the hyperv-testdev needs Hyper-V with hv-synic (e.g. --hyperv "
                               "hv-vpindex,hv-synic, or the default)")
-        kernel_image, kernel_name = self._read_kernel(config)
-        try:
-            kernel_format = boot.detect_format(kernel_image)
-            modules = boot.read_modules(config.initrd, kernel_format, config.memory)
-        except boot.KernelImageError as exc:
-            raise ImageError(f"{kernel_name}: {exc}") from None
-        except OSError as exc:
-            raise ImageError(f"cannot read initrd {exc.filename}: {exc.strerror}") from None
+        firmware_path = config.bios
+        if firmware_path is None and config.drives and config.kernel is None:
+            firmware_path = firmware.DEFAULT_BIOS
+        if firmware_path is None:
+            kernel_image, kernel_name = self._read_kernel(config)
+            try:
+                kernel_format = boot.detect_format(kernel_image)
+                modules = boot.read_modules(config.initrd, kernel_format, config.memory)
+            except boot.KernelImageError as exc:
+                raise ImageError(f"{kernel_name}: {exc}") from None
+            except OSError as exc:
+                raise ImageError(f"cannot read initrd {exc.filename}: {exc.strerror}") from None
         for cap, name in ((kvmc.KVM_CAP_IRQCHIP, "in-kernel irqchip"),
                           (kvmc.KVM_CAP_USER_MEMORY, "user memory"),
                           (kvmc.KVM_CAP_IMMEDIATE_EXIT, "immediate exit"),
@@ -426,18 +436,21 @@ class Machine:
         self._add_platform_devices(vm, config)
         if config.acpi:
             acpi_tables = build_acpi_tables(PC, config.smp)
-            acpi_tables.install(memory)
-            self.acpi_rsdp = acpi_tables.rsdp_address
+            if firmware_path is None:  # a BIOS installs them itself, from fw_cfg
+                acpi_tables.install(memory)
+                self.acpi_rsdp = acpi_tables.rsdp_address
             for name, data in build_firmware_files(acpi_tables.tables).items():
                 self.fw_cfg.add_file(name, data)  # the same tables, for firmware to install
+        self._add_pci_and_firmware(vm, config, firmware_path)
 
-        try:
-            self.boot = boot.load(
-                memory, kernel_image, fmt=kernel_format, name=kernel_name, append=config.append,
-                modules=modules, memory_map=memory_map(config.memory),
-                rsdp=self.acpi_rsdp, decompress=config.kernel_decompress)
-        except boot.KernelImageError as exc:
-            raise ImageError(f"{kernel_name}: {exc}") from None
+        if firmware_path is None:
+            try:
+                self.boot = boot.load(
+                    memory, kernel_image, fmt=kernel_format, name=kernel_name,
+                    append=config.append, modules=modules, memory_map=memory_map(config.memory),
+                    rsdp=self.acpi_rsdp, decompress=config.kernel_decompress)
+            except boot.KernelImageError as exc:
+                raise ImageError(f"{kernel_name}: {exc}") from None
 
         self._setup_instruction_completion(kvm, vm, supported)
         for index in range(config.smp):
@@ -451,7 +464,8 @@ class Machine:
                 raise ConfigError(str(exc)) from None
             vcpu.set_cpuid(table)
             self.vcpus[-1].complete_instruction = self._vcpu_completer
-        boot.apply_entry_state(self.vcpus[0].vcpu, self.boot)
+        if self.boot is not None:  # firmware starts at the reset vector: KVM's initial state
+            boot.apply_entry_state(self.vcpus[0].vcpu, self.boot)
         if hyperv_config.enabled:
             from .hyperv import HyperV
 
@@ -524,8 +538,9 @@ class Machine:
         if config.debug_exit is not None:
             base, size = config.debug_exit
             self.pio_bus.register(base, size, self.debug_exit, "isa-debug-exit")
-        self.fw_cfg = FwCfg(config.memory, config.smp)
+        self.fw_cfg = FwCfg(config.memory, config.smp, memory=self.memory)
         place("fw_cfg", self.fw_cfg)
+        place("fw_cfg-dma", FwCfgDma(self.fw_cfg))
         self.cmos = Cmos(config.memory, low_ram_limit=PC.low_ram_limit)
         place("cmos", self.cmos)
         self.i8042 = I8042(self._on_reset)
@@ -535,9 +550,38 @@ class Machine:
         place("post-code", self.post_code)
         self.acpi_pm = AcpiPm(self._on_poweroff, _KvmIrqLine(vm, PC.device("acpi-pm").irq))
         place("acpi-pm", self.acpi_pm)
+        # Decoded inside the PCI configuration ports (see _add_pci_and_firmware).
         self.reset_control = ResetControl(
             lambda: self.request_reset("the guest wrote the reset register (port 0xcf9)"))
-        place("reset-control", self.reset_control)
+
+    def _add_pci_and_firmware(self, vm: Vm, config: MachineConfig, firmware_path) -> None:
+        """PCI bus 0, the disks on it, and the firmware when booting one (hvvmm.firmware)."""
+        self.firmware = None
+        if firmware_path is not None:
+            try:
+                self.firmware = firmware.FirmwareRom(firmware_path)
+            except firmware.FirmwareError as exc:
+                raise ImageError(str(exc)) from None
+        self.legacy_window = firmware.LegacyWindow(
+            self.memslots, self.memory, self._res.host_buffers[0].address, self.firmware)
+        self.pci = PcPci(self.pio_bus, self.mmio_bus, config.memory,
+                         lambda irq: _KvmIrqLine(vm, irq), reset_control=self.reset_control,
+                         on_pam_change=self.legacy_window.apply_pam,
+                         pam_ram=self.firmware is None)
+        self.legacy_window.apply_pam(self.pci.host_bridge.pam)
+        self.mmio_bus.register(PC.pam_window[0], PC.pam_window[1] - PC.pam_window[0],
+                               self.legacy_window, "pam-window")
+        self.disks = attach_drives(self, config.drives)
+        if self.firmware is None:
+            self.pci.route_pirqs_as_firmware_would()
+            return
+        rom = self.firmware
+        self.memslots.set_windows("firmware", [firmware.Window(rom.gpa, rom.size,
+                                                               rom.host_address)])
+        firmware.configure_fw_cfg(self.fw_cfg, config.memory, [d.slot for d in self.disks])
+        self.debugcon = firmware.DebugConsole()
+        slot = PC.device("debugcon")
+        self.pio_bus.register(slot.port, slot.ports, self.debugcon, slot.name)
 
     # -- devices and observers for library users ----------------------------------------------
 
@@ -819,6 +863,8 @@ class Machine:
         if self._started:
             self._finish(MachineResult(ExitKind.STOPPED, "machine closed"))
             self._join_vcpus()
+        for disk in getattr(self, "disks", ()):
+            disk.close()  # its worker may still complete a request: before RAM and the VM go
         if self._input_pump is not None:
             self._input_pump.close()
         self.console.flush()
@@ -831,6 +877,8 @@ class Machine:
             res.vm.close()
         if res.memslots is not None:
             res.memslots.close()
+        if getattr(self, "firmware", None) is not None:
+            self.firmware.close()
         for pinned in res.host_buffers:
             pinned.release()
         res.host_buffers.clear()

@@ -3,12 +3,19 @@
 The guest writes a 16-bit item key to the selector port (:data:`FW_CFG_IO_BASE`, 0x510) and reads
 the item one byte at a time from the data port (0x511); selecting an item rewinds to its first byte,
 reads past the end (or of an unknown key) return 0. Items: the "QEMU" signature, the interface ID
-(feature bit 0, traditional interface; no DMA, so nothing is claimed at 0x514), the UUID, the RAM
+(bit 0, traditional interface; bit 1, DMA when the device was given guest memory), the UUID, the RAM
 size (u64 little-endian), the CPU counts (u16 little-endian), and the file directory (key 0x19):
 a big-endian u32 count followed by 64-byte entries ``{be32 size, be16 select, u16 reserved,
 char name[56]}`` sorted by name. Files get keys from 0x20 up in the order they are added (the keys
 returned by :meth:`FwCfg.add_file` stay valid), listed in the directory sorted by name as QEMU does.
 Writes to the data port are ignored (QEMU stopped supporting them in 2.4).
+
+The DMA interface (:class:`FwCfgDma`, port 0x514): the guest writes the guest-physical address of
+a ``FWCfgDmaAccess {be32 control, be32 length, be64 address}`` as two big-endian dwords, high
+(0x514) then low (0x518, which starts the transfer); control may select an item (bit 3, key in
+the high 16 bits), then read (bit 1) or skip (bit 2) ``length`` bytes; the device writes control
+back as 0, or with the error bit (0) set when the request is bad (an address outside RAM, a
+write). Reads past an item's end give zeros. Reading the port gives the signature "QEMU CFG".
 
 As QEMU's combined port region: a 1-byte read at either port reads data, a 16-bit write at the
 selector selects; other access sizes are logged once and ignored (reads: all ones).
@@ -58,10 +65,19 @@ FW_CFG_INVALID = 0xFFFF
 
 FW_CFG_SIGNATURE_VALUE = b"QEMU"
 FW_CFG_VERSION = 0x01      # ID bit 0: traditional interface
-FW_CFG_VERSION_DMA = 0x02  # ID bit 1: DMA interface (not offered)
+FW_CFG_VERSION_DMA = 0x02  # ID bit 1: DMA interface
 FW_CFG_MAX_FILE_PATH = 56  # name field size, NUL included
 
 _FILE_ENTRY = struct.Struct(">IHH56s")  # FWCfgFile: size, select, reserved, name
+
+FW_CFG_DMA_SIGNATURE = 0x51454D5520434647  # "QEMU CFG", big-endian
+FW_CFG_DMA_PORT_COUNT = 8
+FW_CFG_DMA_CTL_ERROR = 0x01
+FW_CFG_DMA_CTL_READ = 0x02
+FW_CFG_DMA_CTL_SKIP = 0x04
+FW_CFG_DMA_CTL_SELECT = 0x08
+FW_CFG_DMA_CTL_WRITE = 0x10
+_DMA_ACCESS = struct.Struct(">IIQ")  # FWCfgDmaAccess: control, length, address
 
 
 class FwCfg:
@@ -71,7 +87,8 @@ class FwCfg:
     """
 
     def __init__(self, ram_size: int, cpu_count: int, *, max_cpus: int | None = None,
-                 uuid: bytes = bytes(16)):
+                 uuid: bytes = bytes(16), memory=None):
+        """``memory`` (a :class:`hvvmm.memory.GuestMemory`) enables the DMA interface."""
         if ram_size < 0 or ram_size >= 1 << 64:
             raise ValueError(f"fw_cfg: bad RAM size {ram_size:#x}")
         max_cpus = cpu_count if max_cpus is None else max_cpus
@@ -86,7 +103,9 @@ class FwCfg:
         self._selected = FW_CFG_INVALID  # the item key selected, write-channel bit dropped
         self._offset = 0
         self._items[FW_CFG_SIGNATURE] = FW_CFG_SIGNATURE_VALUE
-        self._items[FW_CFG_ID] = struct.pack("<I", FW_CFG_VERSION)
+        self.memory = memory
+        self._items[FW_CFG_ID] = struct.pack(
+            "<I", FW_CFG_VERSION | (FW_CFG_VERSION_DMA if memory is not None else 0))
         self._items[FW_CFG_UUID] = bytes(uuid)
         self._items[FW_CFG_RAM_SIZE] = struct.pack("<Q", ram_size)
         self._items[FW_CFG_NB_CPUS] = struct.pack("<H", cpu_count)
@@ -164,3 +183,66 @@ class FwCfg:
             self._selected = key & ~FW_CFG_WRITE_CHANNEL
             self._offset = 0
 
+
+    # -- DMA (from FwCfgDma) --------------------------------------------------------------------
+
+    def dma(self, access_address: int) -> None:
+        """Run the FWCfgDmaAccess at guest-physical ``access_address``."""
+        from hvvmm.memory import GuestMemoryError
+
+        memory = self.memory
+        if memory is None:
+            return
+        try:
+            control, length, address = _DMA_ACCESS.unpack(memory.read(access_address,
+                                                                      _DMA_ACCESS.size))
+        except GuestMemoryError:
+            self._log_once("dma-access", logging.INFO,
+                           "fw_cfg: DMA access structure outside RAM at %#x", access_address)
+            return
+        status = 0
+        with self._lock:
+            if control & FW_CFG_DMA_CTL_SELECT:
+                self._selected = (control >> 16) & ~FW_CFG_WRITE_CHANNEL & 0xFFFF
+                self._offset = 0
+            data = self._items.get(self._selected, b"")
+            if control & FW_CFG_DMA_CTL_READ:
+                start = min(self._offset, len(data))
+                chunk = data[start:start + length]
+                try:
+                    view = memory.view(address, length)
+                    view[:len(chunk)] = chunk
+                    view[len(chunk):] = bytes(length - len(chunk))
+                    self._offset += length
+                except GuestMemoryError:
+                    status = FW_CFG_DMA_CTL_ERROR
+            elif control & FW_CFG_DMA_CTL_SKIP:
+                self._offset += length
+            elif control & FW_CFG_DMA_CTL_WRITE:
+                status = FW_CFG_DMA_CTL_ERROR  # no writable items
+        try:
+            memory.write(access_address, struct.pack(">I", status))
+        except GuestMemoryError:
+            pass
+
+
+class FwCfgDma:
+    """The DMA address register at 0x514: big-endian high dword at offset 0, low at 4."""
+
+    def __init__(self, fw_cfg: FwCfg):
+        self._fw_cfg = fw_cfg
+        self._high = 0
+
+    def read(self, offset: int, size: int) -> int:
+        signature = FW_CFG_DMA_SIGNATURE.to_bytes(8, "big")[offset:offset + size]
+        return int.from_bytes(signature.ljust(size, b"\xff"), "little")
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if size != 4 or offset not in (0, 4):
+            return
+        dword = int.from_bytes(value.to_bytes(4, "little"), "big")  # the guest wrote big-endian
+        if offset == 0:
+            self._high = dword
+        else:
+            address, self._high = (self._high << 32) | dword, 0
+            self._fw_cfg.dma(address)

@@ -183,3 +183,45 @@ def test_random_accesses_never_raise_or_widen(ops) -> None:
             dev.write(offset, size, value & ((1 << (8 * size)) - 1))
         else:
             assert 0 <= dev.read(offset, size) < 1 << (8 * size)
+
+
+def _dma(fw_cfg, memory, control, length, address, at=0x1000):
+    import struct as _struct
+
+    from hvvmm.devices.fw_cfg import FwCfgDma
+
+    memory.write(at, _struct.pack(">IIQ", control, length, address))
+    port = FwCfgDma(fw_cfg)
+    port.write(0, 4, int.from_bytes((at >> 32).to_bytes(4, "big"), "little"))
+    port.write(4, 4, int.from_bytes((at & 0xFFFF_FFFF).to_bytes(4, "big"), "little"))
+    return _struct.unpack(">I", memory.read(at, 4))[0]
+
+
+def test_dma_selects_reads_and_zero_fills_past_the_end():
+    from hvvmm.memory import GuestMemory
+
+    memory = GuestMemory.from_bytes(0x10000)
+    fw_cfg = FwCfg(64 << 20, 1, memory=memory)
+    fw_cfg.write(0, 2, 0x01)  # the ID advertises DMA
+    assert fw_cfg.read(1, 1) == 0x03
+    key = fw_cfg.add_file("etc/test", b"hello")
+    memory.fill(0x2000, 16, 0xAA)
+    assert _dma(fw_cfg, memory, key << 16 | 0x08 | 0x02, 8, 0x2000) == 0
+    assert memory.read(0x2000, 9) == b"hello\0\0\0\xaa"
+    # Skip then read continues from the offset.
+    assert _dma(fw_cfg, memory, key << 16 | 0x08 | 0x04, 1, 0) == 0
+    assert _dma(fw_cfg, memory, 0x02, 2, 0x3000) == 0
+    assert memory.read(0x3000, 2) == b"el"
+
+
+def test_dma_bad_requests_set_the_error_bit():
+    from hvvmm.memory import GuestMemory
+
+    memory = GuestMemory.from_bytes(0x10000)
+    fw_cfg = FwCfg(64 << 20, 1, memory=memory)
+    assert _dma(fw_cfg, memory, 0x00 << 16 | 0x08 | 0x02, 4, 0xFFFF_0000) == 0x01  # outside RAM
+    assert _dma(fw_cfg, memory, 0x02, 1 << 31, 0x8000) == 0x01  # longer than RAM
+    assert _dma(fw_cfg, memory, 0x10, 4, 0x2000) == 0x01  # writes are refused
+    from hvvmm.devices.fw_cfg import FwCfgDma
+    FwCfgDma(fw_cfg).write(4, 4, 0x0000_00F0)  # access structure outside RAM: ignored
+    assert FwCfgDma(fw_cfg).read(0, 4) == int.from_bytes(b"QEMU", "little")
