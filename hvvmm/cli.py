@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import BinaryIO, Sequence
 
 from . import __version__
+from .firmware import DEFAULT_BIOS
 from .host import kvm_device, open_console
 from .machine import (DEFAULT_MEMORY, MAX_TIMEOUT, STATUS_BAD_IMAGE, STATUS_KVM_UNAVAILABLE,
                       STATUS_USAGE, STATUS_VM_ERROR, ConfigError, ExitKind, ImageError, MiB,
@@ -32,7 +33,8 @@ exit status:
   odd N      the guest wrote v != 0 to isa-debug-exit: N = (v << 1) | 1, as QEMU
              (--qemu-exit-status: QEMU's rule for v = 0 too, so 0 gives 1)
   2          bad command line (unknown flag, --smp 0, bad size, ...)
-  4          bad kernel or initrd (missing, unreadable, of no known format, does not fit)
+  4          bad kernel, initrd, disk image or firmware (missing, unreadable, of no known
+             format, does not fit, an image another process holds)
   6          /dev/kvm missing or not usable
   8          the guest triple-faulted
   10         the guest asked for a reset
@@ -92,12 +94,21 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     run = commands.add_parser(
-        "run", help="boot a Linux or Multiboot kernel (or the built-in default guest)",
-        description="Boot a kernel: a Linux bzImage, an ELF vmlinux (PVH or 64-bit entry) or a "
-                    "Multiboot v1 kernel, told apart by their bytes; with no --kernel, a built-in "
-                    "guest that prints what it sees (vCPUs, memory, CPUID hypervisor leaves) and "
-                    "powers off.",
+        "run", help="boot a disk image, a Linux or Multiboot kernel, or the built-in guest",
+        description="Boot a disk image through the BIOS (hvvmm run disk.img), or a kernel: a "
+                    "Linux bzImage, an ELF vmlinux (PVH or 64-bit entry) or a Multiboot v1 "
+                    "kernel, told apart by their bytes; with neither, a built-in guest that "
+                    "prints what it sees (vCPUs, memory, CPUID hypervisor leaves) and powers "
+                    "off.",
         epilog=EXIT_STATUS_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    run.add_argument("disk", metavar="DISK", nargs="?",
+                     help="a disk image to boot: short for --drive file=DISK, first in boot order")
+    run.add_argument("--drive", metavar="file=F[,format=raw|vhd][,readonly=on][,cache=...]",
+                     action="append", default=[],
+                     help="a virtio-blk disk (cache=writeback, the default, or none: every "
+                          "write reaches the disk before it completes); repeat for more disks")
+    run.add_argument("--bios", metavar="FILE",
+                     help=f"BIOS image to boot (default when booting a disk: {DEFAULT_BIOS})")
     run.add_argument("--kernel", metavar="FILE",
                      help="Linux bzImage or ELF vmlinux, or a Multiboot v1 kernel (ELF or a.out "
                           "kludge)")
@@ -274,8 +285,19 @@ def cmd_run(args) -> int:
     from .kvm import KvmUnavailableError
     from .machine import Machine, MachineConfig
 
+    from .devices.virtio_blk import DriveSpec, DriveSpecError, parse_drive_spec
+
     try:
-        config = MachineConfig(kernel=args.kernel, initrd=tuple(args.initrd), append=args.append,
+        drives = ([DriveSpec(args.disk)] if args.disk else []) + \
+            [parse_drive_spec(text) for text in args.drive]
+    except DriveSpecError as exc:
+        raise UsageError(f"hvvmm run: {exc}") from None
+    if args.disk and args.kernel:
+        raise UsageError("hvvmm run: give a DISK to boot or --kernel, not both (attach disks "
+                         "to a kernel with --drive)")
+    try:
+        config = MachineConfig(kernel=args.kernel, drives=tuple(drives), bios=args.bios,
+                               initrd=tuple(args.initrd), append=args.append,
                                kernel_decompress=args.kernel_decompress, smp=args.smp,
                                memory=args.memory, timeout=args.timeout,
                                kvm_device=kvm_device(),

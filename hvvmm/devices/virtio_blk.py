@@ -239,7 +239,8 @@ def attach_drives(machine, drives) -> list[AttachedDisk]:
         except (BlockError, ImageFormatError) as exc:
             for disk in disks:
                 disk.close()
-            raise ImageError(str(exc)) from None
+            message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise ImageError(message) from None
         transport = VirtioPciTransport(f"virtio-blk{index}", VirtioBlk(backend, f"hvvmm{index}"),
                                        machine.memory, machine.vm.signal_msi)
         disks.append(AttachedDisk(machine.pci.add(transport), transport))
