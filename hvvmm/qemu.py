@@ -11,8 +11,12 @@ messages. This front end accepts that subset with QEMU's syntax and QEMU's behav
 
 Syntax, as QEMU's ``lookup_opt``: ``-opt`` and ``--opt`` are the same; an option that takes a
 value takes the next word (QEMU has no ``-opt=value`` form: ``-kernel=FILE`` is an invalid option,
-as in QEMU); a word without a leading ``-`` is a disk image in QEMU and refused here. Comma lists
-use QEMU's escaping (``,,`` is a literal comma).
+as in QEMU); a word without a leading ``-`` is a disk image, as ``-hda``. Comma lists use QEMU's
+escaping (``,,`` is a literal comma).
+
+Disks (``-drive``, ``-hda``, ``-device virtio-blk-pci,drive=ID``) are virtio-blk PCI devices
+whatever interface QEMU would give them (``if=ide``, the default, is attached as virtio with a
+warning); without ``-kernel`` the machine boots them through the BIOS (``-bios``, default SeaBIOS).
 
 Messages always start ``qemu-system-x86_64:``, whatever name hvvmm was invoked by (``hvvmm qemu``,
 ``hvvmm-qemu``, a symlink), and read like QEMU's: ``qemu-system-x86_64: -foo: invalid option``,
@@ -118,6 +122,8 @@ class QemuOptions:
     no_reboot: bool = False
     panic_action: str = "shutdown"  # shutdown | exit-failure | none
     pit_reinject: bool = True  # -global kvm-pit.lost_tick_policy: delay (True) or discard
+    drives: list = field(default_factory=list)  # hvvmm DriveSpec, in boot order
+    bios: str | None = None
     warnings: list[str] = field(default_factory=list)
     # bookkeeping for the defaults QEMU derives at the end
     _serials: list[str] = field(default_factory=list, repr=False)
@@ -128,6 +134,9 @@ class QemuOptions:
     _smp_props: dict[str, str] = field(default_factory=dict, repr=False)
     _machine_type: str = field(default="pc", repr=False)
     _testdev_where: tuple[str, ...] = field(default=(), repr=False)
+    # -drive if=none,id=ID waiting for a -device virtio-blk-pci,drive=ID: id -> (spec, where)
+    _unattached: dict = field(default_factory=dict, repr=False)
+    _drive_where: dict = field(default_factory=dict, repr=False)  # file -> where, for errors
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,6 +456,9 @@ class DeviceInfo:
 
 DEVICES = (
     DeviceInfo("hyperv-testdev", "ISA", None),
+    DeviceInfo("virtio-blk-pci", "PCI", None, (
+        ("drive", "str", "the -drive if=none,id=ID to attach"),
+        ("bootindex", "int32", "accepted; disks boot in command-line order"))),
     DeviceInfo("isa-debug-exit", "ISA", None, (
         ("iobase", "uint32", "I/O port base (default: 1281)"),
         ("iosize", "uint32", "number of ports (default: 2)"))),
@@ -470,6 +482,16 @@ def _opt_device(opts: QemuOptions, arg: str, where: tuple[str, ...]) -> None:
         return
     if driver in IGNORED_DEVICES:
         opts.warnings.append(warning_text(f"hvvmm: {driver} is not emulated; ignored", where))
+        return
+    if driver == "virtio-blk-pci":
+        values = _check_props(driver, props, ("drive", "bootindex"), where)
+        drive_id = values.get("drive")
+        if drive_id is None:
+            raise QemuError("Device needs media, but drive is empty", where)
+        if drive_id not in opts._unattached:
+            raise QemuError(f"Property 'virtio-blk-pci.drive' can't find value '{drive_id}'",
+                            where)
+        opts.drives.append(opts._unattached.pop(drive_id))
         return
     if driver == "hyperv-testdev":
         _check_props(driver, props, (), where)
@@ -733,6 +755,76 @@ def _opt_action(opts: QemuOptions, arg: str, where: tuple[str, ...]) -> None:
                             "supported", where)
 
 
+# QEMU's format names -> hvvmm's (hvvmm.block.FORMATS); "vpc" is QEMU's name for VHD.
+DRIVE_FORMATS = {"raw": "raw", "vpc": "vhd"}
+DRIVE_INTERFACES = ("virtio", "none", "ide")
+
+
+def _opt_drive(opts: QemuOptions, arg: str, where: tuple[str, ...]) -> None:
+    from .devices.virtio_blk import DriveSpec
+
+    values: dict[str, str] = {}
+    for key, value in parse_opts(arg):
+        values[key] = value
+    allowed = {"file", "format", "if", "id", "readonly", "cache", "media", "index", "aio",
+               "discard"}
+    unknown = sorted(set(values) - allowed)
+    if unknown:
+        raise QemuError(f"hvvmm: -drive option '{unknown[0]}' is not supported (file, format, "
+                        "if, id, readonly, cache, media=disk, index)", where)
+    if not values.get("file"):
+        raise QemuError("hvvmm: -drive without file= (empty drives are not supported)", where)
+    interface = values.get("if", "ide")
+    if interface not in DRIVE_INTERFACES:
+        raise QemuError(f"hvvmm: -drive if={interface} is not supported (virtio, or none with "
+                        "-device virtio-blk-pci)", where)
+    if interface == "ide":
+        opts.warnings.append(warning_text("hvvmm: there is no IDE controller; the disk is "
+                                          "attached as virtio-blk", where))
+    fmt = values.get("format")
+    if fmt is not None and fmt not in DRIVE_FORMATS:
+        raise QemuError(f"hvvmm: image format '{fmt}' is not supported (raw, vpc)", where)
+    if values.get("media", "disk") != "disk":
+        raise QemuError("hvvmm: only media=disk is supported", where)
+    readonly = _bool(values.get("readonly", "off"))
+    if readonly is None:
+        raise QemuError("Parameter 'readonly' expects 'on' or 'off'", where)
+    cache = values.get("cache", "writeback")
+    if cache not in ("writeback", "none"):
+        raise QemuError(f"hvvmm: cache={cache} is not supported (writeback, none)", where)
+    spec = DriveSpec(values["file"], DRIVE_FORMATS[fmt] if fmt else None, readonly, cache)
+    opts._drive_where[values["file"]] = where
+    if interface == "none":
+        drive_id = values.get("id")
+        if not drive_id:
+            raise QemuError("hvvmm: -drive if=none needs id= for -device virtio-blk-pci,drive=",
+                            where)
+        opts._unattached[drive_id] = spec
+    else:
+        opts.drives.append(spec)
+
+
+def _opt_hda(opts: QemuOptions, arg: str, where: tuple[str, ...]) -> None:
+    from .devices.virtio_blk import DriveSpec
+
+    opts.drives.append(DriveSpec(arg))
+    opts._drive_where[arg] = where
+
+
+def _opt_bios(opts: QemuOptions, arg: str, where: tuple[str, ...]) -> None:
+    opts.bios = arg
+
+
+def _opt_boot(opts: QemuOptions, arg: str, where: tuple[str, ...]) -> None:
+    # The firmware boots the disks in command-line order; the other keys are accepted.
+    allowed = {"order", "once", "menu", "splash", "splash-time", "reboot-timeout", "strict"}
+    for key, value in parse_opts(arg, implied="order"):
+        if key not in allowed:
+            raise QemuError(f"Invalid parameter '{key}'", where)
+        if key in ("order", "once") and value.strip("cdn"):
+            raise QemuError(f"Invalid boot device '{value.strip('cdn')[0]}'", where)
+
+
 def _opt_help(opts: QemuOptions, arg: str, where: tuple[str, ...]) -> None:
     raise _Done("help")
 
@@ -768,12 +860,16 @@ OPTIONS: dict[str, tuple[bool, Handler]] = {
     "vnc": (True, _opt_vnc),
     "monitor": (True, _opt_monitor),
     "no-hpet": (False, _opt_ignore),  # the hvvmm machine has no HPET
+    "drive": (True, _opt_drive),
+    "hda": (True, _opt_hda),
+    "bios": (True, _opt_bios),
+    "boot": (True, _opt_boot),
 }
 
 # Real QEMU options hvvmm refuses with a clear message (anything else is an "invalid option").
 UNSUPPORTED_OPTIONS = frozenset("""
-    chardev drive hda hdb hdc hdd cdrom fda fdb mtdblock sd pflash blockdev netdev net nic
-    object bios boot rtc icount s S gdb qmp qmp-pretty mon d D trace usb usbdevice vga
+    chardev hdb hdc hdd cdrom fda fdb mtdblock sd pflash blockdev netdev net nic
+    object rtc icount s S gdb qmp qmp-pretty mon d D trace usb usbdevice vga
     pidfile daemonize incoming loadvm snapshot numa mem-path mem-prealloc overcommit L dtb
     fw_cfg sandbox msg semihosting semihosting-config audio audiodev soundhw k smbios acpitable
     watchdog-action parallel virtfs fsdev tpmdev iscsi no-acpi no-shutdown runas chroot run-with
@@ -792,9 +888,10 @@ def parse_args(argv: Sequence[str]) -> QemuOptions:
     try:
         while i < len(argv):
             word = argv[i]
-            if not word.startswith("-"):
-                raise QemuError("hvvmm: disk images are not supported; hvvmm boots a Multiboot "
-                                "kernel given with -kernel", [word])
+            if not word.startswith("-"):  # QEMU: a disk image, as -hda
+                _opt_hda(opts, word, (word,))
+                i += 1
+                continue
             name = word[2:] if word.startswith("--") else word[1:]
             if name not in OPTIONS:
                 if name in UNSUPPORTED_OPTIONS:
@@ -823,13 +920,18 @@ def parse_args(argv: Sequence[str]) -> QemuOptions:
 
 def _finish(opts: QemuOptions) -> None:
     """QEMU's checks and defaults once the whole line is read."""
+    if opts._unattached:
+        drive_id = next(iter(opts._unattached))
+        opts.warnings.append(warning_text(f"hvvmm: -drive id={drive_id} is not attached to a "
+                                          "device; ignored"))
     if opts.kernel is None:
         if opts.append:
             raise QemuError("-append only allowed with -kernel option")
         if opts.initrd:
             raise QemuError("-initrd only allowed with -kernel option")
-        raise QemuError("hvvmm: no -kernel given: hvvmm boots Linux and Multiboot kernels "
-                        "directly (there is no BIOS and there are no disks)")
+        if not opts.drives and opts.bios is None:
+            raise QemuError("hvvmm: nothing to boot: give -kernel (a Linux or Multiboot kernel) "
+                            "or a disk image (-drive, -hda)")
     if opts.hyperv_testdev:
         from .hv.features import parse_hyperv_spec
 
@@ -895,7 +997,18 @@ Standard options:
 -no-reboot      exit instead of rebooting (-action reboot=shutdown)
 -no-hpet        accepted (the machine has no HPET)
 
+Block device options:
+-drive file=F[,format=raw|vpc][,if=virtio|none|ide][,id=ID][,readonly=on][,cache=writeback|none]
+                a disk, attached as virtio-blk (if=ide too, with a warning); if=none waits
+                for -device virtio-blk-pci,drive=ID
+-hda file       same as -drive file=file (a bare word on the command line too)
+-bios file      the BIOS image (default SeaBIOS, /usr/share/seabios/bios-256k.bin)
+-boot [order=]c[,menu=on|off]...
+                accepted; the BIOS boots the disks in command-line order
+
 Device options:
+-device virtio-blk-pci,drive=ID
+                the -drive if=none,id=ID as a virtio-blk PCI device
 -device isa-debug-exit[,iobase=0x501][,iosize=0x2]
                 a write of v ends the run with status (v << 1) | 1 (none without it)
 -device hyperv-testdev
@@ -931,16 +1044,25 @@ Messages start "{PROG}:" as QEMU's do, however hvvmm was invoked.
 """
 
 
+STORAGE_DEVICES = ("virtio-blk-pci",)
+
+
 def device_help_text() -> str:
-    """``-device help``, in QEMU's format (name, bus, desc; sorted by name)."""
-    lines = ["Misc devices:"]
-    for device in sorted(DEVICES, key=lambda d: d.name.lower()):
-        line = f'name "{device.name}"'
-        if device.bus:
-            line += f", bus {device.bus}"
-        if device.desc:
-            line += f', desc "{device.desc}"'
-        lines.append(line)
+    """``-device help``, in QEMU's format (categories, then name, bus, desc; sorted by name)."""
+    lines = []
+    for title, members in (("Storage devices:", True), ("Misc devices:", False)):
+        if lines:
+            lines.append("")
+        lines.append(title)
+        for device in sorted(DEVICES, key=lambda d: d.name.lower()):
+            if (device.name in STORAGE_DEVICES) != members:
+                continue
+            line = f'name "{device.name}"'
+            if device.bus:
+                line += f", bus {device.bus}"
+            if device.desc:
+                line += f', desc "{device.desc}"'
+            lines.append(line)
     return "\n".join(lines) + "\n"
 
 
@@ -962,7 +1084,8 @@ def cpu_help_text() -> str:
 
 def machine_help_text() -> str:
     return ("Supported machines are:\n"
-            "pc                   hvvmm's small PC: Linux and Multiboot kernels, no PCI "
+            "pc                   hvvmm's small PC: Linux and Multiboot kernels, disks "
+            "booted by SeaBIOS; i440FX and PIIX3 on PCI, virtio-blk "
             "(default)\n"
             "q35                  the same machine (hvvmm has one)\n")
 
@@ -1000,12 +1123,21 @@ def machine_config(opts: QemuOptions, console=None, console_input=None):
                          on_crash="continue" if opts.panic_action == "none" else "stop",
                          debug_exit=opts.debug_exit, hyperv_testdev=opts.hyperv_testdev,
                          pit_reinject=opts.pit_reinject,
-                         console=console, console_input=console_input)
+                         console=console, console_input=console_input,
+                         drives=tuple(opts.drives), bios=opts.bios)
 
 
 def _check_files(opts: QemuOptions) -> None:
     """QEMU opens the kernel, then each module, before the guest starts; same messages."""
-    assert opts.kernel is not None
+    for drive in opts.drives:
+        try:
+            with open(drive.file, "rb"):
+                pass
+        except OSError as exc:
+            raise QemuError(f"Could not open '{drive.file}': {exc.strerror}",
+                            opts._drive_where.get(drive.file, ())) from None
+    if opts.kernel is None:
+        return
     try:
         with open(opts.kernel, "rb"):
             pass

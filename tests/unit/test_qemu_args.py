@@ -163,13 +163,54 @@ def test_known_but_unsupported_qemu_option():
         "-help for the options hvvmm accepts)")
 
 
-def test_disk_image_refused():
-    assert error("disk.img").startswith(
-        "qemu-system-x86_64: disk.img: hvvmm: disk images are not supported")
+def test_bare_word_is_a_disk_as_hda():
+    from hvvmm.devices.virtio_blk import DriveSpec
+
+    opts = parse("disk.img", kernel=False)
+    assert opts.drives == [DriveSpec("disk.img")] and opts.kernel is None
+    assert qemu.machine_config(opts).drives == (DriveSpec("disk.img"),)
+
+
+def test_drive_forms():
+    from hvvmm.devices.virtio_blk import DriveSpec
+
+    opts = parse("-drive", "file=a.img,if=virtio,format=raw", "-hda", "b.img",
+                 "-drive", "file=c.vhd,if=none,id=d0,format=vpc,readonly=on,cache=none",
+                 "-device", "virtio-blk-pci,drive=d0,bootindex=1", "-bios", "bios.bin",
+                 "-boot", "order=c,menu=off", kernel=False)
+    assert opts.drives == [DriveSpec("a.img", "raw"), DriveSpec("b.img"),
+                           DriveSpec("c.vhd", "vhd", True, "none")]
+    assert opts.bios == "bios.bin" and opts.warnings == []
+    config = qemu.machine_config(opts)
+    assert config.bios == "bios.bin" and len(config.drives) == 3
+
+
+def test_default_drive_interface_is_attached_as_virtio_with_a_warning():
+    opts = parse("-drive", "file=a.img", kernel=False)
+    assert len(opts.drives) == 1
+    assert opts.warnings == ["qemu-system-x86_64: -drive file=a.img: warning: hvvmm: there is no "
+                             "IDE controller; the disk is attached as virtio-blk"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (("-drive", "file=a,format=qcow2"), "image format 'qcow2' is not supported"),
+    (("-drive", "file=a,if=scsi"), "if=scsi is not supported"),
+    (("-drive", "file=a,snapshot=on"), "'snapshot' is not supported"),
+    (("-drive", "if=virtio"), "without file="),
+    (("-drive", "file=a,if=none"), "needs id="),
+    (("-drive", "file=a,if=virtio,readonly=maybe"), "'readonly' expects"),
+    (("-drive", "file=a,if=virtio,cache=unsafe"), "cache=unsafe is not supported"),
+    (("-device", "virtio-blk-pci,drive=nope"), "can't find value 'nope'"),
+    (("-device", "virtio-blk-pci"), "Device needs media"),
+    (("-boot", "order=x"), "Invalid boot device 'x'"),
+    (("-boot", "bogus=1"), "Invalid parameter 'bogus'"),
+])
+def test_drive_errors(args, message):
+    assert message in error(*args)
 
 
 def test_kernel_required():
-    assert error(kernel=False).startswith("qemu-system-x86_64: hvvmm: no -kernel given")
+    assert error(kernel=False).startswith("qemu-system-x86_64: hvvmm: nothing to boot")
     assert error("-append", "x", kernel=False) == (
         "qemu-system-x86_64: -append only allowed with -kernel option")
     assert error("-initrd", "m", kernel=False) == (
@@ -412,6 +453,9 @@ def test_device_help(text):
 
 def test_device_help_format():
     assert qemu.device_help_text() == (
+        "Storage devices:\n"
+        'name "virtio-blk-pci", bus PCI\n'
+        "\n"
         "Misc devices:\n"
         'name "hyperv-testdev", bus ISA\n'
         'name "isa-debug-exit", bus ISA\n'
