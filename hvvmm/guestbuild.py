@@ -302,6 +302,38 @@ def _allowed_in_sources(sources: Sequence[Path]) -> frozenset[str]:
     return frozenset(allowed)
 
 
+def build_boot_sector(source: Path | str, *, output_dir: Path | str | None = None) -> Path:
+    """Assemble a 16-bit boot sector (GNU as, ``.code16``) linked at 0:7C00 into a flat
+    512-byte image ending in the 0x55AA signature, as a BIOS loads it from a disk's first
+    sector. Cached like :func:`build_guest`; raises :class:`GuestBuildError`."""
+    src = Path(source).resolve()
+    if not src.is_file():
+        raise GuestBuildError(f"boot sector source not found: {src}")
+    tools = {t: _tool(t) for t in ("as", "ld")}
+    h = hashlib.sha256(b"boot sector 1\0" + src.read_bytes())
+    for tool in tools.values():
+        h.update(_tool_version(tool).encode())
+    out_dir = Path(output_dir) if output_dir is not None else cache_dir()
+    target = out_dir / f"{src.stem}-{h.hexdigest()[:16]}.bin"
+    if target.is_file():
+        return target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="hvvmm-mbr-") as tmp:
+        obj, flat = os.path.join(tmp, "mbr.o"), os.path.join(tmp, "mbr.bin")
+        _run([tools["as"], "--32", "-o", obj, str(src)], f"assembling {src.name}")
+        _run([tools["ld"], "-m", "elf_i386", "-Ttext=0x7c00", "-e", "_start", "--oformat=binary",
+              "-o", flat, obj], f"linking {src.name}")
+        image = Path(flat).read_bytes()
+        if len(image) != 512 or image[510:] != b"\x55\xaa":
+            raise GuestBuildError(f"{src.name}: not a 512-byte boot sector ending in 55 AA "
+                                  f"({len(image)} bytes)")
+        fd, tmp_out = tempfile.mkstemp(prefix=f".{src.stem}-", suffix=".tmp", dir=out_dir)
+        with os.fdopen(fd, "wb") as stream:
+            stream.write(image)
+        os.replace(tmp_out, target)
+    return target
+
+
 def _compile(gcc: str, flags: Sequence[str], jobs: Sequence[tuple[Path, str]], what: str) -> None:
     """Compile each (source, object) pair, in parallel."""
     procs = []

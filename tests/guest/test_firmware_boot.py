@@ -1,0 +1,106 @@
+"""Booting a disk through SeaBIOS (Debian's ``seabios`` package): ``hvvmm run DISK`` loads the
+test boot sector from a virtio-blk disk; it prints on COM1, reads and writes sectors with int 13h
+and powers off. The image afterwards holds the written sector and nothing else changed."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from hvvmm.block import RawBackend
+from hvvmm.guestbuild import build_boot_sector
+
+pytestmark = pytest.mark.guest
+
+HVVMM = [sys.executable, "-m", "hvvmm"]
+GUESTS = os.path.join(os.path.dirname(__file__), "..", "guests")
+SECTOR = 512
+PATTERN = bytes((i & 0xFF) ^ 0x5A for i in range(SECTOR))  # what mbr.S writes to LBA 2
+
+
+def hvvmm(*args, timeout=120):
+    return subprocess.run([*HVVMM, *args], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.fixture(scope="session")
+def boot_sector(tmp_path_factory):
+    return build_boot_sector(os.path.join(GUESTS, "mbr.S"),
+                             output_dir=tmp_path_factory.mktemp("mbr")).read_bytes()
+
+
+@pytest.fixture
+def disk(tmp_path, boot_sector):
+    """A 1 MiB raw disk: the boot sector, the marker in LBA 1, a known pattern elsewhere."""
+    image = bytearray(os.urandom(1 << 20))
+    image[:SECTOR] = boot_sector
+    image[SECTOR:2 * SECTOR] = b"HVVMM-LBA-1".ljust(SECTOR, b"\0")
+    path = tmp_path / "disk.img"
+    path.write_bytes(image)
+    return path, bytes(image)
+
+
+def expected_after_write(original: bytes) -> bytes:
+    return original[:2 * SECTOR] + PATTERN + original[3 * SECTOR:]
+
+
+def test_run_disk_boots_the_mbr_which_reads_writes_and_powers_off(disk):
+    path, original = disk
+    proc = hvvmm("run", str(path), "--timeout", "60")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "MBR: hello" in proc.stdout and "MBR: ok" in proc.stdout
+    assert path.read_bytes() == expected_after_write(original)
+
+
+def test_drive_option_with_plain_kvm_and_bios_named(disk):
+    path, original = disk
+    proc = hvvmm("run", "--drive", f"file={path},format=raw,cache=none", "--hyperv", "none",
+                 "--bios", "/usr/share/seabios/bios-256k.bin", "--timeout", "60")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert path.read_bytes() == expected_after_write(original)
+
+
+def test_read_only_drive_fails_the_write_and_keeps_the_image(disk):
+    path, original = disk
+    proc = hvvmm("run", "--drive", f"file={path},readonly=on", "--timeout", "60")
+    # mbr.S reports the failed int 13h write as step 3 on isa-debug-exit: (3 << 1) | 1.
+    assert proc.returncode == 7, proc.stdout + proc.stderr
+    assert "MBR: hello" in proc.stdout and "MBR: ok" not in proc.stdout
+    assert path.read_bytes() == original
+
+
+def test_qemu_front_end_boots_hda_and_drive_if_none(disk):
+    path, original = disk
+    proc = subprocess.run([*HVVMM, "qemu", "-hda", str(path), "-nographic"], capture_output=True,
+                          text=True, timeout=120, stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "MBR: ok" in proc.stdout
+    path.write_bytes(original)
+    proc = subprocess.run([*HVVMM, "qemu", "-drive", f"file={path},if=none,id=d0,format=raw",
+                           "-device", "virtio-blk-pci,drive=d0", "-serial", "stdio",
+                           "-display", "none"], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "MBR: ok" in proc.stdout
+    assert path.read_bytes() == expected_after_write(original)
+
+
+def test_an_image_open_elsewhere_is_refused_with_status_4(disk):
+    path, original = disk
+    with RawBackend(path):  # holds QEMU-style write locks, as another VMM would
+        proc = hvvmm("run", str(path))
+    assert proc.returncode == 4
+    assert proc.stderr.count("\n") == 1 and "in use" in proc.stderr
+    assert path.read_bytes() == original
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (("run", "/nonexistent/disk.img"), "cannot open /nonexistent/disk.img"),
+    (("run", "DISK", "--bios", "/nonexistent/bios.bin"), "cannot read firmware"),
+])
+def test_missing_files_are_one_line_with_status_4(disk, args, fragment):
+    path, _ = disk
+    proc = hvvmm(*[str(path) if a == "DISK" else a for a in args])
+    assert proc.returncode == 4, proc.stderr
+    assert proc.stderr.count("\n") == 1 and fragment in proc.stderr, proc.stderr
