@@ -138,8 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--on-crash", choices=("stop", "continue"), default="stop",
                      help="when the guest reports a crash: end the run (status 14, default) or "
                           "let it go on")
-    run.add_argument("--on-reset", choices=("exit", "restart"), default="exit",
-                     help="when the guest resets: exit (status 10, default) or boot it again")
+    run.add_argument("--on-reset", choices=("exit", "restart"),
+                     help="when the guest resets: exit (status 10) or boot it again (a BIOS "
+                          "boot restarts in place). Default: restart for a BIOS boot, else exit")
     run.add_argument("--no-acpi", dest="acpi", action="store_false",
                      help="no ACPI tables (the guest finds no RSDP, MADT or FADT)")
     run.add_argument("--hyperv-testdev", action="store_true",
@@ -295,9 +296,13 @@ def cmd_run(args) -> int:
     if args.disk and args.kernel:
         raise UsageError("hvvmm run: give a DISK to boot or --kernel, not both (attach disks "
                          "to a kernel with --drive)")
+    if args.on_reset is None:
+        firmware_boot = args.bios is not None or (drives and args.kernel is None)
+        args.on_reset = "restart" if firmware_boot else "exit"
     try:
         config = MachineConfig(kernel=args.kernel, drives=tuple(drives), bios=args.bios,
-                               initrd=tuple(args.initrd), append=args.append,
+                               on_reset=args.on_reset, initrd=tuple(args.initrd),
+                               append=args.append,
                                kernel_decompress=args.kernel_decompress, smp=args.smp,
                                memory=args.memory, timeout=args.timeout,
                                kvm_device=kvm_device(),

@@ -176,35 +176,33 @@ def configure_fw_cfg(fw_cfg: FwCfg, memory_size: int, boot_slots: Sequence[int])
     fw_cfg.set_item(FW_CFG_BOOT_MENU, struct.pack("<H", 0))  # SeaBIOS: etc/show-boot-menu
 
 
-@dataclass(frozen=True)
-class ResetState:
-    """The register values of a processor after RESET (Intel SDM Vol. 3A §9.1.1, Table 9-1)."""
-
-    rip: int = 0xFFF0
-    cs_selector: int = 0xF000
-    cs_base: int = 0xFFFF_0000
-    cr0: int = 0x6000_0010
-    rdx: int = 0x600  # processor signature; firmware only logs it
+# KVM's paravirtual MSRs a firmware or OS may have enabled (Linux Documentation/virt/kvm/x86/
+# msr.rst): system time, async page faults, steal time, PV EOI. A reset turns them off, or KVM
+# would go on writing into guest RAM the next boot owns.
+KVM_PV_MSRS = (0x12, 0x4B56_4D01, 0x4B56_4D02, 0x4B56_4D03, 0x4B56_4D04)
 
 
-def set_reset_state(vcpu) -> None:
-    """Put a vCPU back in the power-on state (for an in-place reset; KVM's fresh vCPU is
-    already in it)."""
-    state = ResetState()
-    sregs = vcpu.get_sregs()
-    for name in ("cs", "ds", "es", "fs", "gs", "ss"):
-        seg = getattr(sregs, name)
-        seg.selector, seg.base, seg.limit = 0, 0, 0xFFFF
-        seg.type, seg.present, seg.dpl, seg.db, seg.s, seg.l, seg.g, seg.avl = 3, 1, 0, 0, 1, 0, 0, 0
-        seg.unusable = 0
-    sregs.cs.selector, sregs.cs.base, sregs.cs.type = state.cs_selector, state.cs_base, 0xB
-    sregs.cr0, sregs.cr2, sregs.cr3, sregs.cr4, sregs.efer = state.cr0, 0, 0, 0, 0
-    sregs.gdt.base, sregs.gdt.limit = 0, 0xFFFF
-    sregs.idt.base, sregs.idt.limit = 0, 0xFFFF
-    vcpu.set_sregs(sregs)
-    regs = vcpu.get_regs()
-    for name in ("rax", "rbx", "rcx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10", "r11",
-                 "r12", "r13", "r14", "r15"):
-        setattr(regs, name, 0)
-    regs.rdx, regs.rip, regs.rflags = state.rdx, state.rip, 0x2
-    vcpu.set_regs(regs)
+class PowerOnState:
+    """A vCPU's registers, FPU and LAPIC as KVM created it: the architectural state after RESET
+    (Intel SDM Vol. 3A §9.1.1, real mode at F000:FFF0). Captured before the first run; restored
+    by an in-place reset."""
+
+    def __init__(self, vcpu):
+        self.regs = vcpu.get_regs()
+        self.sregs = vcpu.get_sregs()
+        self.fpu = vcpu.get_fpu()
+        self.lapic = vcpu.get_lapic()
+        self.pv_msrs = {}
+        for index in KVM_PV_MSRS:
+            try:
+                self.pv_msrs.update(vcpu.get_msrs([index]))
+            except OSError:
+                pass  # not offered by this KVM
+
+    def restore(self, vcpu) -> None:
+        vcpu.set_lapic(self.lapic)
+        vcpu.set_fpu(self.fpu)
+        vcpu.set_sregs(self.sregs)
+        vcpu.set_regs(self.regs)
+        if self.pv_msrs:
+            vcpu.set_msrs(self.pv_msrs)

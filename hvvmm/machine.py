@@ -202,6 +202,7 @@ class MachineConfig:
     # started at the reset vector instead of a kernel (the default BIOS when only disks are given).
     drives: Sequence = ()
     bios: str | os.PathLike | None = None
+    on_reset: str = "exit"           # "restart": a firmware boot restarts in place on a reset
 
     def __post_init__(self):
         if isinstance(self.memory, str):  # "1G", as --memory takes it
@@ -229,6 +230,8 @@ class MachineConfig:
         if self.kernel_decompress not in boot.DECOMPRESS:
             raise ConfigError(f"kernel_decompress must be 'host' or 'guest' (got "
                               f"{self.kernel_decompress!r})")
+        if self.on_reset not in ("exit", "restart"):
+            raise ConfigError(f"on_reset must be 'exit' or 'restart' (got {self.on_reset!r})")
         if self.on_crash not in ("stop", "continue"):
             raise ConfigError(f"on_crash must be 'stop' or 'continue' (got {self.on_crash!r})")
         check_timeout(self.timeout)
@@ -466,6 +469,8 @@ class Machine:
             self.vcpus[-1].complete_instruction = self._vcpu_completer
         if self.boot is not None:  # firmware starts at the reset vector: KVM's initial state
             boot.apply_entry_state(self.vcpus[0].vcpu, self.boot)
+        else:
+            self._power_on = [firmware.PowerOnState(v.vcpu) for v in self.vcpus]
         if hyperv_config.enabled:
             from .hyperv import HyperV
 
@@ -557,6 +562,7 @@ class Machine:
     def _add_pci_and_firmware(self, vm: Vm, config: MachineConfig, firmware_path) -> None:
         """PCI bus 0, the disks on it, and the firmware when booting one (hvvmm.firmware)."""
         self.firmware = None
+        self.resets = 0  # in-place resets so far
         if firmware_path is not None:
             try:
                 self.firmware = firmware.FirmwareRom(firmware_path)
@@ -775,9 +781,30 @@ class Machine:
         self.request_reset("the guest pulsed the i8042 reset line")
 
     def request_reset(self, why: str) -> None:
-        """The guest asked for a reset: the run ends with ExitKind.RESET (``hvvmm run
+        """The guest asked for a reset. A firmware boot with ``on_reset="restart"`` and one vCPU
+        restarts the firmware in place; otherwise the run ends with ExitKind.RESET (``hvvmm run
         --on-reset restart`` then boots a fresh machine)."""
+        if self.config.on_reset == "restart" and self.firmware is not None and \
+                len(self.vcpus) == 1 and not self.stopping:
+            vcpu = self.vcpus[current_vcpu_index() or 0]
+            vcpu.run_after_exit(lambda: self._reset_in_place(why))
+            return
         self._finish(MachineResult(ExitKind.RESET, f"reset: {why}"))
+
+    def _reset_in_place(self, why: str) -> None:
+        """A platform reset with the machine kept: devices to their power-on state (PCI
+        configuration, the PAM window back to the ROM, virtio devices drained and reset), the
+        Hyper-V partition reset (every synthetic MSR back to the reset value the TLFS gives it,
+        the overlay pages removed), and the vCPUs back at the reset vector. RAM is kept, as a
+        PC's is. Runs on a vCPU thread with no exit pending."""
+        log.info("reset (%s): restarting the firmware", why)
+        with self.exclusive(current_vcpu_index()):
+            self.pci.reset()  # includes the virtio functions
+            if self.hyperv is not None:
+                self.hyperv.partition.reset()
+            for vcpu, state in zip(self.vcpus, self._power_on):
+                state.restore(vcpu.vcpu)
+            self.resets += 1
 
     def report_crash(self, report) -> None:
         """The guest reported a crash (Hyper-V crash MSRs): record it, tell the listeners, and
@@ -805,7 +832,7 @@ class Machine:
         ``KVM_RUN`` because it is handling an exit; None for the host) is parked. Used to change
         memslots without a window in which a running vCPU finds no RAM."""
         owner = _HOST if vcpu_index is None else vcpu_index
-        if not self._started:
+        if not self._started or self._pause_owner == owner:  # not running yet, or re-entered
             yield
             return
         with self._pause:

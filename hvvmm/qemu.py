@@ -1124,7 +1124,8 @@ def machine_config(opts: QemuOptions, console=None, console_input=None):
                          debug_exit=opts.debug_exit, hyperv_testdev=opts.hyperv_testdev,
                          pit_reinject=opts.pit_reinject,
                          console=console, console_input=console_input,
-                         drives=tuple(opts.drives), bios=opts.bios)
+                         drives=tuple(opts.drives), bios=opts.bios,
+                         on_reset="exit" if opts.no_reboot else "restart")
 
 
 def _check_files(opts: QemuOptions) -> None:

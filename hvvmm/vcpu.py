@@ -119,6 +119,13 @@ class VcpuThread:
         self._work.append(work)
         self.kick()
 
+    def run_after_exit(self, work: Callable[[], None]) -> None:
+        """Run ``work`` on this vCPU's thread once the exit being handled is complete: the next
+        ``KVM_RUN`` first finishes the pending I/O or MSR access, then returns at once, and the
+        loop runs ``work`` (a reset rewrites registers that completion would change)."""
+        self._work.append(work)
+        self.kick()
+
     def kick(self) -> None:
         """Make the vCPU leave ``KVM_RUN`` now (or at its next entry)."""
         self.vcpu.request_immediate_exit()

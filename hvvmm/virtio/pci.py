@@ -91,10 +91,14 @@ class _MsixTable:
     def __init__(self, vectors: int, transport: "VirtioPciTransport"):
         self.vectors = vectors
         self.table = bytearray(16 * vectors)
-        for vector in range(vectors):
+        self._transport = transport
+        self.reset()
+
+    def reset(self) -> None:
+        self.table[:] = bytes(len(self.table))
+        for vector in range(self.vectors):
             self.table[16 * vector + 12] = MSIX_ENTRY_MASKED
         self.pending = 0
-        self._transport = transport
 
     def masked(self, vector: int) -> bool:
         return bool(self.table[16 * vector + 12] & MSIX_ENTRY_MASKED)
@@ -314,9 +318,12 @@ class VirtioPciTransport(PciFunction):
         self.device.close()
 
     def reset(self) -> None:
+        """Platform reset: configuration space, then the device (after its requests in flight)
+        and the MSI-X table (every vector masked)."""
         super().reset()
+        self.set_status(0)
         with self.lock:
-            self._reset_state()
+            self.msix.reset()
 
 
 class _ModernBar:

@@ -11,7 +11,7 @@ import pytest
 from hvvmm.block import RawBackend
 from hvvmm.guestbuild import build_boot_sector
 
-pytestmark = pytest.mark.guest
+pytestmark = [pytest.mark.guest, pytest.mark.slow]  # each test boots SeaBIOS (seconds)
 
 HVVMM = [sys.executable, "-m", "hvvmm"]
 GUESTS = os.path.join(os.path.dirname(__file__), "..", "guests")
@@ -104,3 +104,38 @@ def test_missing_files_are_one_line_with_status_4(disk, args, fragment):
     proc = hvvmm(*[str(path) if a == "DISK" else a for a in args])
     assert proc.returncode == 4, proc.stderr
     assert proc.stderr.count("\n") == 1 and fragment in proc.stderr, proc.stderr
+
+
+def test_reboot_restarts_the_firmware_in_place(disk):
+    """The MBR pulses the i8042 reset line on its first boot; the same process (and machine)
+    runs SeaBIOS again, which boots the MBR a second time."""
+    from hvvmm.devices.virtio_blk import DriveSpec
+    from hvvmm.machine import ExitKind, Machine, MachineConfig
+
+    path, original = disk
+    image = bytearray(original)
+    image[SECTOR:2 * SECTOR] = b"HVVMM-LBA-1R".ljust(SECTOR, b"\0")
+    image[3 * SECTOR] = 0
+    path.write_bytes(image)
+    with Machine(MachineConfig(drives=[DriveSpec(str(path))], on_reset="restart",
+                               memory=128 << 20)) as machine:
+        result = machine.run(timeout=90)
+        console = machine.console_text
+        resets = machine.resets
+    assert result.kind is ExitKind.POWEROFF, (result, console)
+    assert console.index("MBR: rebooting") < console.index("MBR: booted again") \
+        < console.index("MBR: ok"), console
+    assert resets == 1
+    after = path.read_bytes()
+    assert after[3 * SECTOR] == 1 and after[2 * SECTOR:3 * SECTOR] == PATTERN
+
+
+def test_reboot_exits_with_status_10_when_asked(disk):
+    path, original = disk
+    image = bytearray(original)
+    image[SECTOR:2 * SECTOR] = b"HVVMM-LBA-1R".ljust(SECTOR, b"\0")
+    image[3 * SECTOR] = 0
+    path.write_bytes(image)
+    proc = hvvmm("run", str(path), "--on-reset", "exit", "--timeout", "60")
+    assert proc.returncode == 10, proc.stdout + proc.stderr
+    assert "MBR: rebooting" in proc.stdout and "booted again" not in proc.stdout
