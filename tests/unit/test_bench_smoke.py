@@ -28,3 +28,19 @@ def test_tsc_page_reads_cause_no_exits(bench_module, capsys):
     assert counts["page_exits"] == 0, out
     assert counts["msr_exits"] == counts["msr_reads"] == 100, out
     assert "100 reads of the TSC page clock: 0 exits" in out
+
+
+def test_virtio_blk_read_bench_prints_a_throughput(bench_module, capsys):
+    figures = bench_module("virtio_blk_read").main(["--size-mib", "2", "--rounds", "1",
+                                                    "--runs", "1"])
+    out = capsys.readouterr().out
+    assert figures["hvvmm"] > 0
+    assert re.search(r"^virtio-blk sequential read.*hvvmm \d+ MiB/s", out, re.M), out
+
+
+@pytest.mark.slow
+def test_disk_boot_bench_times_the_first_mbr_line(bench_module, capsys):
+    figures = bench_module("disk_boot").main(["--runs", "1"])
+    out = capsys.readouterr().out
+    assert 0 < figures["hvvmm"] < 120
+    assert re.search(r"^start to first MBR output: hvvmm \d+\.\d\d s", out, re.M), out
