@@ -32,7 +32,9 @@ static struct req_hdr hdrs[8];
 static volatile uint8_t status[8];
 static uint8_t buffers[8][65536] __attribute__((aligned(4096)));
 
-static volatile uint8_t *common, *notify, *devcfg;
+static volatile uint8_t *common, *notify, *devcfg, *isr;
+static int device_slot, msix_cap;
+static volatile int irq_count;
 static uint32_t notify_mult;
 static uint16_t avail_idx, used_seen;
 
@@ -148,6 +150,11 @@ static bool setup(void)
     common = (volatile uint8_t *)(BAR4_ADDR + common_off);
     notify = (volatile uint8_t *)(BAR4_ADDR + notify_off);
     devcfg = (volatile uint8_t *)(BAR4_ADDR + device_off);
+    isr = (volatile uint8_t *)(BAR4_ADDR + isr_off);
+    device_slot = dev;
+    for (int cap = pci_read(dev, 0x34) & 0xFF; cap; cap = (pci_read(dev, cap) >> 8) & 0xFF)
+        if ((pci_read(dev, cap) & 0xFF) == 0x11)
+            msix_cap = cap;
 
     cw8(0x14, 0);
     report(cr8(0x14) == 0, "reset reads back status 0");
@@ -198,6 +205,82 @@ static void bench(long rounds, uint64_t sectors)
         }
     }
     report_info("bench end: %lu bytes", (unsigned long)bytes);
+}
+
+#define IOAPIC_BASE 0xFEC00000UL
+#define MSIX_BAR_ADDR (BAR4_ADDR + 0x10000)
+#define INTX_VECTOR 0x41
+#define MSIX_VECTOR 0x42
+
+static void ioapic_write(unsigned reg, uint32_t value)
+{
+    *(volatile uint32_t *)IOAPIC_BASE = reg;
+    *(volatile uint32_t *)(IOAPIC_BASE + 0x10) = value;
+}
+
+static void on_intx(struct ex_regs *regs)
+{
+    (void)regs;
+    (void)*isr;  /* reading the ISR lowers the level-triggered line */
+    irq_count++;
+    apic_eoi();
+}
+
+static void on_msix(struct ex_regs *regs)
+{
+    (void)regs;
+    irq_count++;
+    apic_eoi();
+}
+
+static bool wait_irq(void)
+{
+    for (long spin = 0; spin < 200000000L; spin++) {
+        if (irq_count)
+            return true;
+        pause();
+    }
+    return false;
+}
+
+/* INTx: PIRQ routing in the PIIX3 (01.0, 0x60-0x63) to an ISA IRQ, the IOAPIC pin of that
+ * number programmed level-triggered; then MSI-X vector 1 for queue 0. */
+static void interrupts(void)
+{
+    int pirq = (device_slot - 1 + 1 - 1) & 3;
+    uint32_t route = (pci_read(1, 0x60) >> (8 * pirq)) & 0xFF;
+    report(!(route & 0x80) && route < 16, "PIRQ%c routed to ISA IRQ %u", 'A' + pirq, route);
+    apic_enable();
+    set_irq_handler(INTX_VECTOR, on_intx);
+    ioapic_write(0x10 + 2 * route + 1, apic_id() << 24);
+    ioapic_write(0x10 + 2 * route, INTX_VECTOR | (1u << 15));  /* level, active high, unmasked */
+    irq_count = 0;
+    post(0, 0, 0, buffers[0], SECTOR, false);
+    kick();
+    sti();
+    report(wait_irq() && wait_used(1), "INTx reached the IOAPIC pin %u", route);
+    cli();
+    ioapic_write(0x10 + 2 * route, 1u << 16);  /* masked again */
+
+    if (!report(msix_cap != 0, "MSI-X capability present"))
+        return;
+    pci_write(device_slot, 0x14, MSIX_BAR_ADDR);
+    volatile uint32_t *table = (volatile uint32_t *)MSIX_BAR_ADDR;
+    table[4 + 0] = 0xFEE00000u | (apic_id() << 12);
+    table[4 + 1] = 0;
+    table[4 + 2] = MSIX_VECTOR;
+    table[4 + 3] = 0;                       /* unmasked */
+    pci_write(device_slot, msix_cap, pci_read(device_slot, msix_cap) | (0x8000u << 16));
+    cw16(0x16, 0);
+    cw16(0x1A, 1);
+    report(cr16(0x1A) == 1, "queue 0 uses MSI-X vector 1");
+    set_irq_handler(MSIX_VECTOR, on_msix);
+    irq_count = 0;
+    post(1, 0, 1, buffers[1], SECTOR, false);
+    kick();
+    sti();
+    report(wait_irq() && wait_used(1) && sector_ok(buffers[1], 1), "MSI-X message delivered");
+    cli();
 }
 
 int main(void)
@@ -253,5 +336,6 @@ int main(void)
     report(status[4] == 0 && !memcmp(buffers[4], "hvvmm0", 7), "get-id: serial \"%s\"",
            (char *)buffers[4]);
     report(status[5] == 1, "read past the end: IOERR (status %u)", status[5]);
+    interrupts();
     report_summary();
 }
