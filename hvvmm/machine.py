@@ -46,6 +46,7 @@ from .kvm import constants as kvmc
 from .layout import PC, KiB, MemoryMapEntry, MiB
 from .memory import GuestMemory
 from .memslots import MemslotManager
+from .pci.acpi import pci_dsdt_devices
 from .sizes import format_size, parse_size
 from .pci.pc import PcPci
 from .vcpu import ExitObserver, StopRequest, VcpuThread, current_vcpu_index
@@ -438,7 +439,8 @@ class Machine:
 
         self._add_platform_devices(vm, config)
         if config.acpi:
-            acpi_tables = build_acpi_tables(PC, config.smp)
+            acpi_tables = build_acpi_tables(
+                PC, config.smp, extra_dsdt_devices=pci_dsdt_devices(PC, config.memory))
             if firmware_path is None:  # a BIOS installs them itself, from fw_cfg
                 acpi_tables.install(memory)
                 self.acpi_rsdp = acpi_tables.rsdp_address
