@@ -377,3 +377,43 @@ def test_drive_spec_parsing():
                 "file=a,file=b", "file=a,junk"):
         with pytest.raises(DriveSpecError):
             parse_drive_spec(bad)
+
+
+# -- guest-hostile register traffic ------------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+access = st.tuples(st.sampled_from(["modern", "legacy", "msix", "config"]),
+                   st.booleans(), st.integers(0, 0x3FFF), st.sampled_from([1, 2, 4]),
+                   st.integers(0, 0xFFFF_FFFF))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(access, max_size=60))
+def test_any_register_traffic_never_raises_and_the_device_still_resets(accesses):
+    tr = Transport()
+    try:
+        bars = {"modern": tr.t.bars[4].device, "legacy": tr.t.bars[0].device,
+                "msix": tr.t.bars[1].device}
+        limits = {"modern": 0x4000, "legacy": 0x40, "msix": 0x1000, "config": 0x100}
+        for target, write, offset, size, value in accesses:
+            offset %= limits[target]
+            offset -= offset % size
+            value &= (1 << (8 * size)) - 1
+            if target == "config":
+                if write:
+                    tr.t.config_write(offset, size, value)
+                else:
+                    tr.t.config_read(offset, size)
+            elif write:
+                bars[target].write(offset, size, value)
+            else:
+                bars[target].read(offset, size)
+        tr.common(0x14, 1, 0)
+        assert tr.common(0x14, 1) == 0
+        d = tr.setup()
+        request(d, VIRTIO_BLK_T_IN, in_length=SECTOR_SIZE)
+        tr.kick()
+        tr.wait_used(d, 1)
+    finally:
+        tr.t.close()
