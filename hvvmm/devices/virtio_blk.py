@@ -228,8 +228,12 @@ def attach_drives(machine, drives) -> list[AttachedDisk]:
     """Open each drive and plug a virtio-blk PCI function for it into the machine's PCI bus.
     Image errors raise ``hvvmm.machine.ImageError``."""
     from ..block import ImageFormatError
+    from ..kvm import constants as kvmc
     from ..machine import ImageError
     from ..virtio.pci import VirtioPciTransport
+
+    ioeventfd = machine.vm.ioeventfd if machine.kvm.check_extension(kvmc.KVM_CAP_IOEVENTFD) \
+        else None
 
     disks: list[AttachedDisk] = []
     for index, spec in enumerate(drives):
@@ -242,6 +246,6 @@ def attach_drives(machine, drives) -> list[AttachedDisk]:
             message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             raise ImageError(message) from None
         transport = VirtioPciTransport(f"virtio-blk{index}", VirtioBlk(backend, f"hvvmm{index}"),
-                                       machine.memory, machine.vm.signal_msi)
+                                       machine.memory, machine.vm.signal_msi, ioeventfd)
         disks.append(AttachedDisk(machine.pci.add(transport), transport))
     return disks

@@ -197,6 +197,19 @@ class Vm:
                                            "address_hi": address >> 32, "data": data})
         return self._ioctl(lib.KVM_SIGNAL_MSI, msi, "KVM_SIGNAL_MSI")
 
+    def ioeventfd(self, fd: int, address: int, length: int, *, pio: bool,
+                  datamatch: int | None = None, deassign: bool = False) -> None:
+        """Have KVM signal eventfd ``fd`` for a guest write of ``length`` bytes at ``address``
+        (port I/O if ``pio``, else MMIO), optionally only when the value is ``datamatch``; the
+        write then never exits to user space. ``deassign`` removes the same registration."""
+        flags = ((lib.KVM_IOEVENTFD_FLAG_PIO if pio else 0)
+                 | (lib.KVM_IOEVENTFD_FLAG_DATAMATCH if datamatch is not None else 0)
+                 | (lib.KVM_IOEVENTFD_FLAG_DEASSIGN if deassign else 0))
+        request = ffi.new("struct kvm_ioeventfd *", {
+            "datamatch": datamatch or 0, "addr": address, "len": length, "fd": fd,
+            "flags": flags})
+        self._ioctl(lib.KVM_IOEVENTFD, request, "KVM_IOEVENTFD")
+
     def enable_cap(self, cap: int, *args: int) -> None:
         request = ffi.new("struct kvm_enable_cap *", {"cap": cap, "args": list(args)})
         self._ioctl(lib.KVM_ENABLE_CAP, request, f"KVM_ENABLE_CAP({cap})")

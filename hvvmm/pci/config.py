@@ -11,7 +11,7 @@ import enum
 import struct
 import threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from ..bus import BusDevice
 
@@ -67,6 +67,8 @@ class Bar:
     device: BusDevice
     prefetchable: bool = False
     mapped_at: int | None = None  # where the PCI bus placed it, None when not decoded
+    # Called (old address, new address) when the bus moves it: for ioeventfds at fixed offsets.
+    on_move: Callable[[int | None, int | None], None] | None = None
 
 
 class PciFunction:

@@ -83,6 +83,7 @@ class PciBus:
                                      and self._valid(bar.kind, address, bar.size)) else None
                 if wanted == bar.mapped_at:
                     continue
+                old = bar.mapped_at
                 target = self._pio if bar.kind is BarKind.IO else self._mmio
                 if bar.mapped_at is not None:
                     target.unregister(bar.mapped_at)
@@ -95,8 +96,10 @@ class PciBus:
                         self._log_once(("overlap", function.name, bar.index), logging.WARNING,
                                        "PCI %s BAR%d not decoded: %s", function.name, bar.index,
                                        exc)
-                        continue
-                    bar.mapped_at = wanted
+                    else:
+                        bar.mapped_at = wanted
+                if bar.on_move is not None and bar.mapped_at != old:
+                    bar.on_move(old, bar.mapped_at)
 
     def update_intx(self, function: PciFunction) -> None:
         if self.route_intx is None or function.devfn is None:

@@ -8,7 +8,9 @@ BARs, as QEMU lays out a transitional virtio-pci device:
   (0x2000), notifications (0x3000, ``notify_off_multiplier`` 4, queue N at 4*N).
 
 The device's queues are served by a worker thread: a guest notification only wakes it, so the
-vCPU returns to the guest at once while the backend does the I/O. Completions raise MSI-X through
+vCPU returns to the guest at once while the backend does the I/O. Given ``ioeventfd`` (KVM's
+``KVM_IOEVENTFD``), each queue's notification address is an eventfd wherever the guest places
+the BARs, and a notification does not leave the kernel at all. Completions raise MSI-X through
 ``signal_msi`` when the driver enabled it, INTx (through the PIIX3's routing) otherwise.
 
 A guest that breaks the virtqueue format gets DEVICE_NEEDS_RESET (§2.1.2) and a configuration
@@ -18,6 +20,8 @@ change interrupt; the device then ignores the queue until the driver resets it.
 from __future__ import annotations
 
 import logging
+import os
+import select
 import struct
 import threading
 from typing import Callable, Protocol
@@ -128,7 +132,10 @@ class VirtioPciTransport(PciFunction):
     ``signal_msi(address, data)`` (KVM_SIGNAL_MSI) or the function's INTx pin."""
 
     def __init__(self, name: str, device: VirtioDevice, memory: GuestMemory,
-                 signal_msi: Callable[[int, int], object]):
+                 signal_msi: Callable[[int, int], object],
+                 ioeventfd: Callable[..., None] | None = None):
+        """``ioeventfd(fd, address, length, pio=, datamatch=, deassign=)`` is
+        ``Vm.ioeventfd``; without it every notification is a bus write."""
         super().__init__(name, VIRTIO_VENDOR, TRANSITIONAL_DEVICE_BASE + device.device_id - 1,
                          device.pci_class, subsystem_vendor=VIRTIO_VENDOR,
                          subsystem=device.device_id, interrupt_pin=1)
@@ -138,9 +145,19 @@ class VirtioPciTransport(PciFunction):
         self._log_once = LogOnce(log)
         self.queues = [VirtQueue(device.queue_max_size) for _ in range(device.queue_count)]
         self.msix = _MsixTable(device.queue_count + 1, self)
-        self.add_bar(LEGACY_BAR, BarKind.IO, LEGACY_SIZE, _LegacyBar(self))
+        legacy = self.add_bar(LEGACY_BAR, BarKind.IO, LEGACY_SIZE, _LegacyBar(self))
         self.add_bar(MSIX_BAR, BarKind.MEM32, MSIX_SIZE, self.msix)
-        self.add_bar(MODERN_BAR, BarKind.MEM64, MODERN_SIZE, _ModernBar(self), prefetchable=True)
+        modern = self.add_bar(MODERN_BAR, BarKind.MEM64, MODERN_SIZE, _ModernBar(self),
+                              prefetchable=True)
+        # The worker sleeps on these: one eventfd per queue (KVM signals it when ioeventfds are
+        # in use) and one for everything else (a notification through the bus, close).
+        self._kick_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._queue_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                           for _ in self.queues]
+        self._ioeventfd = ioeventfd
+        if ioeventfd is not None:
+            modern.on_move = self._move_modern_notify
+            legacy.on_move = self._move_legacy_notify
         self._msix_cap = self.add_capability(
             PCI_CAP_MSIX, struct.pack("<HII", self.msix.vectors - 1, MSIX_BAR,
                                       MSIX_PBA_OFFSET | MSIX_BAR),
@@ -156,8 +173,7 @@ class VirtioPciTransport(PciFunction):
         # Register state. The worker does not hold it during I/O, so a vCPU touching registers
         # never waits for the disk; a device reset waits for the batch in flight (``_busy``).
         self.lock = threading.RLock()
-        self._wake = threading.Condition(self.lock)
-        self._kicked = False
+        self._wake = threading.Condition(self.lock)  # the worker's batch ends (see set_status)
         self._busy = False
         self._closing = False
         self._reset_state()
@@ -258,20 +274,41 @@ class VirtioPciTransport(PciFunction):
     # -- notifications and the worker ----------------------------------------------------------
 
     def notify(self, queue_index: int) -> None:
-        if queue_index >= len(self.queues):
-            return
-        with self.lock:
-            self._kicked = True
-            self._wake.notify_all()
+        if queue_index < len(self.queues):
+            os.eventfd_write(self._kick_fd, 1)
+
+    def _move_modern_notify(self, old: int | None, new: int | None) -> None:
+        for index, fd in enumerate(self._queue_fds):
+            offset = NOTIFY_OFFSET + NOTIFY_MULTIPLIER * index
+            self._register(fd, old, new, offset, pio=False, datamatch=None)
+
+    def _move_legacy_notify(self, old: int | None, new: int | None) -> None:
+        for index, fd in enumerate(self._queue_fds):  # one port for every queue: match the index
+            self._register(fd, old, new, 0x10, pio=True, datamatch=index)
+
+    def _register(self, fd: int, old: int | None, new: int | None, offset: int, *, pio: bool,
+                  datamatch: int | None) -> None:
+        try:
+            if old is not None:
+                self._ioeventfd(fd, old + offset, 2, pio=pio, datamatch=datamatch, deassign=True)
+            if new is not None:
+                self._ioeventfd(fd, new + offset, 2, pio=pio, datamatch=datamatch)
+        except OSError as exc:  # the write then exits to the bus as without ioeventfds
+            self._log_once(("ioeventfd", pio), logging.INFO,
+                           "%s: no ioeventfd for its notifications (%s)", self.name, exc)
 
     def _work(self) -> None:
+        fds = [self._kick_fd, *self._queue_fds]
         while True:
+            ready, _, _ = select.select(fds, [], [])
+            for fd in ready:
+                try:
+                    os.eventfd_read(fd)
+                except BlockingIOError:
+                    pass
             with self.lock:
-                while not self._kicked and not self._closing:
-                    self._wake.wait()
                 if self._closing:
                     return
-                self._kicked = False
                 self._busy = True
                 active = [(index, queue) for index, queue in enumerate(self.queues)
                           if queue.ready and self.status & STATUS_DRIVER_OK
@@ -313,8 +350,10 @@ class VirtioPciTransport(PciFunction):
     def close(self) -> None:
         with self.lock:
             self._closing = True
-            self._wake.notify_all()
+        os.eventfd_write(self._kick_fd, 1)
         self._worker.join()
+        for fd in (self._kick_fd, *self._queue_fds):
+            os.close(fd)
         self.device.close()
 
     def reset(self) -> None:

@@ -417,3 +417,37 @@ def test_any_register_traffic_never_raises_and_the_device_still_resets(accesses)
         tr.wait_used(d, 1)
     finally:
         tr.t.close()
+
+
+def test_ioeventfds_follow_the_bars():
+    from hvvmm.bus import mmio_bus, pio_bus
+    from hvvmm.layout import MiB
+    from hvvmm.pci.pc import PcPci
+
+    calls = []
+
+    def ioeventfd(fd, address, length, *, pio, datamatch=None, deassign=False):
+        calls.append((address, length, pio, datamatch, deassign))
+
+    memory = GuestMemory.from_bytes(MEMORY_SIZE)
+    t = VirtioPciTransport("vblk", VirtioBlk(MemoryBackend()), memory, lambda a, d: None,
+                           ioeventfd)
+    try:
+        pio, mmio = pio_bus(), mmio_bus()
+        pc = PcPci(pio, mmio, 256 * MiB, lambda irq: None, pam_ram=True)
+        pc.add(t)
+        t.config_write(0x20, 4, 0xC000_0000)
+        t.config_write(0x10, 4, 0xC040)
+        assert calls == []  # not decoded yet
+        t.config_write(0x04, 2, 0x3)
+        assert sorted(calls) == sorted([(0xC000_3000, 2, False, None, False),
+                                        (0xC050, 2, True, 0, False)])
+        calls.clear()
+        t.config_write(0x20, 4, 0xC001_0000)  # moved: the old one goes, the new one comes
+        assert calls == [(0xC000_3000, 2, False, None, True), (0xC001_3000, 2, False, None, False)]
+        calls.clear()
+        t.config_write(0x04, 2, 0)
+        assert sorted(calls) == sorted([(0xC001_3000, 2, False, None, True),
+                                        (0xC050, 2, True, 0, True)])
+    finally:
+        t.close()
