@@ -188,6 +188,7 @@ class PowerOnState:
     by an in-place reset."""
 
     def __init__(self, vcpu):
+        self.mp_state = vcpu.get_mp_state()  # an AP waits for INIT/SIPI
         self.regs = vcpu.get_regs()
         self.sregs = vcpu.get_sregs()
         self.fpu = vcpu.get_fpu()
@@ -206,3 +207,4 @@ class PowerOnState:
         vcpu.set_regs(self.regs)
         if self.pv_msrs:
             vcpu.set_msrs(self.pv_msrs)
+        vcpu.set_mp_state(self.mp_state)

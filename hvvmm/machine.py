@@ -783,11 +783,11 @@ class Machine:
         self.request_reset("the guest pulsed the i8042 reset line")
 
     def request_reset(self, why: str) -> None:
-        """The guest asked for a reset. A firmware boot with ``on_reset="restart"`` and one vCPU
-        restarts the firmware in place; otherwise the run ends with ExitKind.RESET (``hvvmm run
-        --on-reset restart`` then boots a fresh machine)."""
+        """The guest asked for a reset. A firmware boot with ``on_reset="restart"`` restarts the
+        firmware in place; otherwise the run ends with ExitKind.RESET (``hvvmm run --on-reset
+        restart`` then boots a fresh machine)."""
         if self.config.on_reset == "restart" and self.firmware is not None and \
-                len(self.vcpus) == 1 and not self.stopping:
+                not self.stopping:
             vcpu = self.vcpus[current_vcpu_index() or 0]
             vcpu.run_after_exit(lambda: self._reset_in_place(why))
             return
@@ -798,7 +798,9 @@ class Machine:
         configuration, the PAM window back to the ROM, virtio devices drained and reset), the
         Hyper-V partition reset (every synthetic MSR back to the reset value the TLFS gives it,
         the overlay pages removed), and the vCPUs back at the reset vector. RAM is kept, as a
-        PC's is. Runs on a vCPU thread with no exit pending."""
+        PC's is; the APs wait for INIT/SIPI again. Runs on a vCPU thread with no exit pending;
+        the other vCPUs are parked outside KVM_RUN meanwhile, so their state can be set from
+        here."""
         log.info("reset (%s): restarting the firmware", why)
         with self.exclusive(current_vcpu_index()):
             self.pci.reset()  # includes the virtio functions

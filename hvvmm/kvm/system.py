@@ -488,6 +488,10 @@ class Vcpu:
         self._ioctl(lib.KVM_GET_MP_STATE, state, "KVM_GET_MP_STATE")
         return state.mp_state
 
+    def set_mp_state(self, mp_state: int) -> None:
+        state = ffi.new("struct kvm_mp_state *", {"mp_state": mp_state})
+        self._ioctl(lib.KVM_SET_MP_STATE, state, "KVM_SET_MP_STATE")
+
     def get_vcpu_events(self):
         events = ffi.new("struct kvm_vcpu_events *")
         self._ioctl(lib.KVM_GET_VCPU_EVENTS, events, "KVM_GET_VCPU_EVENTS")

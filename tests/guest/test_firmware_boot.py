@@ -106,9 +106,11 @@ def test_missing_files_are_one_line_with_status_4(disk, args, fragment):
     assert proc.stderr.count("\n") == 1 and fragment in proc.stderr, proc.stderr
 
 
-def test_reboot_restarts_the_firmware_in_place(disk):
+@pytest.mark.parametrize("smp", [1, 2])
+def test_reboot_restarts_the_firmware_in_place(disk, smp):
     """The MBR pulses the i8042 reset line on its first boot; the same process (and machine)
-    runs SeaBIOS again, which boots the MBR a second time."""
+    runs SeaBIOS again, which boots the MBR a second time (with two vCPUs, SeaBIOS starts the
+    AP both times: it must be back in wait-for-SIPI)."""
     from hvvmm.devices.virtio_blk import DriveSpec
     from hvvmm.machine import ExitKind, Machine, MachineConfig
 
@@ -117,15 +119,17 @@ def test_reboot_restarts_the_firmware_in_place(disk):
     image[SECTOR:2 * SECTOR] = b"HVVMM-LBA-1R".ljust(SECTOR, b"\0")
     image[3 * SECTOR] = 0
     path.write_bytes(image)
-    with Machine(MachineConfig(drives=[DriveSpec(str(path))], on_reset="restart",
+    with Machine(MachineConfig(drives=[DriveSpec(str(path))], on_reset="restart", smp=smp,
                                memory=128 << 20)) as machine:
         result = machine.run(timeout=90)
         console = machine.console_text
         resets = machine.resets
+        firmware_log = machine.debugcon.output.decode("latin-1")
     assert result.kind is ExitKind.POWEROFF, (result, console)
     assert console.index("MBR: rebooting") < console.index("MBR: booted again") \
         < console.index("MBR: ok"), console
     assert resets == 1
+    assert firmware_log.count(f"Found {smp} cpu(s)") == 2, firmware_log
     after = path.read_bytes()
     assert after[3 * SECTOR] == 1 and after[2 * SECTOR:3 * SECTOR] == PATTERN
 
