@@ -55,3 +55,32 @@ def test_guest_driver_on_a_read_only_drive_gets_ioerr_for_the_write(guest_image,
     assert "FAIL: write and flush complete" in console
     assert "PASS: read sectors 0-7" in console
     assert path.read_bytes() == original
+
+
+def test_a_killed_vmm_leaves_the_flushed_writes_in_the_image(guest_image, tmp_path):
+    """SIGKILL right after the guest saw its write and flush complete: the raw image holds the
+    written sectors (the flush reached the file; nothing was buffered in the VMM)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from procutil import read_line
+
+    path = tmp_path / "disk.img"
+    original = patterned_disk(path)
+    proc = subprocess.Popen([sys.executable, "-m", "hvvmm", "run", "--kernel",
+                             str(guest_image("virtio_blk")), "--append", f"sectors={SECTORS}",
+                             "--drive", f"file={path}", "--timeout", "60"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL)
+    try:
+        while "write and flush complete" not in (line := read_line(proc, timeout=60)):
+            assert not line.startswith("FAIL"), line
+        assert line.startswith("PASS"), line
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.communicate()
+    written = bytes((i * 7 + 3) & 0xFF for i in range(2 * SECTOR))
+    assert path.read_bytes() == original[:10 * SECTOR] + written + original[12 * SECTOR:]
