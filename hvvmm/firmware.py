@@ -16,7 +16,6 @@ import logging
 import mmap
 import os
 import struct
-from dataclasses import dataclass
 from typing import Sequence
 
 from .devices.fw_cfg import FW_CFG_BOOT_MENU, FwCfg

@@ -94,7 +94,7 @@ class VirtioBlk:
         try:
             status, written = self._serve(memory, kind, sector, readable, writable, data_out,
                                           data_in)
-        except BlockError as exc:
+        except OSError as exc:  # BlockError, or a host I/O error (EIO, ENOSPC) from the backend
             self._log_once(("ioerr", kind, exc.errno), logging.WARNING,
                            "virtio-blk: request type %d at sector %d failed: %s", kind, sector,
                            exc)

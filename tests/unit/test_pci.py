@@ -6,9 +6,9 @@ from hypothesis import given, strategies as st
 
 from hvvmm.bus import mmio_bus, pio_bus
 from hvvmm.layout import PC, MiB
-from hvvmm.pci import BarKind, PciBus, PciConfigPorts, PciFunction
+from hvvmm.pci import BarKind, PciFunction
 from hvvmm.pci.config import COMMAND_INTX_DISABLE, COMMAND_IO, COMMAND_MEMORY
-from hvvmm.pci.i440fx import (PAM_PCI, PAM_RAM, PAM_READ_ONLY, I440fxHostBridge, Piix3IsaBridge,
+from hvvmm.pci.i440fx import (PAM_PCI, PAM_RAM, PAM_READ_ONLY, Piix3IsaBridge,
                               pam_segments)
 from hvvmm.pci.pc import PcPci
 

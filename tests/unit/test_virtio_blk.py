@@ -146,10 +146,11 @@ def test_read_only_drive_refuses_writes_and_offers_no_discard():
     assert backend.data == MemoryBackend().data
 
 
-def test_host_io_error_becomes_ioerr():
+@pytest.mark.parametrize("error", [BlockError(5, "EIO"), OSError(28, "ENOSPC")])
+def test_host_io_error_becomes_ioerr(error):
     class Failing(MemoryBackend):
         def read(self, sector, count):
-            raise BlockError(5, "EIO")
+            raise error
 
     d = Driver()
     _, _, status = request(d, VIRTIO_BLK_T_IN, in_length=SECTOR_SIZE)

@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from hvvmm.memory import GuestMemory
 from hvvmm.virtio.queue import (VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT,
-                                VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, Buffer, VirtQueue,
+                                VIRTQ_DESC_F_NEXT, Buffer, VirtQueue,
                                 VirtqueueError)
 
 from virtio_driver import AVAIL, DESC, MEMORY_SIZE, USED, Driver
