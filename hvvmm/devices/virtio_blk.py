@@ -55,7 +55,8 @@ _DISCARD_SEGMENT = struct.Struct("<QII")
 
 
 class VirtioBlk:
-    """The block device logic behind a virtio transport (:class:`hvvmm.virtio.pci.VirtioPciTransport`)."""
+    """The block device logic behind a virtio transport
+    (:class:`hvvmm.virtio.pci.VirtioPciTransport`)."""
 
     device_id = VIRTIO_ID_BLOCK
     pci_class = PCI_CLASS_STORAGE_SCSI

@@ -3,9 +3,9 @@ routing), as QEMU's ``pc`` machine has them at 00.0 and 01.0.
 
 PAM (Intel 82441FX datasheet §3.2.19, "PAM0-PAM6"): seven registers at 0x59-0x5F give each
 segment of 0xC0000-0xFFFFF one of four modes: 0 reads and writes go to the PCI side (the BIOS ROM
-for 0xE0000-0xFFFFF), 1 reads RAM, writes PCI (RAM read-only), 2 writes RAM, reads PCI, 3 RAM. PAM0's
-high nibble covers 0xF0000-0xFFFFF (64 KiB); each other register's nibbles cover two 16 KiB
-segments, low nibble first, from 0xC0000 up. Firmware uses them to copy itself into RAM
+for 0xE0000-0xFFFFF), 1 reads RAM, writes PCI (RAM read-only), 2 writes RAM, reads PCI, 3 RAM.
+PAM0's high nibble covers 0xF0000-0xFFFFF (64 KiB); each other register's nibbles cover two
+16 KiB segments, low nibble first, from 0xC0000 up. Firmware uses them to copy itself into RAM
 ("shadowing") and write-protect the copy.
 
 PIRQ routing (82371SB datasheet §2.2.10, "PIRQRC[A:D]"): registers 0x60-0x63 route PIRQA-D to an

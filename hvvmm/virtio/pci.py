@@ -75,7 +75,7 @@ class VirtioDevice(Protocol):
 
     device_id: int          # Virtio 1.2 §5: 2 is block
     pci_class: int
-    features: int           # device feature bits, VERSION_1 and ring features added by the transport
+    features: int           # device feature bits (the transport adds VERSION_1 and ring ones)
     queue_count: int
     queue_max_size: int
 

@@ -24,9 +24,13 @@ struct desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
 struct req_hdr { uint32_t type, reserved; uint64_t sector; };
 
 static struct desc ring_desc[QSIZE] __attribute__((aligned(4096)));
-static struct { uint16_t flags, idx, ring[QSIZE], used_event; } avail __attribute__((aligned(4096)));
-static struct { uint16_t flags, idx; struct { uint32_t id, len; } ring[QSIZE]; uint16_t avail_event; }
-    used __attribute__((aligned(4096)));
+static struct { uint16_t flags, idx, ring[QSIZE], used_event; }
+    avail __attribute__((aligned(4096)));
+static struct {
+    uint16_t flags, idx;
+    struct { uint32_t id, len; } ring[QSIZE];
+    uint16_t avail_event;
+} used __attribute__((aligned(4096)));
 static struct desc indirect[8][4] __attribute__((aligned(16)));
 static struct req_hdr hdrs[8];
 static volatile uint8_t status[8];

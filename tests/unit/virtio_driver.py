@@ -6,7 +6,8 @@ from __future__ import annotations
 import struct
 
 from hvvmm.memory import GuestMemory
-from hvvmm.virtio.queue import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, VirtQueue
+from hvvmm.virtio.queue import (VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
+                                VirtQueue)
 
 MEMORY_SIZE = 1 << 20
 DESC, AVAIL, USED = 0x1000, 0x2000, 0x3000
@@ -21,7 +22,8 @@ class Driver:
         self.size = size
         self.desc, self.avail, self.used = desc, avail, used
         self.queue = VirtQueue(256)
-        self.queue.size, self.queue.desc, self.queue.avail, self.queue.used = size, desc, avail, used
+        queue = self.queue
+        queue.size, queue.desc, queue.avail, queue.used = size, desc, avail, used
         self.queue.check(self.memory)
         self.queue.ready = True
         self.next_desc = 0
