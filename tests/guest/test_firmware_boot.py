@@ -143,3 +143,19 @@ def test_reboot_exits_with_status_10_when_asked(disk):
     proc = hvvmm("run", str(path), "--on-reset", "exit", "--timeout", "60")
     assert proc.returncode == 10, proc.stdout + proc.stderr
     assert "MBR: rebooting" in proc.stdout and "booted again" not in proc.stdout
+
+
+def test_a_vhd_disk_boots_and_keeps_the_write(disk, tmp_path):
+    """The same MBR from a dynamic VHD made by qemu-img (format probed): the written sector is
+    in the image afterwards, as qemu-img reads it back."""
+    path, original = disk
+    vhd = tmp_path / "disk.vhd"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic",
+                    str(path), str(vhd)], check=True, capture_output=True)
+    proc = hvvmm("run", str(vhd), "--timeout", "60")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "MBR: ok" in proc.stdout
+    back = tmp_path / "back.img"
+    subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(vhd), str(back)],
+                   check=True, capture_output=True)
+    assert back.read_bytes()[:len(original)] == expected_after_write(original)
