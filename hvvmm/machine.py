@@ -754,10 +754,17 @@ class Machine:
     def result(self) -> MachineResult | None:
         return self._result
 
-    def request_stop(self, request: StopRequest) -> None:
-        """Called by vCPU threads and devices: end the run with ``request``'s outcome."""
+    def request_stop(self, request: StopRequest) -> bool:
+        """Called by vCPU threads and devices: end the run with ``request``'s outcome. A triple
+        fault of a firmware boot that restarts on reset is a reset, as on a PC (the chipset
+        turns the shutdown cycle into INIT; QEMU resets): returns True, the vCPU runs on."""
+        if request.kind == ExitKind.SHUTDOWN.value and self._resets_in_place() \
+                and request.vcpu is not None:
+            self.request_reset(request.message)
+            return True
         self._finish(MachineResult(ExitKind(request.kind), request.message, vcpu=request.vcpu,
                                    rip=request.rip, exit_reason=request.exit_reason))
+        return False
 
     def _finish(self, result: MachineResult) -> None:
         with self._result_lock:
@@ -786,12 +793,15 @@ class Machine:
         """The guest asked for a reset. A firmware boot with ``on_reset="restart"`` restarts the
         firmware in place; otherwise the run ends with ExitKind.RESET (``hvvmm run --on-reset
         restart`` then boots a fresh machine)."""
-        if self.config.on_reset == "restart" and self.firmware is not None and \
-                not self.stopping:
+        if self._resets_in_place():
             vcpu = self.vcpus[current_vcpu_index() or 0]
             vcpu.run_after_exit(lambda: self._reset_in_place(why))
             return
         self._finish(MachineResult(ExitKind.RESET, f"reset: {why}"))
+
+    def _resets_in_place(self) -> bool:
+        return self.config.on_reset == "restart" and self.firmware is not None and \
+            not self.stopping
 
     def _reset_in_place(self, why: str) -> None:
         """A platform reset with the machine kept: devices to their power-on state (PCI

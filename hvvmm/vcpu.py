@@ -50,7 +50,9 @@ class MachineControl(Protocol):
 
     stopping: bool
 
-    def request_stop(self, request: StopRequest) -> None: ...
+    def request_stop(self, request: StopRequest) -> bool | None:
+        """End the run; a true answer means the machine handled it otherwise (a triple fault
+        that resets a firmware boot in place) and this vCPU runs on."""
 
     def park_if_requested(self, vcpu_index: int) -> None: ...
 
@@ -222,7 +224,8 @@ class VcpuThread:
                                        exit.reason_name)
                 else:
                     stop = self._terminal_exit(exit)
-                machine.request_stop(stop)
+                if machine.request_stop(stop):
+                    continue
                 return
 
     def bus_io(self, exit: IoExit) -> None:

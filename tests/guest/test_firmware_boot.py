@@ -106,17 +106,17 @@ def test_missing_files_are_one_line_with_status_4(disk, args, fragment):
     assert proc.stderr.count("\n") == 1 and fragment in proc.stderr, proc.stderr
 
 
-@pytest.mark.parametrize("smp", [1, 2])
-def test_reboot_restarts_the_firmware_in_place(disk, smp):
-    """The MBR pulses the i8042 reset line on its first boot; the same process (and machine)
-    runs SeaBIOS again, which boots the MBR a second time (with two vCPUs, SeaBIOS starts the
-    AP both times: it must be back in wait-for-SIPI)."""
+@pytest.mark.parametrize("smp,mode", [(1, "R"), (2, "R"), (1, "T")])
+def test_reboot_restarts_the_firmware_in_place(disk, smp, mode):
+    """The MBR pulses the i8042 reset line (R) or triple-faults (T) on its first boot; the same
+    process (and machine) runs SeaBIOS again, which boots the MBR a second time (with two
+    vCPUs, SeaBIOS starts the AP both times: it must be back in wait-for-SIPI)."""
     from hvvmm.devices.virtio_blk import DriveSpec
     from hvvmm.machine import ExitKind, Machine, MachineConfig
 
     path, original = disk
     image = bytearray(original)
-    image[SECTOR:2 * SECTOR] = b"HVVMM-LBA-1R".ljust(SECTOR, b"\0")
+    image[SECTOR:2 * SECTOR] = f"HVVMM-LBA-1{mode}".encode().ljust(SECTOR, b"\0")
     image[3 * SECTOR] = 0
     path.write_bytes(image)
     with Machine(MachineConfig(drives=[DriveSpec(str(path))], on_reset="restart", smp=smp,

@@ -7,7 +7,8 @@
  *
  * With 'R' after the marker (the reboot test), the first boot sets byte 0 of LBA 3 to 1, prints
  * "MBR: rebooting" and pulses the i8042 reset line; the boot after the reset sees the 1, prints
- * "MBR: booted again" and goes on as above.
+ * "MBR: booted again" and goes on as above. With 'T' instead, the first boot triple-faults
+ * (an empty IDT, then an exception), which a PC turns into a reset as well.
  */
     .code16
     .section .text
@@ -42,8 +43,12 @@ _start:
     repe cmpsb
     mov $2, %al
     jne fail
-    cmpb $'R', (%si)
+    mov (%si), %bl      /* the mode: 'R', 'T' or anything else */
+    cmp $'R', %bl
+    je boot_count
+    cmp $'T', %bl
     jne write_test
+boot_count:
 
     /* 6: the reboot test's boot count in LBA 3 */
     movw $0xB000, dap_buffer
@@ -66,9 +71,26 @@ _start:
     jc fail
     mov $msg_rebooting, %si
     call puts
+    cmp $'T', %bl
+    je triple_fault
     mov $0xFE, %al      /* i8042: pulse the reset line */
     out %al, $0x64
     hlt
+triple_fault:            /* in 32-bit protected mode, where every KVM delivers faults */
+    cli
+    lgdt gdt_descriptor
+    mov %cr0, %eax
+    or $1, %eax
+    mov %eax, %cr0
+    ljmp $0x08, $protected
+    .code32
+protected:
+    mov $0x10, %ax
+    mov %ax, %ds
+    mov %ax, %ss
+    lidt empty_idt      /* limit 0: the #UD cannot be delivered, nor the #GP, nor the #DF */
+    ud2
+    .code16
 booted_again:
     mov $msg_again, %si
     call puts
@@ -131,6 +153,12 @@ puts:
 2:  ret
 
 boot_drive: .byte 0
+empty_idt: .word 0
+    .long 0
+    .balign 8
+gdt: .quad 0, 0x00CF9A000000FFFF, 0x00CF92000000FFFF   /* null, flat code, flat data */
+gdt_descriptor: .word 23
+    .long gdt
     .balign 4
 dap:
     .byte 16, 0
