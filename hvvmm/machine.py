@@ -437,7 +437,8 @@ class Machine:
             lambda: self.exclusive(current_vcpu_index()),
             physical_address_bits=physical_address_bits(supported))
 
-        self._add_platform_devices(vm, config)
+        # Firmware probes a PS/2 keyboard and waits a second when none answers.
+        self._add_platform_devices(vm, config, keyboard=firmware_path is not None)
         if config.acpi:
             acpi_tables = build_acpi_tables(
                 PC, config.smp, extra_dsdt_devices=pci_dsdt_devices(PC, config.memory))
@@ -533,7 +534,8 @@ class Machine:
                              f"({config.memory // MiB} MiB)")
         return image, name
 
-    def _add_platform_devices(self, vm: Vm, config: MachineConfig) -> None:
+    def _add_platform_devices(self, vm: Vm, config: MachineConfig, *,
+                              keyboard: bool = False) -> None:
         """The legacy devices, each at the ports and IRQ the PC layout table gives it."""
         def place(name: str, device: BusDevice) -> None:
             slot = PC.device(name)
@@ -550,7 +552,7 @@ class Machine:
         place("fw_cfg-dma", FwCfgDma(self.fw_cfg))
         self.cmos = Cmos(config.memory, low_ram_limit=PC.low_ram_limit)
         place("cmos", self.cmos)
-        self.i8042 = I8042(self._on_reset)
+        self.i8042 = I8042(self._on_reset, keyboard=keyboard)
         place("i8042-data", self.i8042.data_port)
         place("i8042-command", self.i8042.command_port)
         self.post_code = PostCodePort()

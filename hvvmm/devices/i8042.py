@@ -12,6 +12,13 @@ with an ``irq`` given, IRQ 1 is raised while a reply is pending and the configur
 keyboard interrupts. Bytes for the (absent) keyboard and unknown commands are logged once each and
 ignored. A20 is not emulated (always enabled), so turning it off is only logged.
 
+With ``keyboard=True`` a PS/2 keyboard is attached that answers its commands and never types:
+0xFF (reset) gives ACK 0xFA and the self-test pass 0xAA, 0xF2 (identify) ACK and the MF2 ID
+0xAB 0x83, 0xEE (echo) 0xEE, 0xED/0xF0/0xF3 take a parameter byte (each byte ACKed; 0xF0 0
+reports scan code set 2), everything else ACK. Firmware probes the keyboard at boot and waits a
+second for the reset answer when none comes (SeaBIOS ``ps2_kbd_command``); QEMU
+``hw/input/ps2.c`` answers the same way.
+
 Sources: IBM PC/AT Technical Reference (8042 keyboard controller); OSDev wiki "8042 PS/2
 Controller"; QEMU ``hw/input/pckbd.c`` (reset values, command set, 0xF0-0xFF pulse decoding).
 """
@@ -76,6 +83,18 @@ KBD_OUT_RESET = 0x01  # 0: CPU reset asserted
 KBD_OUT_A20 = 0x02
 KBD_OUT_ONES = 0xCC
 
+# Keyboard commands and replies (the optional attached keyboard).
+KBD_CMD_SET_LEDS = 0xED
+KBD_CMD_ECHO = 0xEE
+KBD_CMD_SCANCODE = 0xF0
+KBD_CMD_GET_ID = 0xF2
+KBD_CMD_SET_RATE = 0xF3
+KBD_CMD_RESET = 0xFF
+KBD_REPLY_ACK = 0xFA
+KBD_REPLY_POR = 0xAA  # power-on self-test passed
+KBD_ID_MF2 = (0xAB, 0x83)
+KBD_SCANCODE_SET_2 = 0x02
+
 SELF_TEST_OK = 0x55
 INTERFACE_TEST_OK = 0x00
 INPORT_VALUE = 0x80  # keyboard not inhibited, as QEMU
@@ -109,8 +128,11 @@ class I8042:
     :attr:`command_port` at :data:`I8042_COMMAND_PORT`, each with length
     :data:`I8042_PORT_COUNT`. ``irq`` (optional) is IRQ 1."""
 
-    def __init__(self, on_reset: Callable[[], None], irq: IrqLine | None = None):
+    def __init__(self, on_reset: Callable[[], None], irq: IrqLine | None = None, *,
+                 keyboard: bool = False):
         self._on_reset = on_reset
+        self._keyboard = keyboard
+        self._keyboard_param: int | None = None  # the keyboard command awaiting its parameter
         self._irq = irq
         self._irq_level = False
         self._lock = threading.Lock()
@@ -191,6 +213,8 @@ class I8042:
                 reset = self._set_outport(value)
             elif command == KBD_CCMD_WRITE_OBUF:
                 self._queue_byte(value)
+            elif self._keyboard:
+                self._keyboard_byte(value)
             else:
                 self._log_once("kbd-write", logging.INFO,
                                "i8042: no keyboard; byte %#x for it ignored", value)
@@ -199,6 +223,26 @@ class I8042:
             self._reset()
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _keyboard_byte(self, value: int) -> None:
+        """The attached keyboard's answer to a byte for it (lock held)."""
+        command, self._keyboard_param = self._keyboard_param, None
+        if command is not None:  # the parameter of 0xED, 0xF0 or 0xF3
+            self._queue_byte(KBD_REPLY_ACK)
+            if command == KBD_CMD_SCANCODE and value == 0:
+                self._queue_byte(KBD_SCANCODE_SET_2)
+            return
+        if value == KBD_CMD_ECHO:
+            self._queue_byte(KBD_CMD_ECHO)
+            return
+        self._queue_byte(KBD_REPLY_ACK)
+        if value == KBD_CMD_RESET:
+            self._queue_byte(KBD_REPLY_POR)
+        elif value == KBD_CMD_GET_ID:
+            self._queue_byte(KBD_ID_MF2[0])
+            self._queue_byte(KBD_ID_MF2[1])
+        elif value in (KBD_CMD_SET_LEDS, KBD_CMD_SCANCODE, KBD_CMD_SET_RATE):
+            self._keyboard_param = value
 
     def _set_outport(self, value: int) -> bool:
         """Store the output port; True when it asserts CPU reset (bit 0 clear)."""

@@ -231,3 +231,23 @@ def test_random_accesses_never_raise_or_widen(ops) -> None:
             dev.write(offset, size, value & ((1 << (8 * size)) - 1))
         else:
             assert 0 <= dev.read(offset, size) < 1 << (8 * size)
+
+
+def test_i8042_attached_keyboard_answers_and_never_types() -> None:
+    dev = I8042(lambda: None, keyboard=True)
+
+    def answers(*data):
+        for byte in data:
+            dev.data_port.write(0, 1, byte)
+        out = []
+        while dev.command_port.read(0, 1) & 0x01:
+            out.append(dev.data_port.read(0, 1))
+        return out
+
+    assert answers(0xFF) == [0xFA, 0xAA]          # reset: ACK, self-test passed
+    assert answers(0xF2) == [0xFA, 0xAB, 0x83]    # identify: an MF2 keyboard
+    assert answers(0xF0, 0x00) == [0xFA, 0xFA, 0x02]  # which scan code set: 2
+    assert answers(0xED, 0x07) == [0xFA, 0xFA]    # LEDs and their parameter
+    assert answers(0xEE) == [0xEE]                # echo
+    assert answers(0xF4) == [0xFA]                # enable scanning: and nothing more comes
+    assert answers() == []
