@@ -113,6 +113,9 @@ class PcLayout:
     firmware_low_alias: tuple[int, int] = (0xE_0000, 0x10_0000)
     # The legacy window whose decoding the PAM registers switch between RAM and ROM.
     pam_window: tuple[int, int] = (0xC_0000, 0x10_0000)
+    # 64-bit memory BARs may also go above RAM, up to 512 GiB: 39 address bits, which every
+    # x86-64 CPU hvvmm runs on has (Intel client parts have exactly 39).
+    pci_mmio64_end: int = 1 << 39
 
     def device(self, name: str) -> IsaDevice:
         for device in self.isa_devices:
@@ -135,6 +138,13 @@ class PcLayout:
         low = min(size, self.low_ram_limit)
         start = 2 * GiB if low <= 2 * GiB else self.low_ram_limit
         return start, self.reserved_hole[0]
+
+    def pci_mmio64_window(self, size: int) -> tuple[int, int]:
+        """Where 64-bit memory BARs may also go: from the first GiB boundary above RAM (and
+        above 4 GiB) to :attr:`pci_mmio64_end`."""
+        ram_end = max(gpa + length for gpa, length in self.memory_layout(size))
+        start = max(self.high_ram_base, -(-ram_end // GiB) * GiB)
+        return start, self.pci_mmio64_end
 
     def memory_map(self, size: int) -> list[MemoryMapEntry]:
         """The e820 map a PC reports for ``size`` bytes of RAM: the RAM of

@@ -2,9 +2,10 @@
 
 ``PCI0`` (``PNP0A03``, ACPI 6.5 §6.1.5 and PCI Firmware Specification 3.2 §4.1) decodes bus
 numbers 0-255, the I/O ports other than the configuration ports, the VGA window and the PCI
-memory window of the layout table (:meth:`hvvmm.layout.PcLayout.pci_mmio_window`), which is the
-same hole the e820 map leaves out. Its ``_PRT`` (§6.2.13) routes each slot's INTA-INTD to the
-link devices ``LNKA``-``LNKD`` with the PIIX3's swizzle, and each link (``PNP0C0F``) reports the
+memory windows of the layout table (:meth:`hvvmm.layout.PcLayout.pci_mmio_window`, the hole the
+e820 map leaves out below 4 GiB, and the 64-bit one above RAM). Its ``_PRT`` (§6.2.13) routes
+each slot's INTA-INTD to the link devices ``LNKA``-``LNKD`` with the PIIX3's swizzle, and each
+link (``PNP0C0F``) reports the
 one ISA IRQ that PIRQ is routed to (the layout's ``pci_irqs``, as firmware programs it) as a
 level-triggered, active-high, shared interrupt: KVM drives the line high while a device asserts
 INTx, as QEMU's links describe it. ``_SRS`` accepts the only choice and changes nothing.
@@ -44,6 +45,7 @@ def routing_table() -> aml.Package:
 
 def host_bridge(layout: PcLayout, memory_size: int) -> aml.Device:
     start, end = layout.pci_mmio_window(memory_size)
+    start64, end64 = layout.pci_mmio64_window(memory_size)
     config = layout.device("pci-config")
     resources = aml.ResourceTemplate(
         aml.WordBusNumber(0x00, 0xFF),
@@ -51,7 +53,8 @@ def host_bridge(layout: PcLayout, memory_size: int) -> aml.Device:
         aml.WordIO(0x0000, config.port - 1),
         aml.WordIO(config.port + config.ports, 0xFFFF),
         aml.DWordMemory(layout.legacy_hole[0], 0xB_FFFF, cacheability=aml.MEM_CACHEABLE),
-        aml.DWordMemory(start, end - 1))
+        aml.DWordMemory(start, end - 1),
+        aml.QWordMemory(start64, end64 - 1, cacheability=aml.MEM_PREFETCHABLE))
     return aml.Device("PCI0", aml.Name("_HID", aml.EisaId("PNP0A03")), aml.Name("_ADR", 0),
                       aml.Name("_UID", 0), aml.Name("_CRS", resources),
                       aml.Name("_PRT", routing_table()))

@@ -8,7 +8,7 @@ byte accesses there to it (:mod:`hvvmm.devices.reset_control`), since configurat
 decodes only dword accesses at 0xCF8.
 
 The bus places each function's BARs on the port-I/O or MMIO bus while the command register enables
-decoding and the address is a valid one (not zero, no wrap, inside ``mmio_window`` for memory BARs;
+decoding and the address is a valid one (not zero, no wrap, inside a memory window for memory BARs;
 QEMU ``pci_bar_address``), and routes INTx through ``route_intx`` (the PIIX3's PIRQ routing).
 """
 
@@ -34,13 +34,16 @@ class PciBus:
     """Bus 0: up to 32 devices of 8 functions each, addressed by ``devfn`` (device << 3 | fn)."""
 
     def __init__(self, pio: Bus, mmio: Bus, *, mmio_window: tuple[int, int],
+                 mmio64_window: tuple[int, int] | None = None,
                  route_intx: Callable[[int, int, bool], None] | None = None):
-        """``mmio_window`` is ``(start, end)`` of the addresses memory BARs may decode;
+        """``mmio_window`` is ``(start, end)`` of the addresses memory BARs may decode (and
+        ``mmio64_window`` another one for 64-bit BARs);
         ``route_intx(devfn, pin, level)`` delivers a function's INTx pin (1 = INTA#)."""
         self.functions: dict[int, PciFunction] = {}
         self._pio = pio
         self._mmio = mmio
         self._mmio_window = mmio_window
+        self._mmio64_window = mmio64_window
         self.route_intx = route_intx
         self._lock = threading.RLock()
         self._log_once = LogOnce(log)
@@ -69,8 +72,10 @@ class PciBus:
             return False
         if kind is BarKind.IO:
             return address + size <= 0x10000
-        start, end = self._mmio_window
-        return start <= address and address + size <= end
+        windows = [self._mmio_window]
+        if kind is BarKind.MEM64 and self._mmio64_window is not None:
+            windows.append(self._mmio64_window)
+        return any(start <= address and address + size <= end for start, end in windows)
 
     def update_mappings(self, function: PciFunction) -> None:
         """Put ``function``'s BARs where its configuration space says, or take them off."""

@@ -21,6 +21,7 @@ class PcPci:
         firmware shadows itself); False gives the power-on state a BIOS expects."""
         self.isa_bridge = Piix3IsaBridge(isa_irq)
         self.bus = PciBus(pio, mmio, mmio_window=PC.pci_mmio_window(memory_size),
+                          mmio64_window=PC.pci_mmio64_window(memory_size),
                           route_intx=self.isa_bridge.route_intx)
         self.host_bridge = I440fxHostBridge(on_pam_change)
         if pam_ram:

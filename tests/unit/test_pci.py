@@ -261,3 +261,20 @@ def test_config_access_anywhere_never_raises(register, size, value):
     for devfn in (0, 8, 16):
         cfg_write(pio, devfn, register, size, value & ((1 << (8 * size)) - 1))
         cfg_read(pio, devfn, register, size)
+
+
+def test_64_bit_bar_above_ram_is_decoded_a_32_bit_one_is_not():
+    pc, pio, mmio, *_ = make_pc(memory=5 * 1024 * MiB)
+    start, end = PC.pci_mmio64_window(5 * 1024 * MiB)
+    assert start == 6 * 1024 * MiB  # 3 GiB low RAM, 2 GiB from 4 GiB: high RAM ends at 6 GiB
+    wide = PciFunction("wide", 0x1AF4, 0x1001, 0x010000)
+    wide.add_bar(0, BarKind.MEM64, 0x4000, Regs())
+    devfn = pc.add(wide) << 3
+    cfg_write(pio, devfn, 0x04, 2, COMMAND_MEMORY)
+    cfg_write(pio, devfn, 0x10, 4, 0x0000_0000 | 0x4)
+    cfg_write(pio, devfn, 0x14, 4, 0x8)  # 32 GiB
+    assert wide.bars[0].mapped_at == 32 << 30
+    cfg_write(pio, devfn, 0x14, 4, 0x1)  # 4 GiB: high RAM
+    assert wide.bars[0].mapped_at is None
+    cfg_write(pio, devfn, 0x14, 4, end >> 32)  # at the end of the window
+    assert wide.bars[0].mapped_at is None

@@ -24,6 +24,10 @@ def test_pci0_resources_are_the_layout_window(tmp_path):
         start, end = PC.pci_mmio_window(memory)
         assert re.search(rf"0x{start:08X},\s*// Range Minimum\s*0x{end - 1:08X},\s*// Range "
                          "Maximum", pci0), pci0[:3000]
+        start64, end64 = PC.pci_mmio64_window(memory)
+        assert re.search(rf"QWordMemory \(ResourceProducer, PosDecode, MinFixed, MaxFixed, "
+                         rf"Prefetchable, ReadWrite,\s*0x0+,\s*// Granularity\s*"
+                         rf"0x{start64:016X},\s*// Range Minimum\s*0x{end64 - 1:016X},", pci0)
         assert re.search(r"0x0000,\s*// Range Minimum\s*0x0CF7,", pci0)
         assert re.search(r"0x0D00,\s*// Range Minimum\s*0xFFFF,", pci0)
 
