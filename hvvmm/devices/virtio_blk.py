@@ -12,6 +12,7 @@ format (the device then needs a reset).
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from dataclasses import dataclass
 
@@ -236,6 +237,12 @@ def attach_drives(machine, drives) -> list[AttachedDisk]:
     ioeventfd = machine.vm.ioeventfd if machine.kvm.check_extension(kvmc.KVM_CAP_IOEVENTFD) \
         else None
 
+    seen: dict[str, str] = {}
+    for spec in drives:  # the image lock would refuse the second open with a misleading message
+        real = os.path.realpath(spec.file)
+        if real in seen:
+            raise ImageError(f"{spec.file}: the same image is given twice (as {seen[real]})")
+        seen[real] = spec.file
     disks: list[AttachedDisk] = []
     for index, spec in enumerate(drives):
         try:

@@ -159,3 +159,10 @@ def test_a_vhd_disk_boots_and_keeps_the_write(disk, tmp_path):
     subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(vhd), str(back)],
                    check=True, capture_output=True)
     assert back.read_bytes()[:len(original)] == expected_after_write(original)
+
+
+def test_the_same_image_twice_is_one_line_with_status_4(disk):
+    path, _ = disk
+    proc = hvvmm("run", str(path), "--drive", f"file={path.parent}/../{path.parent.name}/disk.img")
+    assert proc.returncode == 4
+    assert proc.stderr.count("\n") == 1 and "given twice" in proc.stderr, proc.stderr
