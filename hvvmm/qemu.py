@@ -1130,6 +1130,8 @@ def machine_config(opts: QemuOptions, console=None, console_input=None):
 
 def _check_files(opts: QemuOptions) -> None:
     """QEMU opens the kernel, then each module, before the guest starts; same messages."""
+    if opts.bios is not None and not os.access(opts.bios, os.R_OK):
+        raise QemuError(f"qemu: could not load PC BIOS '{opts.bios}'", raw=True)  # QEMU's text
     for drive in opts.drives:
         try:
             with open(drive.file, "rb"):

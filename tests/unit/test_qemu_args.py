@@ -616,3 +616,15 @@ def test_hvvmm_qemu_subcommand(capsys):
     assert "usage: qemu-system-x86_64 [options]" in capsys.readouterr().out
     assert cli_main(["qemu", "-kernel"]) == 1
     assert capsys.readouterr().err == "qemu-system-x86_64: -kernel: requires an argument\n"
+
+
+def test_missing_bios_and_disk_have_qemu_messages(tmp_path):
+    opts = qemu.parse_args(["-hda", str(tmp_path / "none.img"), "-bios", str(tmp_path / "x")])
+    with pytest.raises(QemuError) as info:
+        qemu._check_files(opts)
+    assert str(info.value) == f"qemu: could not load PC BIOS '{tmp_path / 'x'}'"
+    opts = qemu.parse_args(["-hda", str(tmp_path / "none.img")])
+    with pytest.raises(QemuError) as info:
+        qemu._check_files(opts)
+    assert str(info.value) == (f"qemu-system-x86_64: -hda {tmp_path / 'none.img'}: Could not open "
+                               f"'{tmp_path / 'none.img'}': No such file or directory")
