@@ -1084,9 +1084,7 @@ def cpu_help_text() -> str:
 
 def machine_help_text() -> str:
     return ("Supported machines are:\n"
-            "pc                   hvvmm's small PC: Linux and Multiboot kernels, disks "
-            "booted by SeaBIOS; i440FX and PIIX3 on PCI, virtio-blk "
-            "(default)\n"
+            "pc                   hvvmm's small PC: i440FX, PIIX3, virtio-blk (default)\n"
             "q35                  the same machine (hvvmm has one)\n")
 
 
