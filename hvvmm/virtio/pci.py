@@ -530,7 +530,10 @@ class _LegacyBar:
                 q.msix_vector = value if value < t.msix.vectors else NO_VECTOR
 
     def _set_pfn(self, q: VirtQueue, pfn: int) -> None:
-        if pfn == 0:
+        """Called with the transport's lock held."""
+        if pfn == 0:  # the legacy way to stop a queue: not while the worker walks it
+            while self.t._busy:
+                self.t._wake.wait()
             q.reset()
             return
         q.size = q.max_size
