@@ -41,6 +41,10 @@ MSI_ADDRESS_BASE = 0xFEE0_0000  # MSI to one LAPIC: destination APIC ID in bits 
 
 SYNC_MASK = kvmc.KVM_SYNC_X86_REGS | kvmc.KVM_SYNC_X86_SREGS
 _RIP = GPR_INDEX["rip"]
+_N_GPRS = len(GPR_NAMES)
+_RAX, _RBX, _RCX, _RDX, _RSI, _RDI, _R8 = (GPR_INDEX[name] for name in
+                                          ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8"))
+_U32 = 0xFFFF_FFFF
 
 
 class VcpuRegisters:
@@ -53,14 +57,17 @@ class VcpuRegisters:
     (``hypercall-trap.md`` §6).
     """
 
+    __slots__ = ("_vcpu", "_sync", "_regs", "_gprs", "_cs_base", "_cs_l", "_ss_dpl", "_cr0",
+                 "_efer", "_dirty", "_fpu", "_fpu_dirty")
+
     def __init__(self, vcpu: Vcpu, use_sync_regs: bool):
         self._vcpu = vcpu
         self._sync = use_sync_regs
         if use_sync_regs:
-            state = vcpu.sync_snapshot()
-            self._gprs = state.gprs
-            self._cs_base, self._cs_l, self._ss_dpl, self._cr0, self._efer = (
-                state.cs_base, state.cs_l, state.ss_dpl, state.cr0, state.efer)
+            # One unpack: GPRs at 0..17 (GPR_NAMES order), then the five sregs fields; the list
+            # keeps those five at its end, where no GPR index reaches.
+            self._gprs = gprs = list(vcpu.sync_values())
+            self._cs_base, self._cs_l, self._ss_dpl, self._cr0, self._efer = gprs[_N_GPRS:]
         else:
             self._regs = regs = vcpu.get_regs()
             sregs = vcpu.get_sregs()
@@ -359,6 +366,7 @@ class HyperV:
         for vcpu_thread in machine.vcpus:
             vcpu_thread.msr_handler = self
             vcpu_thread.vcpu_ports[HYPERCALL_PORT] = self
+            vcpu_thread.set_hypercall_exit(HYPERCALL_PORT, self._hypercall_exit(vcpu_thread))
             if self.use_sync_regs:
                 vcpu_thread.vcpu.enable_sync_regs(SYNC_MASK)
 
@@ -435,6 +443,49 @@ class HyperV:
             return False  # #GP, as the TLFS says
         return True
 
+    def _hypercall_exit(self, vcpu_thread):
+        """The function ``vcpu_thread``'s loop calls for a 1-byte OUT to the hypercall port
+        (``PACKED_HYPERCALL``; the argument is AL), prepared once per vCPU. The common call
+        shape goes through :meth:`~hvvmm.hv.partition.Partition.hypercall_simple` (the GPRs read
+        once, the result written back once); everything else as :meth:`handle_port` does it."""
+        partition = self.partition
+        port_active = partition.hypercall_port_active
+        hypercall_simple = partition.hypercall_simple
+        vcpu, index, use_sync = vcpu_thread.vcpu, vcpu_thread.index, self.use_sync_regs
+        pio_write, port = vcpu_thread.pio_bus.write, self.port
+
+        def on_hypercall(al: int) -> None:
+            if not port_active():
+                pio_write(port, 1, al)  # an ordinary write to an unclaimed port
+                return
+            registers = VcpuRegisters(vcpu, use_sync)
+            # Real mode and CPL > 0 are #UD (TLFS "Legal Hypercall Environments"): the general
+            # path. CPL = SS.DPL (hypercall-trap.md §8).
+            if registers._cr0 & CR0_PE and not registers._ss_dpl:
+                gprs = registers._gprs
+                if registers._efer & EFER_LMA and registers._cs_l:
+                    handled = hypercall_simple(index, registers, True, gprs[_RCX], gprs[_RDX],
+                                               gprs[_R8])
+                else:
+                    handled = hypercall_simple(
+                        index, registers, False,
+                        (gprs[_RDX] & _U32) << 32 | gprs[_RAX] & _U32,
+                        (gprs[_RBX] & _U32) << 32 | gprs[_RCX] & _U32,
+                        (gprs[_RDI] & _U32) << 32 | gprs[_RSI] & _U32)
+                if handled:
+                    registers.commit()
+                    return
+            self._dispatch(vcpu_thread, registers)
+
+        return on_hypercall
+
+    def _dispatch(self, vcpu_thread, registers: VcpuRegisters) -> None:
+        outcome = self.partition.hypercall(vcpu_thread.index, registers)
+        if outcome.inject_ud:
+            registers.inject_ud()
+        else:
+            registers.commit()
+
     def handle_port(self, vcpu_thread, exit) -> None:
         """An OUT to the hypercall port: a hypercall while the page is enabled and the access is
         the stub's (`out imm8, al`: 1 byte, one item); anything else is an ordinary port."""
@@ -443,9 +494,4 @@ class HyperV:
                 and partition.hypercall_port_active()):
             vcpu_thread.bus_io(exit)
             return
-        registers = VcpuRegisters(vcpu_thread.vcpu, self.use_sync_regs)
-        outcome = partition.hypercall(vcpu_thread.index, registers)
-        if outcome.inject_ud:
-            registers.inject_ud()
-        else:
-            registers.commit()
+        self._dispatch(vcpu_thread, VcpuRegisters(vcpu_thread.vcpu, self.use_sync_regs))

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from .bus import Bus
-from .kvm.exits import PACKED_IO, PACKED_MSR, PACKED_OUT, PACKED_WRMSR
+from .kvm.exits import PACKED_HYPERCALL, PACKED_IO, PACKED_MSR, PACKED_OUT, PACKED_WRMSR
 from .kvm import (KICK_SIGNAL, FailEntryExit, HltExit, InternalErrorExit, InterruptedExit, IoExit,
                   MmioExit, MsrExit, ShutdownExit, SystemEventExit, UnknownExit, Vcpu, VcpuExit,
                   constants)
@@ -95,6 +95,8 @@ class VcpuThread:
         # lookup per port exit.
         self.vcpu_ports: dict[int, PortHandler] = {}
         self.observers: list[ExitObserver] = []
+        # A 1-byte OUT to the hypercall port, handed AL (set_hypercall_exit); None: no Hyper-V.
+        self.hypercall_exit: Callable[[int], None] | None = None
         # Completes instructions KVM's emulator cannot run (hvvmm.x86.kvm_adapter); returns None
         # when the vCPU may go on, else the line that ends the run. Set by the machine.
         self.complete_instruction: Callable[["VcpuThread", InternalErrorExit], str | None] | \
@@ -102,6 +104,13 @@ class VcpuThread:
         self._work: collections.deque[Callable[[], None]] = collections.deque()
         self.thread: threading.Thread | None = None
         self._started = threading.Event()
+
+    def set_hypercall_exit(self, port: int, handler: Callable[[int], None]) -> None:
+        """Send every 1-byte OUT to ``port`` that the packed path sees to ``handler(al)``
+        before any other port handling (the hypercall page's ``out imm8, al``). Exits seen by
+        observers go through :attr:`vcpu_ports` instead. Call before the thread starts."""
+        self.hypercall_exit = handler
+        self.vcpu.set_hypercall_port(port)
 
     # -- thread management --------------------------------------------------------------------
 
@@ -160,27 +169,33 @@ class VcpuThread:
 
     def run_loop(self) -> None:
         vcpu = self.vcpu
-        run_packed, last_exit, complete_in = vcpu.run_packed, vcpu.last_exit, vcpu.complete_in
+        run_packed, last_exit, complete_in = vcpu.packed_runner(), vcpu.last_exit, vcpu.complete_in
         machine = self.machine
         observers = self.observers
         vcpu_ports = self.vcpu_ports
         pio = self.pio_bus
+        pio_read, pio_write = pio.read, pio.write
+        hypercall_exit, packed_msr = self.hypercall_exit, self._packed_msr
         while True:
             packed = run_packed()
             if packed > 0 and not observers:
-                # The hot exits, decoded in C into one int (Vcpu.run_packed): one access of 1, 2
-                # or 4 bytes to a bus port, and MSR exits; no exit object is built.
+                # The hot exits, decoded in C into one int (Vcpu.run_packed): a hypercall (a
+                # 1-byte OUT to the hypercall port), one access of 1, 2 or 4 bytes to a bus
+                # port, and MSR exits; no exit object is built.
+                if packed & PACKED_HYPERCALL:
+                    hypercall_exit(packed & 0xFF)
+                    continue
                 if packed & PACKED_IO:
                     port = (packed >> 32) & 0xFFFF
                     if port not in vcpu_ports:
                         size = (packed >> 48) & 0xFF
                         if packed & PACKED_OUT:
-                            pio.write(port, size, packed & 0xFFFF_FFFF)
+                            pio_write(port, size, packed & 0xFFFF_FFFF)
                         else:
-                            complete_in(packed & 0xFFFF_FFFF, size, pio.read(port, size))
+                            complete_in(packed & 0xFFFF_FFFF, size, pio_read(port, size))
                         continue
                 elif packed & PACKED_MSR:
-                    self._packed_msr(packed)
+                    packed_msr(packed)
                     continue
             exit = last_exit(packed)
             if observers:

@@ -36,6 +36,7 @@ from hvvmm.enlightenments import REGISTRY, EnlightenmentRegistry
 from hvvmm.enlightenments.core import HYPERCALL_PORT, CoreState, hypercall_page_bytes
 from hvvmm.hv.features import HyperVConfig
 from hvvmm.hv.hvdef import (
+    HV_HYPERCALL_CODE_MASK,
     HV_U64_MASK,
     HV_X64_SYNTHETIC_MSR_RANGES,
     SYNTHETIC_MSR_NAMES,
@@ -371,6 +372,22 @@ class Partition:
                               output_gpa=f"{outcome.output_gpa or 0:#x}")
             self._emit(vp_index, "hypercall", outcome.code, outcome.name, inputs, result)
         return outcome
+
+    def hypercall_simple(self, vp_index: int, io: HypercallRegisters, long_mode: bool,
+                         control: int, first: int, second: int) -> bool:
+        """The compact path of :meth:`hypercall` for the common call shape
+        (:meth:`~hvvmm.hv.hypercall.HypercallDispatcher.dispatch_simple` says which, and what
+        the caller must have checked and read). True: the call was answered and counted exactly
+        as :meth:`hypercall` would have; False: nothing happened, call :meth:`hypercall`. With
+        an ``on_event`` callback it always says False, so trace events come from one place."""
+        if self.on_event is not None:
+            return False
+        status = self.dispatcher.dispatch_simple(io, vp_index, long_mode, control, first, second)
+        if status is None:
+            return False
+        self.vps[vp_index].hypercalls[(control & HV_HYPERCALL_CODE_MASK,
+                                       None if status < 0 else status)] += 1
+        return True
 
     def reset(self) -> None:
         """VM reset: every enlightenment's state back to its reset value (overlays removed,

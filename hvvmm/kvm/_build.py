@@ -216,7 +216,8 @@ int hvvmm_run(int vcpu_fd);
 #define HVVMM_PACKED_OUT ...
 #define HVVMM_PACKED_MSR ...
 #define HVVMM_PACKED_WRMSR ...
-long long hvvmm_run_packed(int vcpu_fd, struct kvm_run *run, size_t run_size);
+#define HVVMM_PACKED_HYPERCALL ...
+long long hvvmm_run_packed(int vcpu_fd, struct kvm_run *run, size_t run_size, int hypercall_port);
 void *hvvmm_map_shared(int fd, size_t size);
 int hvvmm_unmap(void *address, size_t size);
 int hvvmm_install_kick_handler(int signo);
@@ -261,13 +262,16 @@ int hvvmm_run(int vcpu_fd)
  * HVVMM_PACKED_MSR | (WRMSR: HVVMM_PACKED_WRMSR) | the MSR index (the value written, and the
  * answer, stay in run->msr). Any other exit returns 0 (decode it from the page), a failed KVM_RUN
  * -errno. The data offset is checked against the page, as the
- * Python decoder does: never trust an offset, even the kernel's. x86 hosts: little-endian. */
+ * Python decoder does: never trust an offset, even the kernel's. x86 hosts: little-endian.
+ * A 1-byte OUT to hypercall_port (the hypercall page's `out imm8, al`; -1: none) also carries
+ * HVVMM_PACKED_HYPERCALL, so Python goes straight to the hypercall handler. */
 #define HVVMM_PACKED_IO (1ll << 62)
 #define HVVMM_PACKED_OUT (1ll << 61)
 #define HVVMM_PACKED_MSR (1ll << 60)
 #define HVVMM_PACKED_WRMSR (1ll << 59)
+#define HVVMM_PACKED_HYPERCALL (1ll << 58)
 
-long long hvvmm_run_packed(int vcpu_fd, struct kvm_run *run, size_t run_size)
+long long hvvmm_run_packed(int vcpu_fd, struct kvm_run *run, size_t run_size, int hypercall_port)
 {
     int r;
     do
@@ -289,6 +293,8 @@ long long hvvmm_run_packed(int vcpu_fd, struct kvm_run *run, size_t run_size)
     if (run->io.direction == KVM_EXIT_IO_OUT) {
         uint32_t value = 0;
         memcpy(&value, (const char *)run + offset, size);
+        if (size == 1 && run->io.port == hypercall_port)
+            packed |= HVVMM_PACKED_HYPERCALL;
         return packed | HVVMM_PACKED_OUT | value;
     }
     return packed | offset;

@@ -7,11 +7,12 @@ naming the ioctl and the errno. Nothing here knows about devices, guests or Hype
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import signal
 import struct
 from dataclasses import dataclass
-from typing import Iterable, Mapping, NamedTuple, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, NamedTuple, Protocol, Sequence
 
 from ._kvm import ffi, lib
 from .exits import InterruptedExit, VcpuExit, decode_exit
@@ -271,10 +272,17 @@ def _sync_layout():
         position = offset + struct.calcsize("<" + code)
     if tuple(name for _, _, name in fields) != ("cs_base", "cs_l", "ss_dpl", "cr0", "efer"):
         raise ImportError("struct kvm_sregs does not have the field order hvvmm reads")
-    return struct.Struct(f"<{len(GPR_NAMES)}Q"), regs, struct.Struct(fmt)
+    # Both in one unpack, for the hypercall exit: the GPRs, then the sregs fields.
+    tail = fmt[1:].split("x", 1)
+    skip = int(tail[0]) - (regs + 8 * len(GPR_NAMES))
+    if skip < 0:
+        raise ImportError("the sync-regs sregs fields do not follow the GPRs")
+    both = struct.Struct(f"<{len(GPR_NAMES)}Q{skip}x{tail[1]}")
+    return struct.Struct(f"<{len(GPR_NAMES)}Q"), regs, struct.Struct(fmt), both
 
 
-_SYNC_GPRS, _SYNC_GPRS_OFFSET, _SYNC_SREGS = _sync_layout()
+_SYNC_GPRS, _SYNC_GPRS_OFFSET, _SYNC_SREGS, _SYNC_ALL = _sync_layout()
+_DIRTY_REGS_OFFSET = ffi.offsetof("struct kvm_run", "kvm_dirty_regs")
 _U64 = struct.Struct("<Q")
 # kvm_run.msr.error (u8) and .data (u64), answered by struct rather than cffi proxies.
 _MSR_ERROR_OFFSET = ffi.offsetof("struct kvm_run", "msr", "error")
@@ -314,6 +322,7 @@ class Vcpu:
         self._run_page = run_page
         self.run_struct = ffi.cast("struct kvm_run *", run_page)
         self._run_view = memoryview(ffi.buffer(run_page, self._run_size))
+        self._hypercall_port = -1
 
     # -- running ------------------------------------------------------------------------------
 
@@ -336,7 +345,18 @@ class Vcpu:
         ``_build.py``; no exit object is built); any other exit as 0, to be read with
         :meth:`last_exit`; a failed ``KVM_RUN`` as ``-errno`` (:meth:`last_exit` turns it into
         the exit or the error :meth:`run` gives)."""
-        return lib.hvvmm_run_packed(self.fd, self.run_struct, self._run_size)
+        return lib.hvvmm_run_packed(self.fd, self.run_struct, self._run_size,
+                                    self._hypercall_port)
+
+    def packed_runner(self) -> Callable[[], int]:
+        """:meth:`run_packed` as a C-level callable with its arguments bound (the loop calls it
+        once per exit); take it after :meth:`set_hypercall_port`."""
+        return functools.partial(lib.hvvmm_run_packed, self.fd, self.run_struct, self._run_size,
+                                 self._hypercall_port)
+
+    def set_hypercall_port(self, port: int | None) -> None:
+        """Mark a 1-byte OUT to ``port`` in packed exits (``PACKED_HYPERCALL``); None: none."""
+        self._hypercall_port = -1 if port is None else port
 
     def last_exit(self, packed: int) -> VcpuExit:
         """The exit :meth:`run` would have returned for the ``KVM_RUN`` that gave ``packed``."""
@@ -379,13 +399,19 @@ class Vcpu:
         """The sync-regs area as plain ints (valid after an exit with sync regs enabled)."""
         return SyncSnapshot(self._run_view)
 
+    def sync_values(self) -> tuple[int, ...]:
+        """The sync-regs area in one unpack: the GPRs in ``GPR_NAMES`` order, then CS.base,
+        CS.L, SS.DPL, CR0 and EFER (what :class:`SyncSnapshot` holds, without the object)."""
+        return _SYNC_ALL.unpack_from(self._run_view, _SYNC_GPRS_OFFSET)
+
     def write_sync_gprs(self, values: Mapping[int, int]) -> None:
         """Set GPRs (``GPR_NAMES`` index -> value) in the sync-regs area; KVM loads all GPRs
         from there on the next entry."""
         view = self._run_view
         for index, value in values.items():
             _U64.pack_into(view, _SYNC_GPRS_OFFSET + 8 * index, value & 0xFFFF_FFFF_FFFF_FFFF)
-        self.run_struct.kvm_dirty_regs |= lib.KVM_SYNC_X86_REGS
+        _U64.pack_into(view, _DIRTY_REGS_OFFSET,
+                       _U64.unpack_from(view, _DIRTY_REGS_OFFSET)[0] | lib.KVM_SYNC_X86_REGS)
 
     # -- register state -----------------------------------------------------------------------
 
