@@ -7,6 +7,14 @@ port, timed on the host; the figure is the calls per second of phase 2 (from the
 start to the last one's end) over phase 1's. Ideal: the number of vCPUs. Every vCPU thread takes
 the GIL for each exit, so the exits of two vCPUs are handled one at a time.
 
+Where the time goes: each marker also notes the vCPU thread's user and system CPU time. Phase 1
+gives ``f``, the GIL-held share of one round trip (the thread's user time, Python, over the wall
+time; the rest is KVM_RUN with the GIL released), which caps SMP throughput at about ``1/f``
+times one vCPU. Phase 2 gives the CPU cores the vCPU threads got together (their CPU time over
+the wall time). The host's own ceiling comes from the C VMM of ``bench/hv_roundtrip.py``
+(``bench/c/hv_loop.c``, no GIL): SMP separate processes running its hypercall loop at once vs
+one alone, in the same run.
+
     python bench/hv_smp_scaling.py [--count N] [--runs K] [--smp N]
 """
 
@@ -14,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import resource
 import statistics
 import sys
 import threading
@@ -31,8 +40,11 @@ MARKER_PORT = 0x5E0
 
 
 class Markers:
+    """Host time and the calling vCPU thread's (user, system) CPU time at each marker."""
+
     def __init__(self):
         self.times: dict[int, int] = {}
+        self.cpu: dict[int, tuple[float, float]] = {}
         self.lock = threading.Lock()
 
     def read(self, offset, size):
@@ -40,8 +52,10 @@ class Markers:
 
     def write(self, offset, size, value):
         now = time.perf_counter_ns()
-        with self.lock:
+        usage = resource.getrusage(resource.RUSAGE_THREAD)
+        with self.lock:  # markers only: 2 + 2 x smp per run, never on the hypercall path
             self.times[value] = now
+            self.cpu[value] = (usage.ru_utime, usage.ru_stime)
 
 
 def run_once(kernel, count: int, smp: int) -> tuple[float, float]:
@@ -57,12 +71,48 @@ def run_once(kernel, count: int, smp: int) -> tuple[float, float]:
                for vp in counters.values())
     if done != count * (smp + 1):
         raise SystemExit(f"{done} successful calls, expected {count * (smp + 1)}")
-    t = markers.times
-    one = count / ((t[0x200] - t[0x100]) / 1e9)
+    t, cpu_time = markers.times, markers.cpu
+    phase1 = (t[0x200] - t[0x100]) / 1e9
+    one = count / phase1
     starts = [t[0x300 + cpu] for cpu in range(smp)]
     ends = [t[0x400 + cpu] for cpu in range(smp)]
-    together = smp * count / ((max(ends) - min(starts)) / 1e9)
-    return one, together
+    phase2 = (max(ends) - min(starts)) / 1e9
+    together = smp * count / phase2
+    gil_share = (cpu_time[0x200][0] - cpu_time[0x100][0]) / phase1
+    cores1 = (sum(cpu_time[0x200]) - sum(cpu_time[0x100])) / phase1
+    cores = sum(sum(cpu_time[0x400 + cpu]) - sum(cpu_time[0x300 + cpu])
+                for cpu in range(smp)) / phase2
+    return one, together, gil_share, (cores1, cores)
+
+
+def c_scaling(smp: int, count: int) -> float:
+    """Calls per second of SMP C VMM processes at once over one alone (bench/c/hv_loop.c)."""
+    import subprocess
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from common import LOAD_ADDRESS, build_c
+    from hv_roundtrip import guest_image
+
+    binary = build_c("hv_loop")
+    image, entry = guest_image("hypercall", count)
+    with tempfile.TemporaryDirectory() as tmp:
+        kernel = pathlib.Path(tmp) / "hv-hypercall.elf"
+        kernel.write_bytes(image)
+        command = [str(binary), str(kernel), hex(LOAD_ADDRESS), hex(entry), "hypercall",
+                   str(count)]
+        alone = float(subprocess.run(command, check=True, capture_output=True, text=True,
+                                     timeout=300).stdout)
+        started = time.perf_counter_ns()
+        processes = [subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+                     for _ in range(smp)]
+        for process in processes:
+            process.communicate(timeout=300)
+            if process.returncode:
+                raise SystemExit(f"{binary} failed ({process.returncode})")
+        elapsed = time.perf_counter_ns() - started
+    # ns per call alone vs the whole group's calls over the wall time of the group
+    return (smp * count / elapsed) / (1 / alone)
 
 
 def main(argv=None) -> float:
@@ -70,19 +120,36 @@ def main(argv=None) -> float:
     parser.add_argument("--count", type=int, default=5000, help="calls per vCPU per phase")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--smp", type=int, default=2)
+    parser.add_argument("--no-c", action="store_true", help="skip the C VMM's host ceiling")
     args = parser.parse_args(argv)
     kernel = build_guest([GUEST], output_dir=BUILD, extra_cflags=[f"-I{ROOT / 'tests/guests'}"])
-    ones, togethers, ratios = [], [], []
-    for _ in range(args.runs):
-        one, together = run_once(kernel, args.count, args.smp)
+    ones, togethers, ratios, shares, cores, cores1, c_ratios = [], [], [], [], [], [], []
+    for _ in range(args.runs):  # alternating with the C ceiling, so both see the same load
+        one, together, share, used = run_once(kernel, args.count, args.smp)
         ones.append(one)
         togethers.append(together)
         ratios.append(together / one)
+        shares.append(share)
+        cores1.append(used[0])
+        cores.append(used[1])
+        if not args.no_c:
+            c_ratios.append(c_scaling(args.smp, args.count * 4))
     ratio = statistics.median(ratios)
+    share = statistics.median(shares)
     print(f"hypercalls/s: one vCPU {statistics.median(ones):,.0f}, {args.smp} vCPUs at once "
           f"{statistics.median(togethers):,.0f}; scaling {ratio:.2f}x (ideal {args.smp}x; "
           f"median of {args.runs} runs, each ratio from one run: "
           f"{', '.join(f'{r:.2f}' for r in ratios)})")
+    print(f"GIL-held share of a round trip f = {share:.2f} (one vCPU: its thread's user CPU "
+          f"over wall time), so the GIL allows about {1 / share:.1f}x; CPU cores the vCPU threads "
+          f"got (their CPU time over wall time): one vCPU {statistics.median(cores1):.2f}, "
+          f"{args.smp} at once {statistics.median(cores):.2f} together "
+          f"(runs: {', '.join(f'{c:.2f}' for c in cores)})")
+    if c_ratios:
+        print(f"host ceiling: {args.smp} C VMM processes (no GIL) at once reach "
+              f"{statistics.median(c_ratios):.2f}x one alone (runs: "
+              f"{', '.join(f'{r:.2f}' for r in c_ratios)}); hvvmm's scaling is "
+              f"{ratio / statistics.median(c_ratios):.2f} of that")
     return ratio
 
 
