@@ -45,6 +45,8 @@ _N_GPRS = len(GPR_NAMES)
 _RAX, _RBX, _RCX, _RDX, _RSI, _RDI, _R8 = (GPR_INDEX[name] for name in
                                           ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8"))
 _U32 = 0xFFFF_FFFF
+# Vcpu.sync_values(): the GPRs, then these sregs fields.
+_CS_BASE, _CS_L, _SS_DPL, _CR0, _EFER = range(_N_GPRS, _N_GPRS + 5)
 
 
 class VcpuRegisters:
@@ -135,6 +137,50 @@ class VcpuRegisters:
         if self._fpu_dirty:
             self._vcpu.set_fpu(self._fpu)
             self._fpu_dirty = False
+
+
+class SyncRegisters:
+    """:class:`hvvmm.hv.hypercall.HypercallRegisters` straight over the sync-regs area of a
+    vCPU's ``kvm_run`` page (``KVM_CAP_SYNC_REGS``), made once per vCPU for the compact hypercall
+    path: GPR reads and writes go to the page, where KVM reloads the GPRs from at the next entry
+    (``kvm_dirty_regs``), so there is no snapshot to build and nothing to commit. The rarely
+    needed rest (continuation, XMM) goes through a :class:`VcpuRegisters` of the moment."""
+
+    __slots__ = ("_vcpu",)
+
+    def __init__(self, vcpu: Vcpu):
+        self._vcpu = vcpu
+
+    def _registers(self) -> VcpuRegisters:
+        return VcpuRegisters(self._vcpu, True)
+
+    def is_long_mode(self) -> bool:
+        return self._registers().is_long_mode()
+
+    def is_protected_mode(self) -> bool:
+        return self._registers().is_protected_mode()
+
+    def cpl(self) -> int:
+        return self._registers().cpl()
+
+    def get_gpr(self, name: str) -> int:
+        return self._vcpu.sync_gpr(GPR_INDEX[name])
+
+    def set_gpr(self, name: str, value: int) -> None:
+        self._vcpu.write_sync_gpr(GPR_INDEX[name], value)
+
+    def get_xmm(self, index: int) -> int:
+        return self._registers().get_xmm(index)
+
+    def set_xmm(self, index: int, value: int) -> None:
+        registers = self._registers()
+        registers.set_xmm(index, value)
+        registers.commit()
+
+    def retry(self) -> None:
+        registers = self._registers()
+        registers.retry()
+        registers.commit()
 
 
 class KvmHvPlatform:
@@ -451,31 +497,39 @@ class HyperV:
         partition = self.partition
         port_active = partition.hypercall_port_active
         hypercall_simple = partition.hypercall_simple
-        vcpu, index, use_sync = vcpu_thread.vcpu, vcpu_thread.index, self.use_sync_regs
+        vcpu, index = vcpu_thread.vcpu, vcpu_thread.index
         pio_write, port = vcpu_thread.pio_bus.write, self.port
+
+        direct = SyncRegisters(vcpu)
+        sync_values = vcpu.sync_values
 
         def on_hypercall(al: int) -> None:
             if not port_active():
                 pio_write(port, 1, al)  # an ordinary write to an unclaimed port
                 return
-            registers = VcpuRegisters(vcpu, use_sync)
+            use_sync = self.use_sync_regs  # read each time: tests switch it off
+            if use_sync:
+                io, g = direct, sync_values()
+                cr0, ss_dpl, long_mode = g[_CR0], g[_SS_DPL], g[_EFER] & EFER_LMA and g[_CS_L]
+            else:
+                io = VcpuRegisters(vcpu, False)
+                g, cr0, ss_dpl = io._gprs, io._cr0, io._ss_dpl
+                long_mode = io._efer & EFER_LMA and io._cs_l
             # Real mode and CPL > 0 are #UD (TLFS "Legal Hypercall Environments"): the general
             # path. CPL = SS.DPL (hypercall-trap.md §8).
-            if registers._cr0 & CR0_PE and not registers._ss_dpl:
-                gprs = registers._gprs
-                if registers._efer & EFER_LMA and registers._cs_l:
-                    handled = hypercall_simple(index, registers, True, gprs[_RCX], gprs[_RDX],
-                                               gprs[_R8])
+            if cr0 & CR0_PE and not ss_dpl:
+                if long_mode:
+                    handled = hypercall_simple(index, io, True, g[_RCX], g[_RDX], g[_R8])
                 else:
-                    handled = hypercall_simple(
-                        index, registers, False,
-                        (gprs[_RDX] & _U32) << 32 | gprs[_RAX] & _U32,
-                        (gprs[_RBX] & _U32) << 32 | gprs[_RCX] & _U32,
-                        (gprs[_RDI] & _U32) << 32 | gprs[_RSI] & _U32)
+                    handled = hypercall_simple(index, io, False,
+                                               (g[_RDX] & _U32) << 32 | g[_RAX] & _U32,
+                                               (g[_RBX] & _U32) << 32 | g[_RCX] & _U32,
+                                               (g[_RDI] & _U32) << 32 | g[_RSI] & _U32)
                 if handled:
-                    registers.commit()
+                    if io is not direct:
+                        io.commit()
                     return
-            self._dispatch(vcpu_thread, registers)
+            self._dispatch(vcpu_thread, VcpuRegisters(vcpu, True) if use_sync else io)
 
         return on_hypercall
 

@@ -404,6 +404,17 @@ class Vcpu:
         CS.L, SS.DPL, CR0 and EFER (what :class:`SyncSnapshot` holds, without the object)."""
         return _SYNC_ALL.unpack_from(self._run_view, _SYNC_GPRS_OFFSET)
 
+    def sync_gpr(self, index: int) -> int:
+        """GPR ``index`` (``GPR_NAMES`` order) in the sync-regs area, as it is now."""
+        return _U64.unpack_from(self._run_view, _SYNC_GPRS_OFFSET + 8 * index)[0]
+
+    def write_sync_gpr(self, index: int, value: int) -> None:
+        """:meth:`write_sync_gprs` for one GPR."""
+        view = self._run_view
+        _U64.pack_into(view, _SYNC_GPRS_OFFSET + 8 * index, value & 0xFFFF_FFFF_FFFF_FFFF)
+        _U64.pack_into(view, _DIRTY_REGS_OFFSET,
+                       _U64.unpack_from(view, _DIRTY_REGS_OFFSET)[0] | lib.KVM_SYNC_X86_REGS)
+
     def write_sync_gprs(self, values: Mapping[int, int]) -> None:
         """Set GPRs (``GPR_NAMES`` index -> value) in the sync-regs area; KVM loads all GPRs
         from there on the next entry."""
