@@ -142,16 +142,19 @@ class VcpuRegisters:
 class SyncRegisters:
     """:class:`hvvmm.hv.hypercall.HypercallRegisters` straight over the sync-regs area of a
     vCPU's ``kvm_run`` page (``KVM_CAP_SYNC_REGS``), made once per vCPU for the compact hypercall
-    path: GPR reads and writes go to the page, where KVM reloads the GPRs from at the next entry
-    (``kvm_dirty_regs``), so there is no snapshot to build and nothing to commit. The rarely
+    path: GPR reads and writes go to the page, so there is no snapshot to build; :meth:`commit`
+    makes KVM reload the GPRs from there at the next entry (``kvm_dirty_regs``). The rarely
     needed rest (continuation, XMM) goes through a :class:`VcpuRegisters` of the moment."""
 
-    __slots__ = ("_vcpu",)
+    __slots__ = ("_vcpu", "_put", "_dirty")
 
     def __init__(self, vcpu: Vcpu):
         self._vcpu = vcpu
+        self._put = vcpu.put_sync_gpr
+        self._dirty = False
 
     def _registers(self) -> VcpuRegisters:
+        self.commit()  # what was set stays set when that one commits
         return VcpuRegisters(self._vcpu, True)
 
     def is_long_mode(self) -> bool:
@@ -167,7 +170,13 @@ class SyncRegisters:
         return self._vcpu.sync_gpr(GPR_INDEX[name])
 
     def set_gpr(self, name: str, value: int) -> None:
-        self._vcpu.write_sync_gpr(GPR_INDEX[name], value)
+        self._put(GPR_INDEX[name], value)
+        self._dirty = True
+
+    def commit(self) -> None:
+        if self._dirty:
+            self._vcpu.mark_sync_gprs_dirty()
+            self._dirty = False
 
     def get_xmm(self, index: int) -> int:
         return self._registers().get_xmm(index)
@@ -501,7 +510,7 @@ class HyperV:
         pio_write, port = vcpu_thread.pio_bus.write, self.port
 
         direct = SyncRegisters(vcpu)
-        sync_values = vcpu.sync_values
+        sync_values = vcpu.sync_values_reader()
 
         def on_hypercall(al: int) -> None:
             if not port_active():
@@ -526,8 +535,7 @@ class HyperV:
                                                (g[_RBX] & _U32) << 32 | g[_RCX] & _U32,
                                                (g[_RDI] & _U32) << 32 | g[_RSI] & _U32)
                 if handled:
-                    if io is not direct:
-                        io.commit()
+                    io.commit()
                     return
             self._dispatch(vcpu_thread, VcpuRegisters(vcpu, True) if use_sync else io)
 

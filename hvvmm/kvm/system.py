@@ -404,14 +404,23 @@ class Vcpu:
         CS.L, SS.DPL, CR0 and EFER (what :class:`SyncSnapshot` holds, without the object)."""
         return _SYNC_ALL.unpack_from(self._run_view, _SYNC_GPRS_OFFSET)
 
+    def sync_values_reader(self) -> Callable[[], tuple[int, ...]]:
+        """:meth:`sync_values` as a C-level callable (no Python frame), for the hypercall exit."""
+        return functools.partial(_SYNC_ALL.unpack_from, self._run_view, _SYNC_GPRS_OFFSET)
+
     def sync_gpr(self, index: int) -> int:
         """GPR ``index`` (``GPR_NAMES`` order) in the sync-regs area, as it is now."""
         return _U64.unpack_from(self._run_view, _SYNC_GPRS_OFFSET + 8 * index)[0]
 
-    def write_sync_gpr(self, index: int, value: int) -> None:
-        """:meth:`write_sync_gprs` for one GPR."""
+    def put_sync_gpr(self, index: int, value: int) -> None:
+        """Store GPR ``index`` in the sync-regs area without marking it for KVM: call
+        :meth:`mark_sync_gprs_dirty` once after the last one."""
+        _U64.pack_into(self._run_view, _SYNC_GPRS_OFFSET + 8 * index,
+                       value & 0xFFFF_FFFF_FFFF_FFFF)
+
+    def mark_sync_gprs_dirty(self) -> None:
+        """KVM loads every GPR from the sync-regs area at the next entry."""
         view = self._run_view
-        _U64.pack_into(view, _SYNC_GPRS_OFFSET + 8 * index, value & 0xFFFF_FFFF_FFFF_FFFF)
         _U64.pack_into(view, _DIRTY_REGS_OFFSET,
                        _U64.unpack_from(view, _DIRTY_REGS_OFFSET)[0] | lib.KVM_SYNC_X86_REGS)
 
@@ -421,8 +430,7 @@ class Vcpu:
         view = self._run_view
         for index, value in values.items():
             _U64.pack_into(view, _SYNC_GPRS_OFFSET + 8 * index, value & 0xFFFF_FFFF_FFFF_FFFF)
-        _U64.pack_into(view, _DIRTY_REGS_OFFSET,
-                       _U64.unpack_from(view, _DIRTY_REGS_OFFSET)[0] | lib.KVM_SYNC_X86_REGS)
+        self.mark_sync_gprs_dirty()
 
     # -- register state -----------------------------------------------------------------------
 
