@@ -38,6 +38,9 @@ from hvvmm.hv.features import HyperVConfig
 from hvvmm.hv.hvdef import (
     HV_HYPERCALL_CODE_MASK,
     HV_U64_MASK,
+    HV_X64_MSR_APIC_FREQUENCY,
+    HV_X64_MSR_TSC_FREQUENCY,
+    HV_X64_MSR_VP_INDEX,
     HV_X64_SYNTHETIC_MSR_RANGES,
     SYNTHETIC_MSR_NAMES,
     HvStatus,
@@ -99,6 +102,14 @@ class TraceEvent:
 
 UNKNOWN_HYPERCALL = -1  # the counter key for every code no feature registered
 
+# Read-only synthetic MSRs whose value cannot change while the VM exists: the VP's own index
+# (TLFS "Virtual Processor Index": fixed when the VP is created) and the TSC and APIC timer
+# frequencies (TLFS "Partition Properties MSRs"; the host's, fixed at start). Once a VP has read
+# one through the MSR registry, Partition.msr_read answers it from the VP's cache: counted and
+# traced like every read, without the registry lookup and handler call.
+CONSTANT_MSRS = frozenset({HV_X64_MSR_VP_INDEX, HV_X64_MSR_TSC_FREQUENCY,
+                           HV_X64_MSR_APIC_FREQUENCY})
+
 
 @dataclass
 class VpState:
@@ -109,6 +120,8 @@ class VpState:
     msr_writes: Counter = field(default_factory=Counter)  # index -> count
     msr_faults: Counter = field(default_factory=Counter)  # (index, "read"|"write") -> count
     hypercalls: Counter = field(default_factory=Counter)  # (code, status or None) -> count
+    # CONSTANT_MSRS this VP has read once through the registry: index -> value.
+    constant_msrs: dict = field(default_factory=dict)
 
     def counters(self) -> dict[str, Any]:
         """JSON-ready counters, keyed by names (``HV_X64_MSR_VP_INDEX``,
@@ -305,15 +318,19 @@ class Partition:
         """RDMSR ``index`` on VP ``vp_index``. Returns the value or raises
         :class:`~hvvmm.hv.msr.MsrAccessFault` (inject #GP)."""
         vp = self._vp(vp_index)
-        try:
-            value = self.msrs.read(vp_index, index)
-        except MsrAccessFault as fault:
-            self._msr_fault(vp, fault)
-            raise
-        except Exception as error:  # noqa: BLE001 -- a handler bug: #GP, logged, counted
-            fault = self._handler_failed(vp_index, index, False, None, error)
-            self._msr_fault(vp, fault)
-            raise fault from error
+        value = vp.constant_msrs.get(index)
+        if value is None:
+            try:
+                value = self.msrs.read(vp_index, index)
+            except MsrAccessFault as fault:
+                self._msr_fault(vp, fault)
+                raise
+            except Exception as error:  # noqa: BLE001 -- a handler bug: #GP, logged, counted
+                fault = self._handler_failed(vp_index, index, False, None, error)
+                self._msr_fault(vp, fault)
+                raise fault from error
+            if index in CONSTANT_MSRS and self.msrs.get(index).read_only:
+                vp.constant_msrs[index] = value
         vp.msr_reads[index] += 1
         if self.on_event is not None:
             self._emit(vp_index, "msr_read", index, msr_name(index), {}, {"value": f"{value:#x}"})

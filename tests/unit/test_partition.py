@@ -539,3 +539,50 @@ def test_sweeps_of_unnamed_codes_and_msrs_leave_later_warnings_audible(caplog):
             partition.msr_write(0, hvdef.HV_X64_MSR_VP_INDEX, 1)  # read-only
     assert [r for r in caplog.records if r.levelno == logging.WARNING
             and "HV_X64_MSR_VP_INDEX" in r.getMessage()]
+
+
+# -- reads of MSRs that cannot change (CONSTANT_MSRS) -----------------------------------------
+
+
+def test_constant_msrs_are_read_once_through_the_registry_then_counted_and_traced_alike():
+    from dataclasses import replace
+
+    from hvvmm.hv.partition import CONSTANT_MSRS
+
+    events = []
+    partition, _ = make_partition("minimal,hv-frequencies")
+    partition.on_event = lambda event: events.append(event.to_dict())
+    handler_calls = []
+    for index in (*CONSTANT_MSRS, hvdef.HV_X64_MSR_GUEST_OS_ID):
+        msr = partition.msrs._msrs[index]  # count the registry's handler calls
+        partition.msrs._msrs[index] = replace(
+            msr, read=lambda vp, read=msr.read, index=index: handler_calls.append((vp, index))
+            or read(vp))
+    expected = {hvdef.HV_X64_MSR_VP_INDEX: 1, hvdef.HV_X64_MSR_TSC_FREQUENCY: FAKE_TSC_HZ,
+                hvdef.HV_X64_MSR_APIC_FREQUENCY: FAKE_APIC_HZ, hvdef.HV_X64_MSR_GUEST_OS_ID: 0}
+    for _ in range(3):
+        for index, value in expected.items():
+            assert partition.msr_read(1, index) == value
+    # The constant ones reached their handler once, GUEST_OS_ID every time.
+    assert sorted(handler_calls) == sorted([(1, index) for index in CONSTANT_MSRS]
+                                           + [(1, hvdef.HV_X64_MSR_GUEST_OS_ID)] * 3)
+    reads = partition.counters()["vp1"]["msr_reads"]
+    assert reads == {hvdef.msr_name(index): 3 for index in expected}
+    for event in events:
+        del event["time"]
+    assert events == [{"vp": 1, "kind": "msr_read", "number": f"{index:#x}",
+                       "name": hvdef.msr_name(index), "inputs": {},
+                       "result": {"value": f"{value:#x}"}}
+                      for _ in range(3) for index, value in expected.items()]
+    # Each VP has its own: VP 0 reads its own index.
+    assert partition.msr_read(0, hvdef.HV_X64_MSR_VP_INDEX) == 0
+
+
+def test_a_constant_msr_that_faults_is_not_cached():
+    partition, _ = make_partition("minimal")  # no hv-frequencies: TSC_FREQUENCY #GPs
+    for _ in range(2):
+        with pytest.raises(MsrAccessFault):
+            partition.msr_read(0, hvdef.HV_X64_MSR_TSC_FREQUENCY)
+    counters = partition.counters()["vp0"]
+    assert counters["msr_faults"] == {"HV_X64_MSR_TSC_FREQUENCY/read": 2}
+    assert partition.vps[0].constant_msrs == {}
