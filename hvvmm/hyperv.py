@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Sequence
 from .hv.msr import MsrAccessFault
 from .hv.platform import CrashReport, OverlayPage
 from .kvm import KvmError, KvmUnavailableError, Vcpu
+from .kvm.exits import PACKED_WRMSR
 from .kvm.system import GPR_INDEX, GPR_NAMES
 from .kvm import constants as kvmc
 from .logonce import LogOnce
@@ -422,6 +423,7 @@ class HyperV:
             vcpu_thread.msr_handler = self
             vcpu_thread.vcpu_ports[HYPERCALL_PORT] = self
             vcpu_thread.set_hypercall_exit(HYPERCALL_PORT, self._hypercall_exit(vcpu_thread))
+            vcpu_thread.set_msr_exit(self._msr_exit(vcpu_thread))
             if self.use_sync_regs:
                 vcpu_thread.vcpu.enable_sync_regs(SYNC_MASK)
 
@@ -540,6 +542,26 @@ class HyperV:
             self._dispatch(vcpu_thread, VcpuRegisters(vcpu, True) if use_sync else io)
 
         return on_hypercall
+
+    def _msr_exit(self, vcpu_thread):
+        """What :meth:`read_msr`/:meth:`write_msr` answer through the vCPU's ``msr_handler``,
+        as one function per vCPU for its packed MSR exits (``PACKED_MSR``)."""
+        msr_read, msr_write = self.partition.msr_read, self.partition.msr_write
+        vcpu, index = vcpu_thread.vcpu, vcpu_thread.index
+        complete_msr, complete_rdmsr, msr_value = (vcpu.complete_msr, vcpu.complete_rdmsr,
+                                                   vcpu.msr_value)
+
+        def on_msr(packed: int) -> None:
+            try:
+                if packed & PACKED_WRMSR:
+                    msr_write(index, packed & _U32, msr_value())
+                    complete_msr(True)
+                else:
+                    complete_rdmsr(msr_read(index, packed & _U32))
+            except MsrAccessFault:
+                complete_msr(False)  # #GP, as the TLFS says
+
+        return on_msr
 
     def _dispatch(self, vcpu_thread, registers: VcpuRegisters) -> None:
         outcome = self.partition.hypercall(vcpu_thread.index, registers)

@@ -97,6 +97,8 @@ class VcpuThread:
         self.observers: list[ExitObserver] = []
         # A 1-byte OUT to the hypercall port, handed AL (set_hypercall_exit); None: no Hyper-V.
         self.hypercall_exit: Callable[[int], None] | None = None
+        # Answers a packed MSR exit in place of msr_handler (set_msr_exit); None: msr_handler.
+        self.msr_exit: Callable[[int], None] | None = None
         # Completes instructions KVM's emulator cannot run (hvvmm.x86.kvm_adapter); returns None
         # when the vCPU may go on, else the line that ends the run. Set by the machine.
         self.complete_instruction: Callable[["VcpuThread", InternalErrorExit], str | None] | \
@@ -111,6 +113,12 @@ class VcpuThread:
         observers go through :attr:`vcpu_ports` instead. Call before the thread starts."""
         self.hypercall_exit = handler
         self.vcpu.set_hypercall_port(port)
+
+    def set_msr_exit(self, handler: Callable[[int], None]) -> None:
+        """Answer packed MSR exits with ``handler(packed)`` (it completes the access in the
+        kvm_run page) rather than through :attr:`msr_handler`, which still answers the exits
+        observers see. Call before the thread starts."""
+        self.msr_exit = handler
 
     # -- thread management --------------------------------------------------------------------
 
@@ -175,7 +183,7 @@ class VcpuThread:
         vcpu_ports = self.vcpu_ports
         pio = self.pio_bus
         pio_read, pio_write = pio.read, pio.write
-        hypercall_exit, packed_msr = self.hypercall_exit, self._packed_msr
+        hypercall_exit, packed_msr = self.hypercall_exit, self.msr_exit or self._packed_msr
         while True:
             packed = run_packed()
             if packed > 0 and not observers:
