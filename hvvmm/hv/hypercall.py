@@ -658,7 +658,6 @@ class HypercallDispatcher:
         if access_allowed is not None and not access_allowed():
             return None
         memory = self.memory
-        output_view = None
         if control & HV_HYPERCALL_FAST_BIT:
             if not fast_ok:
                 return None
@@ -672,14 +671,10 @@ class HypercallDispatcher:
                                or first % HV_PAGE_SIZE + input_size > HV_PAGE_SIZE
                                or not memory.contains(first, input_size)):
                 return None
-            if output_size:
-                if second % HV_HYPERCALL_PARAM_ALIGN \
-                        or second % HV_PAGE_SIZE + output_size > HV_PAGE_SIZE:
-                    return None
-                try:
-                    output_view = memory.view(second, output_size)
-                except GuestMemoryError:
-                    return None
+            if output_size and (second % HV_HYPERCALL_PARAM_ALIGN
+                                or second % HV_PAGE_SIZE + output_size > HV_PAGE_SIZE
+                                or not memory.contains(second, output_size)):
+                return None
             header = memory.read(first, input_size) if input_size else b""
         time_budget = self.time_budget
         request = HypercallRequest.simple(
@@ -704,9 +699,13 @@ class HypercallDispatcher:
         else:
             return self._finish_simple_general(io, vp_index, long_mode, control, first, second,
                                                spec, request, result)
-        if output_view is not None:
+        if output_size:  # never on a fast call here (fast_ok: no output)
             # TLFS: output is valid only on success; padding may be overwritten with zeros.
-            output_view[:] = output.ljust(output_size, b"\0")
+            try:
+                memory.write(second, output.ljust(output_size, b"\0"))
+            except GuestMemoryError:  # RAM went away meanwhile: the general completion says so
+                return self._finish_simple_general(io, vp_index, long_mode, control, first,
+                                                   second, spec, request, result)
         # compose_result(SUCCESS, 0) is 0: RAX, or EDX:EAX (TLFS "Hypercall Outputs").
         if long_mode:
             io.set_gpr("rax", 0)
