@@ -39,12 +39,25 @@ BUILD = ROOT / "bench" / ".build"
 MARKER_PORT = 0x5E0
 
 
+def schedstat() -> tuple[int, int]:
+    """The calling thread's time on a CPU and time waiting runnable for one, in ns (Linux
+    /proc/thread-self/schedstat); (0, 0) where the kernel does not offer it."""
+    try:
+        with open("/proc/thread-self/schedstat") as stat:
+            running, waiting, _ = stat.read().split()
+        return int(running), int(waiting)
+    except (OSError, ValueError):
+        return 0, 0
+
+
 class Markers:
-    """Host time and the calling vCPU thread's (user, system) CPU time at each marker."""
+    """Host time, the calling vCPU thread's (user, system) CPU time and its schedstat at each
+    marker."""
 
     def __init__(self):
         self.times: dict[int, int] = {}
         self.cpu: dict[int, tuple[float, float]] = {}
+        self.sched: dict[int, tuple[int, int]] = {}
         self.lock = threading.Lock()
 
     def read(self, offset, size):
@@ -53,9 +66,11 @@ class Markers:
     def write(self, offset, size, value):
         now = time.perf_counter_ns()
         usage = resource.getrusage(resource.RUSAGE_THREAD)
+        sched = schedstat()
         with self.lock:  # markers only: 2 + 2 x smp per run, never on the hypercall path
             self.times[value] = now
             self.cpu[value] = (usage.ru_utime, usage.ru_stime)
+            self.sched[value] = sched
 
 
 def run_once(kernel, count: int, smp: int) -> tuple[float, float]:
@@ -82,7 +97,17 @@ def run_once(kernel, count: int, smp: int) -> tuple[float, float]:
     cores1 = (sum(cpu_time[0x200]) - sum(cpu_time[0x100])) / phase1
     cores = sum(sum(cpu_time[0x400 + cpu]) - sum(cpu_time[0x300 + cpu])
                 for cpu in range(smp)) / phase2
-    return one, together, gil_share, (cores1, cores)
+    # Phase 2, each vCPU thread from its start marker to its end marker: running, waiting
+    # runnable for a host CPU, and the rest, blocked (a vCPU thread that loops on hypercalls
+    # blocks only on the GIL), as shares of its wall time, summed over the vCPUs.
+    split = [0.0, 0.0, 0.0]
+    for cpu in range(smp):
+        wall = t[0x400 + cpu] - t[0x300 + cpu]
+        ran = markers.sched[0x400 + cpu][0] - markers.sched[0x300 + cpu][0]
+        waited = markers.sched[0x400 + cpu][1] - markers.sched[0x300 + cpu][1]
+        for i, part in enumerate((ran, waited, wall - ran - waited)):
+            split[i] += part / wall / smp
+    return one, together, gil_share, (cores1, cores), split
 
 
 def c_scaling(smp: int, count: int) -> float:
@@ -124,8 +149,10 @@ def main(argv=None) -> float:
     args = parser.parse_args(argv)
     kernel = build_guest([GUEST], output_dir=BUILD, extra_cflags=[f"-I{ROOT / 'tests/guests'}"])
     ones, togethers, ratios, shares, cores, cores1, c_ratios = [], [], [], [], [], [], []
+    splits = []
     for _ in range(args.runs):  # alternating with the C ceiling, so both see the same load
-        one, together, share, used = run_once(kernel, args.count, args.smp)
+        one, together, share, used, split = run_once(kernel, args.count, args.smp)
+        splits.append(split)
         ones.append(one)
         togethers.append(together)
         ratios.append(together / one)
@@ -145,6 +172,11 @@ def main(argv=None) -> float:
           f"got (their CPU time over wall time): one vCPU {statistics.median(cores1):.2f}, "
           f"{args.smp} at once {statistics.median(cores):.2f} together "
           f"(runs: {', '.join(f'{c:.2f}' for c in cores)})")
+    running, waiting, blocked = (statistics.median(split[i] for split in splits)
+                                 for i in range(3))
+    print(f"phase 2, each vCPU thread's wall time: {running:.0%} running, {waiting:.0%} waiting "
+          f"for a host CPU, {blocked:.0%} blocked (the GIL) (medians over runs, "
+          "/proc/thread-self/schedstat)")
     if c_ratios:
         print(f"host ceiling: {args.smp} C VMM processes (no GIL) at once reach "
               f"{statistics.median(c_ratios):.2f}x one alone (runs: "
