@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import shutil
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -42,6 +43,22 @@ def guest_image():
         return build_guest(sources, output_dir=GUEST_CACHE)
 
     return build
+
+
+@pytest.fixture(scope="session")
+def host_tool():
+    """``host_tool("qemu-img", "qemu-utils")``: the path of a program that the README's install
+    line (and so .ci/run) installs from Debian package ``qemu-utils``. A missing one fails the
+    test, it does not skip: a skip would read as a pass of a check that never ran."""
+
+    def find(program: str, package: str) -> str:
+        path = shutil.which(program)
+        if path is None:
+            pytest.fail(f"{program} is missing: install the Debian package {package} "
+                        "(the README's install line does)")
+        return path
+
+    return find
 
 
 @pytest.fixture()

@@ -1,10 +1,7 @@
 """The initramfs builder: busybox's own cpio reads back exactly what was written."""
 
 import gzip
-import shutil
 import subprocess
-
-import pytest
 
 from initramfs import Entry, busybox_initramfs, newc_archive
 
@@ -18,9 +15,8 @@ def test_newc_header_layout():
     assert b"TRAILER!!!\0" in archive
 
 
-@pytest.mark.skipif(shutil.which("busybox") is None, reason="busybox (Debian busybox-static, "
-                    "installed by .ci/run) is the independent cpio reader")
-def test_busybox_reads_the_archive(tmp_path):
+def test_busybox_reads_the_archive(tmp_path, host_tool):
+    host_tool("busybox", "busybox-static")  # the independent cpio reader
     image = busybox_initramfs(b"\x7fELF fake busybox", compress=True)
     archive = gzip.decompress(image)
     listing = subprocess.run(["busybox", "cpio", "-t"], input=archive, capture_output=True,

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import struct
 import subprocess
 
@@ -181,12 +180,11 @@ def test_usage_and_io_errors(capsys, tmp_path):
     assert status == 3
 
 
-@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img (qemu-utils) missing")
-def test_qemu_img_agrees_with_convert(capsys, tmp_path):
+def test_qemu_img_agrees_with_convert(capsys, tmp_path, host_tool):
     source, target = tmp_path / "src.raw", tmp_path / "dst.vhd"
     run(capsys, "create", "-f", "raw", source, "7M")
     fill(source, 8)
     assert run(capsys, "convert", "-O", "vhd", source, target)[0] == 0
-    result = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "vpc", str(source),
+    result = subprocess.run([host_tool("qemu-img", "qemu-utils"), "compare", "-f", "raw", "-F", "vpc", str(source),
                              str(target)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import random
-import shutil
 import struct
 import subprocess
 
@@ -646,15 +645,28 @@ def test_stale_footer_copy_is_reported_and_repaired(tmp_path):
 
 # -- interop -----------------------------------------------------------------------------------
 
-needs_qemu_img = pytest.mark.skipif(shutil.which("qemu-img") is None or
-                                    shutil.which("qemu-io") is None,
-                                    reason="qemu-img/qemu-io (Debian qemu-utils) not installed")
-
 try:
     import pyvhdi
 except ImportError:   # pragma: no cover
     pyvhdi = None
-needs_libvhdi = pytest.mark.skipif(pyvhdi is None, reason="libvhdi-python (pyvhdi) not installed")
+
+
+# The independent readers are prerequisites (README install line, setup.cfg's test extra): a
+# missing one fails the tests that use it instead of skipping them.
+@pytest.fixture()
+def qemu_utils(host_tool):
+    host_tool("qemu-img", "qemu-utils")
+    host_tool("qemu-io", "qemu-utils")
+
+
+@pytest.fixture()
+def libvhdi():
+    if pyvhdi is None:
+        pytest.fail("libvhdi-python (module pyvhdi) is missing: pip install -e '.[test]'")
+
+
+needs_qemu_img = pytest.mark.usefixtures("qemu_utils")
+needs_libvhdi = pytest.mark.usefixtures("libvhdi")
 
 
 def qemu_source(path, current_size: bool = False) -> list[str]:
