@@ -10,12 +10,13 @@ import time
 from hvvmm.pytest_plugin import assert_guest_passed  # noqa: F401  (the plugin's, for these tests)
 
 
-def read_line(proc: subprocess.Popen, timeout: float = 30.0) -> str:
-    """The next line ``proc`` writes to stdout, without the newline. Raises AssertionError if no
+def read_line(proc: subprocess.Popen, timeout: float = 30.0, stream=None) -> str:
+    """The next line ``proc`` writes to stdout (or ``stream``, e.g. ``proc.stderr``), without the
+    newline. Raises AssertionError if no
     whole line arrives within ``timeout`` seconds (a guest that never prints must fail the test,
     not hang it). Reads the raw pipe a byte at a time, so nothing past the line is consumed and a
     later ``communicate()`` still sees the rest."""
-    fd = proc.stdout.fileno()
+    fd = (proc.stdout if stream is None else stream).fileno()
     deadline = time.monotonic() + timeout
     line = bytearray()
     while not line.endswith(b"\n"):

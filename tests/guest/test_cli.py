@@ -9,6 +9,8 @@ import time
 import pytest
 from procutil import read_line
 
+from hvvmm import Machine
+
 pytestmark = pytest.mark.guest
 
 HVVMM = [sys.executable, "-m", "hvvmm"]
@@ -269,17 +271,21 @@ def halted_guest(tmp_path_factory):
 @pytest.mark.parametrize("front_end", ["run", "qemu"])
 def test_a_guest_halted_for_good_is_reported_once(halted_guest, front_end):
     if front_end == "run":
-        command = [*HVVMM, "run", "--kernel", halted_guest, "--smp", "2", "--timeout", "5"]
+        command = [*HVVMM, "run", "--kernel", halted_guest, "--smp", "2", "--timeout", "120"]
     else:  # no isa-debug-exit: the guest's end is a halt (the example)
         command = [*HVVMM, "qemu", "-kernel", halted_guest, "-serial", "stdio", "-smp", "2"]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             stdin=subprocess.DEVNULL, text=True)
     try:
         assert read_line(proc) == "last line"
-        if front_end == "qemu":
-            time.sleep(4)
-            proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=30)
+        # Wait for the report itself, not a fixed time (a loaded machine probes late), then
+        # give a second report the time of a few probes to show up before stopping the run.
+        stderr = ""
+        while "halted with interrupts disabled" not in stderr:
+            stderr += read_line(proc, timeout=60, stream=proc.stderr) + "\n"
+        time.sleep(3 * Machine.HALT_PROBE_INTERVAL)
+        proc.send_signal(signal.SIGTERM)
+        stderr += proc.communicate(timeout=30)[1]
     finally:
         proc.kill()
     lines = [line for line in stderr.splitlines() if "halted with interrupts disabled" in line]
