@@ -83,3 +83,15 @@ def test_install_line_as_a_user_with_sudo(tmp_path):
     assert calls[0].startswith("sudo apt-get update") and "apt-get update" in calls[1]
     assert calls[2].startswith("sudo apt-get install -y gcc")
     assert not any(call.startswith("sudo") for call in calls[4:])  # pip and hvvmm: not as root
+
+
+def test_the_install_line_installs_every_package_the_tests_require():
+    """Tests fail, not skip, where a Debian tool they use is missing (tests/conftest.py's
+    ``host_tool``), so the install line must install each package they name."""
+    sources = "".join(path.read_text() for path in (ROOT / "tests").rglob("*.py"))
+    named = set(re.findall(r'host_tool\("[^"]+", "([^"]+)"\)|Debian package ([a-z0-9.+-]+)',
+                           sources))
+    required = {package for pair in named for package in pair if package}
+    assert {"qemu-utils", "busybox-static", "acpica-tools"} <= required  # the search works
+    installed = set(re.search(r"apt-get install -y ([^&;]+)", INSTALL).group(1).split())
+    assert required <= installed, required - installed
