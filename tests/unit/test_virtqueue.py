@@ -58,6 +58,10 @@ def test_ring_wraps_around_the_16_bit_index():
 @pytest.mark.parametrize("corrupt,match", [
     (lambda d: d.write_desc(DESC, 0, 0x10000, 16, VIRTQ_DESC_F_NEXT, 0), "loops"),
     (lambda d: d.write_desc(DESC, 0, 0x10000, 16, VIRTQ_DESC_F_NEXT, 99), "next index"),
+    # one past the last entry (16 descriptors): the boundary itself
+    (lambda d: d.write_desc(DESC, 0, 0x10000, 16, VIRTQ_DESC_F_NEXT, 16), "next index"),
+    (lambda d: (d.write_desc(0x4000, 0, 0x10000, 1, VIRTQ_DESC_F_NEXT, 2),
+                d.write_desc(DESC, 0, 0x4000, 32, VIRTQ_DESC_F_INDIRECT)), "next index"),
     (lambda d: d.write_desc(DESC, 0, MEMORY_SIZE - 8, 16, 0), "outside RAM"),
     (lambda d: d.write_desc(DESC, 0, 1 << 40, 16, 0), "outside RAM"),
     (lambda d: d.write_desc(DESC, 0, 0x10000, 0xFFFF_FFFF, 0), "outside RAM"),
