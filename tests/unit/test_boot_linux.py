@@ -214,6 +214,19 @@ def load(image: bytes, ram: int = RAM, **kwargs) -> tuple[GuestMemory, BootState
 # -- format detection -----------------------------------------------------------------------------
 
 
+def test_the_setup_header_ends_at_0x202_plus_the_jump_offset():
+    """boot.rst: the header ends at 0x202 + the byte at 0x201 (0x6A here: 0x26C, after
+    kernel_info_offset). Its last byte reaches the zero page; the byte after it does not."""
+    image = bytearray(bzimage())
+    put(image, 0x268, 4, 0xA1B2C3D4)  # kernel_info_offset: the header's last 4 bytes
+    image[0x26C] = 0x77                # not header: the setup code that follows it
+    header = linux.parse_setup_header(bytes(image))
+    assert len(header.raw) == 0x26C and header["kernel_info_offset"] == 0xA1B2C3D4
+    params = linux.make_boot_params(header.raw, memory_map=MAP, cmdline_addr=0x20000,
+                                    initrd=None, rsdp=None)
+    assert params[0x268:0x26C] == image[0x268:0x26C] and params[0x26C] == 0
+
+
 def test_format_detection():
     checksum = -(0x1BADB002 + 0x10003) & 0xFFFFFFFF
     multiboot_header = struct.pack("<III", 0x1BADB002, 0x10003, checksum)
