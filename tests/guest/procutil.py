@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import select
 import subprocess
+import sys
 import time
 
 from hvvmm.pytest_plugin import assert_guest_passed  # noqa: F401  (the plugin's, for these tests)
@@ -30,6 +31,18 @@ def read_line(proc: subprocess.Popen, timeout: float = 30.0, stream=None) -> str
                 raise AssertionError(f"output ended before a whole line (got {bytes(line)!r})")
             line += byte
     return line[:-1].decode(errors="replace")
+
+
+HVVMM = [sys.executable, "-m", "hvvmm"]  # the installed hvvmm's command line, as a user runs it
+
+
+def run_hvvmm(*args, timeout: float = 120, env: dict[str, str] | None = None
+              ) -> subprocess.CompletedProcess:
+    """``python -m hvvmm ARGS`` run to its end (bounded by ``timeout``: a guest that hangs fails
+    the test), stdin closed, stdout and stderr captured as text; ``env`` adds variables."""
+    return subprocess.run([*HVVMM, *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def describe(proc: subprocess.CompletedProcess) -> str:

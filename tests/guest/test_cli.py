@@ -3,23 +3,15 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
-from procutil import read_line
+from procutil import HVVMM, read_line
+from procutil import run_hvvmm as hvvmm
 
 from hvvmm import Machine
 
 pytestmark = pytest.mark.guest
-
-HVVMM = [sys.executable, "-m", "hvvmm"]
-
-
-def hvvmm(*args, env=None, timeout=60):
-    return subprocess.run([*HVVMM, *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
-
 
 def assert_one_line_error(proc, status, fragment):
     assert proc.returncode == status, proc.stderr

@@ -4,24 +4,19 @@ and powers off. The image afterwards holds the written sector and nothing else c
 
 import os
 import subprocess
-import sys
 
 import pytest
+from procutil import HVVMM
+from procutil import run_hvvmm as hvvmm
 
 from hvvmm.block import RawBackend
 from hvvmm.guestbuild import build_boot_sector
 
 pytestmark = [pytest.mark.guest, pytest.mark.slow]  # each test boots SeaBIOS (seconds)
 
-HVVMM = [sys.executable, "-m", "hvvmm"]
 GUESTS = os.path.join(os.path.dirname(__file__), "..", "guests")
 SECTOR = 512
 PATTERN = bytes((i & 0xFF) ^ 0x5A for i in range(SECTOR))  # what mbr.S writes to LBA 2
-
-
-def hvvmm(*args, timeout=120):
-    return subprocess.run([*HVVMM, *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture(scope="session")

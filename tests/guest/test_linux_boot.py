@@ -10,12 +10,11 @@ from __future__ import annotations
 import gzip
 import lzma
 import os
-import subprocess
-import sys
 
 import lz4.block
 import pytest
 from linuxboot import build_bzimage, build_pvh
+from procutil import run_hvvmm as _hvvmm
 
 from hvvmm import ExitKind, Machine, MachineConfig
 from hvvmm.layout import E820_RAM, PC
@@ -150,11 +149,6 @@ def test_the_rsdp_address_reaches_the_kernel(kernels, name, decompress, acpi):
 
 
 # -- the command lines ---------------------------------------------------------------------------
-
-def _hvvmm(*args):
-    return subprocess.run([sys.executable, "-m", "hvvmm", *map(str, args)], capture_output=True,
-                          text=True, timeout=60, stdin=subprocess.DEVNULL)
-
 
 def test_hvvmm_run_kernel_initrd_append(kernels):
     initrd = kernels["initrd"]
