@@ -9,7 +9,8 @@ import struct
 import pytest
 
 from hvvmm.acpi import build_acpi_tables
-from hvvmm.acpi.loader import LOADER_FILE, RSDP_FILE, TABLES_FILE, build_firmware_files
+from hvvmm.acpi.loader import (LOADER_FILE, RSDP_FILE, TABLES_FILE, allocate,
+                               build_firmware_files)
 from hvvmm.acpi.tables import link
 from hvvmm.layout import PC
 
@@ -95,3 +96,11 @@ def test_loader_commands_allocate_first_then_pointers_before_checksums() -> None
     assert commands.count(2) == 10 and commands.count(3) == 7
     zones = {script[i + 4:i + 60].rstrip(b"\0"): script[i + 64] for i in (0, 128)}
     assert zones == {TABLES_FILE.encode(): 1, RSDP_FILE.encode(): 2}
+
+
+def test_a_file_name_must_leave_room_for_its_nul() -> None:
+    # The loader's file name fields are 56 bytes, NUL-terminated (QEMU
+    # hw/acpi/bios-linker-loader.c, BIOS_LINKER_LOADER_FILESZ): 55 characters fit, 56 do not.
+    assert allocate("f" * 55, 16, 1)[4:60] == b"f" * 55 + b"\0"
+    with pytest.raises(ValueError, match="too long"):
+        allocate("f" * 56, 16, 1)

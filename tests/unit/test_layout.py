@@ -19,6 +19,14 @@ def test_pci_window_lies_between_low_ram_and_the_ioapic():
         assert all(e.end <= start or e.base >= end for e in PC.memory_map(size))
 
 
+def test_pci_window_starts_where_seabios_puts_it():
+    # SeaBIOS src/fw/pciinit.c, i440fx_mem_addr_setup: at 2 GiB for up to 2 GiB of low RAM
+    # (2 GiB itself included), else at 3 GiB.
+    expected = {256 * MiB: 2 * GiB, 2 * GiB: 2 * GiB, 2 * GiB + 4096: 3 * GiB,
+                3 * GiB: 3 * GiB, 8 * GiB: 3 * GiB}
+    assert {size: PC.pci_mmio_window(size)[0] for size in expected} == expected
+
+
 def test_firmware_fits_above_kvm_pages():
     assert PC.firmware_end - PC.firmware_max_size >= PC.kvm_tss + 3 * 4096
 
