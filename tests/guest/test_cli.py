@@ -253,11 +253,8 @@ int main(void)
 
 
 @pytest.fixture(scope="module")
-def halted_guest(tmp_path_factory):
-    from hvvmm.guestbuild import build_guest_source
-
-    return str(build_guest_source(HALTED_FOR_GOOD, name="halted_for_good",
-                                  output_dir=tmp_path_factory.mktemp("halted")))
+def halted_guest(hvvmm_build_guest):
+    return str(hvvmm_build_guest(source=HALTED_FOR_GOOD, name="halted_for_good"))
 
 
 @pytest.mark.parametrize("front_end", ["run", "qemu"])

@@ -15,7 +15,6 @@ from procutil import read_line
 pytestmark = pytest.mark.guest
 
 QEMU = [sys.executable, "-m", "hvvmm", "qemu"]
-GUEST_CACHE = pathlib.Path(__file__).resolve().parents[1] / ".guest-cache"
 # kvm-unit-tests' x86/run: "${qemu} --no-reboot -nodefaults $pc_testdev -vnc none -serial stdio
 # $pci_testdev -machine accel=$ACCEL -kernel"
 KUT = ["--no-reboot", "-nodefaults", "-device", "pc-testdev", "-device",
@@ -58,12 +57,8 @@ def only_warnings(stderr: str) -> bool:
 
 
 @pytest.fixture(scope="module")
-def reset_guest(tmp_path_factory):
-    from hvvmm.guestbuild import build_guest
-
-    source = tmp_path_factory.mktemp("qemu_guest") / "qemu_reset.c"
-    source.write_text(RESET_GUEST)
-    return build_guest([source], output_dir=GUEST_CACHE)
+def reset_guest(hvvmm_build_guest):
+    return hvvmm_build_guest(source=RESET_GUEST, name="qemu_reset")
 
 
 @pytest.fixture(scope="module")
