@@ -140,18 +140,19 @@ def test_reboot_exits_with_status_10_when_asked(disk):
     assert "MBR: rebooting" in proc.stdout and "booted again" not in proc.stdout
 
 
-def test_a_vhd_disk_boots_and_keeps_the_write(disk, tmp_path):
+def test_a_vhd_disk_boots_and_keeps_the_write(disk, tmp_path, host_tool):
     """The same MBR from a dynamic VHD made by qemu-img (format probed): the written sector is
     in the image afterwards, as qemu-img reads it back."""
     path, original = disk
     vhd = tmp_path / "disk.vhd"
-    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic",
+    qemu_img = host_tool("qemu-img", "qemu-utils")
+    subprocess.run([qemu_img, "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=dynamic",
                     str(path), str(vhd)], check=True, capture_output=True)
     proc = hvvmm("run", str(vhd), "--timeout", "60")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "MBR: ok" in proc.stdout
     back = tmp_path / "back.img"
-    subprocess.run(["qemu-img", "convert", "-f", "vpc", "-O", "raw", str(vhd), str(back)],
+    subprocess.run([qemu_img, "convert", "-f", "vpc", "-O", "raw", str(vhd), str(back)],
                    check=True, capture_output=True)
     assert back.read_bytes()[:len(original)] == expected_after_write(original)
 
