@@ -190,6 +190,10 @@ def test_pirq_routing_reaches_the_routed_isa_irq_and_follows_reroutes():
     assert lines[-2:] == [(11, False), (10, True)] or lines[-2:] == [(10, True), (11, False)]
     fn.set_intx(False)
     assert lines[-1] == (10, False)
+    # Bit 7 (IRQEN#) disables the route whatever the IRQ bits hold (82371SB PIRQRC[A:D]).
+    cfg_write(pio, 0x08, 0x60 + pirq, 1, 0x80 | 11)
+    fn.set_intx(True)
+    assert lines[-1] == (10, False)  # no line rose
 
 
 def test_shared_irq_stays_high_while_any_device_asserts():
