@@ -8,6 +8,14 @@ Formats register themselves in :data:`FORMATS`; :func:`open_image` picks one fro
 (``probe``) unless the caller names it. Raw files are the first format; VHD (``vhd.py``) plugs
 in the same way.
 
+Probing is dangerous for raw images: a guest that owns a raw disk can write a VHD footer into it,
+and the next probe would take the file for a VHD, perhaps a differencing one that names a host
+file as its parent. So, as QEMU does (``block.c`` warns "probing guessed raw", ``raw-format.c``
+``raw_co_pwritev`` refuses writes to sector 0 of a probed raw image that would change the probe's
+answer), a raw image opened writable without a named format logs a warning, and a write to its
+first or last sector (the bytes the probes read) that would make it probe as another format fails
+with EPERM. Naming ``format=raw`` lifts the restriction.
+
 Images are locked as QEMU locks them (QEMU ``block/file-posix.c``, ``raw_apply_lock_bytes``): open
 file description locks on byte 100 + permission ("I use it") and 200 + permission ("I do not let
 others use it"), so two processes, hvvmm or QEMU, cannot both open one image writable, and nobody
@@ -18,13 +26,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import struct
-import threading
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
 SECTOR_SIZE = 512
+
+log = logging.getLogger(__name__)
 
 __all__ = ["SECTOR_SIZE", "BlockBackend", "BlockError", "ImageFormatError", "ImageLockedError",
            "RawBackend", "ImageFormat", "FORMATS", "open_image", "probe_format", "lock_image"]
@@ -109,12 +119,15 @@ def lock_image(fd: int, path: str, writable: bool) -> None:
 
 class RawBackend:
     """A raw image file: sector N is at byte N * 512. ``cache="none"`` makes every write reach
-    stable storage before it completes (O_DSYNC); ``"writeback"`` leaves that to :meth:`flush`."""
+    stable storage before it completes (O_DSYNC); ``"writeback"`` leaves that to :meth:`flush`.
+    ``probed``: the format was guessed, so writes may not make the file probe as another format
+    (see the module's docstring)."""
 
     def __init__(self, path: str | os.PathLike, read_only: bool = False, cache: str = "writeback",
-                 lock: bool = True):
+                 lock: bool = True, probed: bool = False):
         self.path = os.fspath(path)
         self.read_only = read_only
+        self.probed = probed
         if cache not in ("writeback", "none"):
             raise ValueError(f"cache must be 'writeback' or 'none' (got {cache!r})")
         flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
@@ -135,7 +148,6 @@ class RawBackend:
         except BaseException:
             os.close(self._fd)
             raise
-        self._lock = threading.Lock()
 
     def _check(self, sector: int, count: int) -> int:
         if sector < 0 or count < 0 or (sector + count) * SECTOR_SIZE > self.size:
@@ -156,10 +168,29 @@ class RawBackend:
         if len(data) % SECTOR_SIZE:
             raise BlockError(errno.EINVAL, "a write must be whole sectors")
         offset = self._check(sector, len(data) // SECTOR_SIZE)
-        view = memoryview(data)
+        view = memoryview(data).cast("B")
+        if self.probed and view:
+            self._refuse_format_change(sector, view)
         while view:
             done = os.pwrite(self._fd, view, offset)
             view, offset = view[done:], offset + done
+
+    def _refuse_format_change(self, sector: int, view: memoryview) -> None:
+        """A probed raw image: refuse a write to the first or last sector after which the file
+        would probe as another format (QEMU ``block/raw-format.c``, ``raw_co_pwritev``, guards
+        sector 0; our VHD probe also reads the last sector, so that one is guarded too)."""
+        last = self.size // SECTOR_SIZE - 1
+        end = sector + len(view) // SECTOR_SIZE - 1
+        if sector > 0 and end < last:
+            return
+        head = view[:SECTOR_SIZE] if sector == 0 else os.pread(self._fd, SECTOR_SIZE, 0)
+        tail = view[-SECTOR_SIZE:] if end == last else \
+            os.pread(self._fd, SECTOR_SIZE, last * SECTOR_SIZE)
+        format = _probe(bytes(head), bytes(tail), self.size)
+        if format != "raw":
+            raise BlockError(errno.EPERM, f"{self.path}: refused a write that would make this "
+                                          f"probed raw image look like a {format} image (name "
+                                          "format=raw to allow it)")
 
     def flush(self) -> None:
         if not self.read_only:
@@ -203,7 +234,8 @@ def _fallocate_punch_hole(fd: int, offset: int, length: int) -> None:
 @dataclass(frozen=True)
 class ImageFormat:
     """An image format: ``probe(head, tail, size)`` says whether the file is one (``head`` is its
-    first 64 KiB, ``tail`` its last 512 bytes); ``open(path, read_only, cache)`` opens it."""
+    first 512 bytes, ``tail`` its last 512 bytes, as QEMU probes 512 bytes: ``block.c``
+    ``BLOCK_PROBE_BUF_SIZE``); ``open(path, read_only, cache)`` opens it."""
 
     name: str
     probe: Callable[[bytes, bytes, int], bool]
@@ -217,27 +249,37 @@ FORMATS: dict[str, ImageFormat] = {
 }
 
 
+def _probe(head: bytes, tail: bytes, size: int) -> str:
+    return next((name for name, fmt in FORMATS.items()
+                 if name != "raw" and fmt.probe(head, tail, size)), "raw")
+
+
 def probe_format(path: str) -> str:
     """The format of the image at ``path``: any format but raw that claims it, else raw."""
     try:
         with open(path, "rb") as stream:
-            head = stream.read(64 * 1024)
+            head = stream.read(SECTOR_SIZE)
             size = os.fstat(stream.fileno()).st_size
             stream.seek(max(size - SECTOR_SIZE, 0))
             tail = stream.read(SECTOR_SIZE)
     except OSError as exc:
         raise BlockError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
-    return next((name for name, fmt in FORMATS.items()
-                 if name != "raw" and fmt.probe(head, tail, size)), "raw")
+    return _probe(head, tail, size)
 
 
 def open_image(path: str | os.PathLike, format: str | None = None, read_only: bool = False,
                cache: str = "writeback") -> BlockBackend:
     """Open a disk image, its format named or probed (any format but raw that claims the file
-    wins; raw takes the rest)."""
+    wins; raw takes the rest, restricted as the module's docstring says)."""
     path = os.fspath(path)
     if format is None:
         format = probe_format(path)
+        if format == "raw":
+            if not read_only:
+                log.warning("%s: no format was given and probing guessed raw; writes that would "
+                            "make it look like another format are refused (name format=raw to "
+                            "allow them)", path)
+            return RawBackend(path, read_only, cache, probed=True)
     if format not in FORMATS:
         raise ImageFormatError(f"unknown image format {format!r} (known: "
                                f"{', '.join(sorted(FORMATS))})")

@@ -1124,8 +1124,9 @@ def _repair(file: HostFile, meta: Metadata, result: CheckResult) -> None:
 def probe(head: bytes, tail: bytes, size: int) -> bool:
     """A footer at the end, or a dynamic image's footer copy at offset 0.
 
-    A guest can write both places of a raw disk; a drive a guest writes to should name its
-    format rather than be probed (QEMU warns about probed raw images for the same reason)."""
+    A guest can write both places of a raw disk: a probed raw image refuses writes that would
+    make this answer yes (``RawBackend.probed``), but an image once written with ``format=raw``
+    named may hold a footer, so a drive a guest writes to should always name its format."""
     return tail[:8] == FOOTER_COOKIE or head[:8] == FOOTER_COOKIE
 
 

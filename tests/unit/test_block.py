@@ -1,5 +1,6 @@
 """The block layer: raw backend I/O bounds, read-only drives, QEMU-style image locks, probing."""
 
+import errno
 import os
 import subprocess
 import sys
@@ -91,3 +92,48 @@ def test_open_image_probes_and_names_formats(image):
     with pytest.raises(BlockError, match="cannot open"):
         open_image(os.fspath(image) + ".missing")
     assert "raw" in FORMATS
+
+
+def vhd_footer_sector(tmp_path) -> bytes:
+    """A valid dynamic VHD footer, as a guest could write it into its raw disk."""
+    from hvvmm.block import vhd
+    path = tmp_path / "donor.vhd"
+    vhd.create_vhd(path, 1 << 20)
+    return path.read_bytes()[-SECTOR_SIZE:]
+
+
+@pytest.mark.parametrize("sector", [0, 7])   # the sectors the probes read: first and last
+def test_probed_raw_refuses_writes_that_make_it_look_like_another_format(image, tmp_path,
+                                                                         sector, caplog):
+    footer = vhd_footer_sector(tmp_path)
+    before = image.read_bytes()
+    with caplog.at_level("WARNING", logger="hvvmm.block"):
+        disk = open_image(image)
+    assert "probing guessed raw" in caplog.text
+    with disk:
+        with pytest.raises(BlockError, match="look like a vhd image") as excinfo:
+            disk.write(sector, footer)
+        assert excinfo.value.errno == errno.EPERM
+        with pytest.raises(BlockError, match="look like a vhd image"):
+            disk.write(0, footer * 8)   # the whole disk at once
+        disk.write(sector, b"\x55" * SECTOR_SIZE)   # other data there is fine
+        disk.write(3, footer)                         # and a footer elsewhere
+    assert open_image(image, read_only=True).__class__ is RawBackend
+    expected = bytearray(before)
+    expected[sector * SECTOR_SIZE:(sector + 1) * SECTOR_SIZE] = b"\x55" * SECTOR_SIZE
+    expected[3 * SECTOR_SIZE:4 * SECTOR_SIZE] = footer
+    assert image.read_bytes() == expected
+
+
+def test_named_raw_format_writes_anything(image, tmp_path, caplog):
+    footer = vhd_footer_sector(tmp_path)
+    with caplog.at_level("WARNING", logger="hvvmm.block"):
+        with open_image(image, read_only=True):   # probed, but read-only: no warning
+            pass
+        with open_image(image, format="raw") as disk:
+            disk.write(7, footer)
+    assert caplog.text == ""
+    assert image.read_bytes()[-SECTOR_SIZE:] == footer
+    # Why drives a guest writes should name their format: the next probe takes it for a VHD.
+    with pytest.raises(ImageFormatError, match="cxsparse"):
+        open_image(image)
