@@ -44,12 +44,14 @@ and nothing is written to the file.
 
 from __future__ import annotations
 
+import array
 import collections
 import datetime
 import errno
 import functools
 import os
 import struct
+import sys
 import threading
 import uuid as uuid_module
 from dataclasses import dataclass, field
@@ -71,6 +73,7 @@ NO_OFFSET = 0xFFFFFFFFFFFFFFFF   # a fixed disk's "Data Offset"
 UNUSED = 0xFFFFFFFF              # an unallocated BAT entry
 DEFAULT_BLOCK_SIZE = 2 << 20     # "Block Size": 2 MiB by default
 MAX_BLOCK_SIZE = 256 << 20       # ours: caps the memory one block's bitmap needs
+MAX_BLOCKS = 1 << 23             # ours: caps the BAT in memory (32 MiB): 2040 GiB in 256 KiB blocks
 MAX_SIZE = 2040 << 30            # 65535 * 16 * 255 sectors is the largest CHS geometry
 MAX_LOCATOR = 64 << 10           # ours: a parent path is short
 MAX_CHAIN = 64                   # ours: differencing images deeper than this are refused
@@ -314,7 +317,7 @@ class Metadata:
     file_size: int
     footer: Footer | None = None
     header: Header | None = None
-    bat: list[int] = field(default_factory=list)
+    bat: array.array = field(default_factory=lambda: array.array("I"))   # host byte order
     problems: list[Problem] = field(default_factory=list)
     end_footer_ok: bool = True
     head_footer_ok: bool = True
@@ -342,6 +345,17 @@ class Metadata:
 
 def _round_up(value: int, unit: int = SECTOR_SIZE) -> int:
     return -(-value // unit) * unit
+
+
+def _bat_from_bytes(raw: bytes) -> array.array:
+    """The BAT's big-endian entries as 4 bytes each in memory, not a Python int object each."""
+    bat = array.array("I", raw)
+    if sys.byteorder == "little":
+        bat.byteswap()
+    return bat
+
+
+assert array.array("I").itemsize == 4
 
 
 def read_metadata(file: HostFile, path: str) -> Metadata:
@@ -386,6 +400,10 @@ def read_metadata(file: HostFile, path: str) -> Metadata:
         return meta
     meta.header = header
     blocks = meta.blocks
+    if blocks > MAX_BLOCKS:   # the BAT is read whole: a hostile header must not size it freely
+        meta.error(f"a disk of {footer.current_size} bytes in {header.block_size}-byte blocks "
+                   f"has {blocks} blocks; hvvmm takes at most {MAX_BLOCKS}")
+        return meta
     if header.max_table_entries < blocks:
         meta.error(f"the BAT has {header.max_table_entries} entries; a disk of "
                    f"{footer.current_size} bytes in {header.block_size}-byte blocks needs "
@@ -401,7 +419,7 @@ def read_metadata(file: HostFile, path: str) -> Metadata:
     if len(raw) != bat_bytes:
         meta.error("the BAT is cut short (truncated file?)")
         return meta
-    meta.bat = list(struct.unpack(f">{blocks}I", raw))
+    meta.bat = _bat_from_bytes(raw)
     # Every region in use, to find entries past the end, overlaps and leaks.
     regions = [(0, FOOTER_SIZE, "the footer copy"),
                (footer.data_offset, footer.data_offset + HEADER_SIZE, "the dynamic header"),
@@ -546,7 +564,6 @@ class VhdBackend:
         self._full = (1 << self._bitmap_bits) - 1
         self._all_present = self._run_mask(0, self._block_sectors)
         self._full_blocks: set[int] = set()
-        self._zeros = bytes(self.block_size)
         if footer.disk_type == DIFFERENCING:
             self.parent = self._open_parent(cache, lock, parent_read_only,
                                             chain + (os.path.realpath(self.path),))
@@ -716,8 +733,7 @@ class VhdBackend:
 
     def _parent_read(self, sector: int, count: int) -> bytes:
         if self.parent is None:
-            return self._zeros[:count * SECTOR_SIZE] if count <= self._block_sectors else \
-                bytes(count * SECTOR_SIZE)
+            return bytes(count * SECTOR_SIZE)
         # A parent smaller than the child reads as zeros past its end.
         inside = max(0, min(count, self.parent.size // SECTOR_SIZE - sector))
         data = self.parent.read(sector, inside) if inside else b""
@@ -984,6 +1000,9 @@ def create_vhd(path: str | os.PathLike, size: int = 0, subformat: str = "dynamic
     if block_size < SECTOR_SIZE or block_size > MAX_BLOCK_SIZE or block_size & (block_size - 1):
         raise ValueError(f"bad block size {block_size} (a power of two from 512 bytes to "
                          f"{MAX_BLOCK_SIZE >> 20} MiB)")
+    if subformat != "fixed" and -(-size // block_size) > MAX_BLOCKS:
+        raise ValueError(f"{size} bytes in {block_size}-byte blocks are more than {MAX_BLOCKS} "
+                         "blocks: use larger blocks")
     disk_type = {"fixed": FIXED, "dynamic": DYNAMIC, "differencing": DIFFERENCING}[subformat]
     footer = Footer(disk_type, size, uuid_module.uuid4().bytes,
                     vhd_timestamp() if timestamp is None else timestamp,

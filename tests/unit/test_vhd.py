@@ -7,6 +7,7 @@ import os
 import random
 import struct
 import subprocess
+import tracemalloc
 
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
@@ -408,6 +409,32 @@ def test_bat_too_small_or_outside_the_file(tmp_path):
     header.table_offset = len(raw)
     set_header(raw, header)
     refuses(path, bytes(raw), "BAT")
+
+
+def test_a_bat_too_large_to_hold_is_refused_before_it_is_read(tmp_path):
+    # 2^23 + 1 blocks of 512 bytes: a 32 MiB BAT in a sparse file; the cap refuses it unread.
+    path = tmp_path / "huge.vhd"
+    blocks = vhd.MAX_BLOCKS + 1
+    footer = vhd.Footer(vhd.DYNAMIC, blocks * SECTOR_SIZE, bytes(16), 0, data_offset=512)
+    header = vhd.Header(1536, 0xFFFFFFFF, SECTOR_SIZE)
+    end = 1536 + blocks * 4 + SECTOR_SIZE
+    with open(path, "wb") as stream:
+        stream.write(footer.pack() + header.pack())
+        stream.truncate(end)
+        stream.seek(end)
+        stream.write(footer.pack())
+    tracemalloc.start()
+    try:
+        with pytest.raises(ImageFormatError) as excinfo:
+            open_image(path, format="vhd")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert f"at most {vhd.MAX_BLOCKS}" in one_line_error(excinfo)
+    assert peak < 1 * MiB
+    with pytest.raises(ValueError, match="larger blocks"):
+        create_vhd(tmp_path / "new.vhd", blocks * SECTOR_SIZE, block_size=SECTOR_SIZE,
+                   force_size=True)
 
 
 def test_locator_outside_the_file(tmp_path):
