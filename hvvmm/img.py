@@ -12,10 +12,10 @@ import os
 import sys
 from typing import Sequence
 
-from .block import (FORMATS, SECTOR_SIZE, BlockError, ImageFormatError, lock_image, open_image,
+from .block import (FORMATS, SECTOR_SIZE, BlockError, ImageFormatError, open_file, open_image,
                     probe_format)
 from .block import vhd
-from .cli import UsageError, _Parser, parse_size
+from .cli import UsageError, _Parser, _size, parse_size
 
 STATUS_OK = 0
 STATUS_DIFFERENT = 1   # compare: the images differ; check: leaks or a stale copy, no errors
@@ -35,13 +35,6 @@ sizes: 512K, 64M, 10G, 2T; a plain number is MiB.
 """
 
 CHUNK_SECTORS = vhd.DEFAULT_BLOCK_SIZE // SECTOR_SIZE
-
-
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,12 +123,8 @@ def _create(path: str, format: str, size: int | None, options: dict[str, str],
         if parent is not None or options:
             raise UsageError("hvvmm img: -b and -o are for VHD images")
         size = -(-size // SECTOR_SIZE) * SECTOR_SIZE
+        fd = open_file(path, writable=True, create=True)   # locked: never truncate one in use
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-        except OSError as exc:
-            raise BlockError(exc.errno, f"cannot create {path}: {exc.strerror}") from None
-        try:
-            lock_image(fd, path, writable=True)
             os.ftruncate(fd, 0)
             os.ftruncate(fd, size)
         finally:

@@ -28,6 +28,7 @@ import errno
 import fcntl
 import logging
 import os
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -37,7 +38,8 @@ SECTOR_SIZE = 512
 log = logging.getLogger(__name__)
 
 __all__ = ["SECTOR_SIZE", "BlockBackend", "BlockError", "ImageFormatError", "ImageLockedError",
-           "RawBackend", "ImageFormat", "FORMATS", "open_image", "probe_format", "lock_image"]
+           "RawBackend", "ImageFormat", "FORMATS", "open_image", "probe_format", "lock_image",
+           "open_file"]
 
 
 class BlockError(OSError):
@@ -115,6 +117,35 @@ def lock_image(fd: int, path: str, writable: bool) -> None:
         raise BlockError(exc.errno, f"cannot lock {path}: {exc.strerror}") from None
 
 
+def open_file(path: str, writable: bool, cache: str = "writeback", lock: bool = True,
+              create: bool = False) -> int:
+    """Open an image file and return its descriptor: O_DSYNC for ``cache="none"``, QEMU-style
+    locks, and only a regular file or a block device (opening a FIFO for reading would wait for
+    a writer). Any failure is one :class:`BlockError` line, with no descriptor left open."""
+    if cache not in ("writeback", "none"):
+        raise ValueError(f"cache must be 'writeback' or 'none' (got {cache!r})")
+    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK
+    if create:
+        flags |= os.O_CREAT
+    if cache == "none" and writable:
+        flags |= os.O_DSYNC
+    try:
+        fd = os.open(path, flags, 0o644)
+    except OSError as exc:
+        raise BlockError(exc.errno, f"cannot {'create' if create else 'open'} {path}: "
+                                    f"{exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+            raise BlockError(errno.EINVAL, f"{path} is not a regular file or a block device")
+        if lock:
+            lock_image(fd, path, writable=writable)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 # -- raw files ---------------------------------------------------------------------------------
 
 class RawBackend:
@@ -128,18 +159,8 @@ class RawBackend:
         self.path = os.fspath(path)
         self.read_only = read_only
         self.probed = probed
-        if cache not in ("writeback", "none"):
-            raise ValueError(f"cache must be 'writeback' or 'none' (got {cache!r})")
-        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
-        if cache == "none" and not read_only:
-            flags |= os.O_DSYNC
+        self._fd = open_file(self.path, not read_only, cache, lock)
         try:
-            self._fd = os.open(self.path, flags)
-        except OSError as exc:
-            raise BlockError(exc.errno, f"cannot open {self.path}: {exc.strerror}") from None
-        try:
-            if lock:
-                lock_image(self._fd, self.path, writable=not read_only)
             length = os.fstat(self._fd).st_size
             if length % SECTOR_SIZE:
                 raise ImageFormatError(f"{self.path}: raw image size {length} is not a multiple "
@@ -256,14 +277,15 @@ def _probe(head: bytes, tail: bytes, size: int) -> str:
 
 def probe_format(path: str) -> str:
     """The format of the image at ``path``: any format but raw that claims it, else raw."""
+    fd = open_file(path, writable=False, lock=False)
     try:
-        with open(path, "rb") as stream:
-            head = stream.read(SECTOR_SIZE)
-            size = os.fstat(stream.fileno()).st_size
-            stream.seek(max(size - SECTOR_SIZE, 0))
-            tail = stream.read(SECTOR_SIZE)
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, SECTOR_SIZE, 0)
+        tail = os.pread(fd, SECTOR_SIZE, max(size - SECTOR_SIZE, 0))
     except OSError as exc:
-        raise BlockError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
+        raise BlockError(exc.errno, f"cannot read {path}: {exc.strerror}") from None
+    finally:
+        os.close(fd)
     return _probe(head, tail, size)
 
 

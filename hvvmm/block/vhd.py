@@ -56,7 +56,7 @@ import threading
 import uuid as uuid_module
 from dataclasses import dataclass, field
 
-from . import SECTOR_SIZE, BlockError, ImageFormat, ImageFormatError, lock_image
+from . import SECTOR_SIZE, BlockError, ImageFormat, ImageFormatError, open_file
 
 __all__ = ["VhdBackend", "create_vhd", "chs_size", "inspect_vhd", "check_vhd", "chs_geometry",
            "FORMAT", "DEFAULT_BLOCK_SIZE", "MAX_SIZE", "HostFile"]
@@ -283,22 +283,7 @@ class HostFile:
 
 
 def _open_host_file(path: str, writable: bool, cache: str, lock: bool) -> HostFile:
-    if cache not in ("writeback", "none"):
-        raise ValueError(f"cache must be 'writeback' or 'none' (got {cache!r})")
-    flags = (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC
-    if cache == "none" and writable:
-        flags |= os.O_DSYNC
-    try:
-        fd = os.open(path, flags)
-    except OSError as exc:
-        raise BlockError(exc.errno, f"cannot open {path}: {exc.strerror}") from None
-    try:
-        if lock:
-            lock_image(fd, path, writable=writable)
-    except BaseException:
-        os.close(fd)
-        raise
-    return HostFile(fd, path)
+    return HostFile(open_file(path, writable, cache, lock), path)
 
 
 # -- reading and checking the metadata ---------------------------------------------------------
@@ -1008,12 +993,8 @@ def create_vhd(path: str | os.PathLike, size: int = 0, subformat: str = "dynamic
                     vhd_timestamp() if timestamp is None else timestamp,
                     data_offset=NO_OFFSET if disk_type == FIXED else FOOTER_SIZE,
                     original_size=size, geometry=chs_geometry(size // SECTOR_SIZE))
+    fd = open_file(path, writable=True, create=True)   # locked: never truncate an image in use
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        raise BlockError(exc.errno, f"cannot create {path}: {exc.strerror}") from None
-    try:
-        lock_image(fd, path, writable=True)   # never truncate an image in use
         file = HostFile(fd, path)
         file.truncate(0)
         if disk_type == FIXED:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import struct
 import subprocess
+import sys
 
 import pytest
 
@@ -188,3 +190,12 @@ def test_qemu_img_agrees_with_convert(capsys, tmp_path, host_tool):
     result = subprocess.run([host_tool("qemu-img", "qemu-utils"), "compare", "-f", "raw", "-F", "vpc", str(source),
                              str(target)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    result = subprocess.run([sys.executable, "-m", "hvvmm", "img", "info", str(fifo)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 3
+    assert result.stderr.strip().endswith("is not a regular file or a block device")
