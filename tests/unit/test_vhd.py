@@ -299,6 +299,8 @@ def test_a_parent_that_is_not_the_parent_is_refused(tmp_path, what):
     assert "expects" in one_line_error(excinfo) and what.upper()[:4] in \
         one_line_error(excinfo).upper()
     assert child.read_bytes() == before
+    with open_image(base, format="vhd"):   # the refused child let go of its parent's lock
+        pass
 
 
 def test_parent_loop_is_refused(tmp_path):
@@ -307,10 +309,12 @@ def test_parent_loop_is_refused(tmp_path):
     create_vhd(b, parent=a)
     create_vhd(c, parent=b)
     create_vhd(a, parent=c)        # a now says its parent is c: c -> b -> a -> c
+    fds = open_fds()
     with pytest.raises(ImageFormatError) as excinfo:
         open_image(c)
     assert "loops" in one_line_error(excinfo)
     assert "loops" in " ".join(check_vhd(str(c)).errors)
+    assert open_fds() == fds
 
 
 # -- hostile images ----------------------------------------------------------------------------
@@ -334,8 +338,13 @@ def set_bat(raw: bytearray, header: vhd.Header, index: int, value: int) -> None:
     struct.pack_into(">I", raw, header.table_offset + 4 * index, value)
 
 
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
 def refuses(path, raw: bytes, *words) -> str:
     path.write_bytes(raw)
+    fds = open_fds()
     with pytest.raises(ImageFormatError) as excinfo:
         open_image(path, format="vhd")
     message = one_line_error(excinfo)
@@ -343,6 +352,7 @@ def refuses(path, raw: bytes, *words) -> str:
     assert path.read_bytes() == raw             # nothing was written
     assert check_vhd(str(path), repair=True).errors
     assert path.read_bytes() == raw             # not even by check -r
+    assert open_fds() == fds                    # and every descriptor (with its locks) closed
     return message
 
 
@@ -504,6 +514,7 @@ def test_mutated_images_fail_cleanly(hostile_dir, mutations):
     if kind == "differencing":
         path = directory / "child.vhd"
     path.write_bytes(bytes(raw))
+    fds = open_fds()
     try:
         with open_image(path, format="vhd") as disk:
             data = read_all(disk)
@@ -516,6 +527,7 @@ def test_mutated_images_fail_cleanly(hostile_dir, mutations):
         assert "\n" not in str(exc)
     result = check_vhd(str(path))
     assert all("\n" not in message for message in result.errors)
+    assert open_fds() == fds
     if kind == "differencing":
         path.write_bytes(images["differencing"])
 
