@@ -297,11 +297,12 @@ def open_image(path: str | os.PathLike, format: str | None = None, read_only: bo
     if format is None:
         format = probe_format(path)
         if format == "raw":
-            if not read_only:
+            backend = RawBackend(path, read_only, cache, probed=True)
+            if not read_only:   # once open: a refused open says one line, not two
                 log.warning("%s: no format was given and probing guessed raw; writes that would "
                             "make it look like another format are refused (name format=raw to "
                             "allow them)", path)
-            return RawBackend(path, read_only, cache, probed=True)
+            return backend
     if format not in FORMATS:
         raise ImageFormatError(f"unknown image format {format!r} (known: "
                                f"{', '.join(sorted(FORMATS))})")
