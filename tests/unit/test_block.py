@@ -137,3 +137,10 @@ def test_named_raw_format_writes_anything(image, tmp_path, caplog):
     # Why drives a guest writes should name their format: the next probe takes it for a VHD.
     with pytest.raises(ImageFormatError, match="cxsparse"):
         open_image(image)
+
+
+def test_a_refused_probed_open_logs_no_warning(image, caplog):
+    with RawBackend(image), caplog.at_level("WARNING", logger="hvvmm.block"):
+        with pytest.raises(ImageLockedError):
+            open_image(image)
+    assert caplog.text == ""
