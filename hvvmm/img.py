@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check", help="check an image's metadata",
         description="Check a VHD image: checksums, the BAT (inside the file, no overlaps), "
-                    "bitmaps, the parent link.")
+                    "bitmaps inside the file, the parent link.")
     check.add_argument("-r", dest="repair", action="store_true",
                        help="repair what is safe to repair: leaked space, a stale footer copy")
     check.add_argument("-f", dest="format", choices=sorted(FORMATS), help="image format")
