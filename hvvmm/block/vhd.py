@@ -49,6 +49,7 @@ import collections
 import datetime
 import errno
 import functools
+import heapq
 import os
 import struct
 import sys
@@ -73,7 +74,7 @@ NO_OFFSET = 0xFFFFFFFFFFFFFFFF   # a fixed disk's "Data Offset"
 UNUSED = 0xFFFFFFFF              # an unallocated BAT entry
 DEFAULT_BLOCK_SIZE = 2 << 20     # "Block Size": 2 MiB by default
 MAX_BLOCK_SIZE = 256 << 20       # ours: caps the memory one block's bitmap needs
-MAX_BLOCKS = 1 << 23             # ours: caps the BAT in memory (32 MiB): 2040 GiB in 256 KiB blocks
+MAX_BLOCKS = 1 << 22             # ours: caps the BAT (16 MiB): 2040 GiB in 512 KiB blocks
 MAX_SIZE = 2040 << 30            # 65535 * 16 * 255 sectors is the largest CHS geometry
 MAX_LOCATOR = 64 << 10           # ours: a parent path is short
 MAX_CHAIN = 64                   # ours: differencing images deeper than this are refused
@@ -423,29 +424,32 @@ def read_metadata(file: HostFile, path: str) -> Metadata:
                             f"parent locator {index}"))
             meta.locator_data.setdefault(loc.code, file.pread(loc.length, loc.offset))
     block_bytes = meta.bitmap_size + header.block_size
-    for index, entry in enumerate(meta.bat):
-        if entry == UNUSED:
-            continue
-        start = entry * SECTOR_SIZE
-        if start + block_bytes > footer_at:
-            meta.error(f"BAT entry {index} points past the end of the file (block at {start}, "
-                       f"{block_bytes} bytes; the file is {size} bytes)")
-            continue
-        regions.append((start, start + block_bytes, f"block {index}"))
+    # The blocks as sorted sector numbers, one int each (not a tuple and a name each: there may
+    # be MAX_BLOCKS of them); a block is named only when it is wrong.
+    starts = sorted(entry for entry in meta.bat if entry != UNUSED)
+    if starts and starts[-1] * SECTOR_SIZE + block_bytes > footer_at:
+        meta.error(f"BAT entry {meta.bat.index(starts[-1])} points past the end of the file "
+                   f"(block at {starts[-1] * SECTOR_SIZE}, {block_bytes} bytes; the file is "
+                   f"{size} bytes)")
     if meta.errors:
         return meta
-    regions.sort()
-    for (start_a, end_a, what_a), (start_b, _, what_b) in zip(regions, regions[1:]):
-        if start_b < end_a:
-            meta.error(f"{what_b} overlaps {what_a} (at byte {start_b})")
-            return meta
-    # Gaps: a whole block's worth between regions, or anything before the footer, is leaked.
-    meta.used_end = regions[-1][1]
+    blocks_in_order = ((entry * SECTOR_SIZE, entry * SECTOR_SIZE + block_bytes, "")
+                       for entry in starts)
+    previous = None
+    for region in heapq.merge(sorted(regions), blocks_in_order):
+        if previous is not None:
+            if region[0] < previous[1]:
+                what_a, what_b = (what or f"block {meta.bat.index(start // SECTOR_SIZE)}"
+                                  for start, _, what in (previous, region))
+                meta.error(f"{what_b} overlaps {what_a} (at byte {region[0]})")
+                return meta
+            # Gaps: a whole block's worth between regions (not alignment padding) is leaked.
+            if region[0] - previous[1] >= max(block_bytes, DATA_ALIGNMENT):
+                meta.leaks.append((previous[1], region[0] - previous[1]))
+        previous = region
+    meta.used_end = previous[1]
     meta.next_free = max(_round_up(footer_at), meta.used_end)
-    for (_, end_a, _), (start_b, _, _) in zip(regions, regions[1:]):
-        if start_b - end_a >= max(block_bytes, DATA_ALIGNMENT):   # not alignment padding
-            meta.leaks.append((end_a, start_b - end_a))
-    if footer_at > meta.used_end:
+    if footer_at > meta.used_end:   # anything between the last block and the footer is leaked
         meta.leaks.append((meta.used_end, footer_at - meta.used_end))
     for offset, length in meta.leaks:
         meta.problems.append(Problem("leak", f"{length} bytes at {offset} are not used by any "

@@ -422,7 +422,7 @@ def test_bat_too_small_or_outside_the_file(tmp_path):
 
 
 def test_a_bat_too_large_to_hold_is_refused_before_it_is_read(tmp_path):
-    # 2^23 + 1 blocks of 512 bytes: a 32 MiB BAT in a sparse file; the cap refuses it unread.
+    # 2^22 + 1 blocks of 512 bytes: a 16 MiB BAT in a sparse file; the cap refuses it unread.
     path = tmp_path / "huge.vhd"
     blocks = vhd.MAX_BLOCKS + 1
     footer = vhd.Footer(vhd.DYNAMIC, blocks * SECTOR_SIZE, bytes(16), 0, data_offset=512)
