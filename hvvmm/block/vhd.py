@@ -100,6 +100,11 @@ def _checksum(data: bytes, at: int) -> int:
     return ~(sum(data) - sum(data[at:at + 4])) & 0xFFFFFFFF
 
 
+def _with_checksum(raw: bytes, at: int) -> bytes:
+    """``raw`` with its checksum field (4 bytes at ``at``) filled in."""
+    return raw[:at] + _checksum(raw, at).to_bytes(4, "big") + raw[at + 4:]
+
+
 def vhd_timestamp(when: float | None = None) -> int:
     """Seconds since 2000-01-01 00:00:00 UTC ("Time Stamp")."""
     now = datetime.datetime.now(datetime.timezone.utc) if when is None else \
@@ -156,9 +161,7 @@ class Footer:
                            self.timestamp, self.creator, self.creator_version, self.creator_os,
                            self.original_size, self.current_size, cylinders, heads, sectors,
                            self.disk_type, 0, self.uuid, self.saved_state, bytes(427))
-        checksum = _checksum(raw, _FOOTER_CHECKSUM_AT)
-        return raw[:_FOOTER_CHECKSUM_AT] + checksum.to_bytes(4, "big") + \
-            raw[_FOOTER_CHECKSUM_AT + 4:]
+        return _with_checksum(raw, _FOOTER_CHECKSUM_AT)
 
     @classmethod
     def parse(cls, raw: bytes) -> tuple[Footer | None, str]:
@@ -214,9 +217,7 @@ class Header:
         raw = _HEADER.pack(HEADER_COOKIE, self.data_offset, self.table_offset, self.version,
                            self.max_table_entries, self.block_size, 0, self.parent_uuid,
                            self.parent_timestamp, bytes(4), name, entries, bytes(256))
-        checksum = _checksum(raw, _HEADER_CHECKSUM_AT)
-        return raw[:_HEADER_CHECKSUM_AT] + checksum.to_bytes(4, "big") + \
-            raw[_HEADER_CHECKSUM_AT + 4:]
+        return _with_checksum(raw, _HEADER_CHECKSUM_AT)
 
     @classmethod
     def parse(cls, raw: bytes) -> tuple[Header | None, str]:
