@@ -344,3 +344,109 @@ def test_dispatcher_parity_with_a_time_budget(sequence, budget):
             results.append((status, regs.snapshot(), regs.gpr_writes, regs.retries,
                             bytes(dispatcher.memory.read(0, RAM)), recorder.seen))
         assert results[0] == results[1], call
+
+
+# -- the vCPU exit itself (HyperV._hypercall_exit) over a kvm_run page -------------------------
+# ``as_the_vcpu_does`` above mirrors the exit over the fake register file; this drives the real
+# closure, with the caller's registers in the sync-regs area at the compiler's offsets, so a
+# wrong register index or mode bit in the exit shows up here and not only in a guest.
+
+class PageVcpu:
+    """A ``Vcpu`` without an fd: its kvm_run page is plain memory; the ioctls it would make for
+    an XMM fast call or a #UD are recorded instead."""
+
+    def __new__(cls, call: dict):
+        from hvvmm.kvm import Vcpu
+        from hvvmm.kvm._kvm import ffi, lib
+
+        vcpu = object.__new__(Vcpu)
+        vcpu._storage = storage = ffi.new("char[]", 3 * 4096)
+        vcpu._run_size = 3 * 4096
+        vcpu.run_struct = ffi.cast("struct kvm_run *", storage)
+        vcpu._run_view = memoryview(ffi.buffer(storage))
+        vcpu._hypercall_port = -1
+        vcpu.index = call["vp"]
+        sync = ffi.cast("struct kvm_sync_regs *", storage + lib.HVVMM_SYNC_REGS_OFFSET)
+        regs = FakeRegisters(long_mode=call["long_mode"])  # the values Side.registers loads
+        for i, name in enumerate(regs.gprs):
+            regs.gprs[name] = (call["junk"] ^ (i * 0x0101_0101)) & ((1 << 64) - 1)
+        regs.long_mode = call["long_mode"]
+        regs.set_call(call["control"], call["input_gpa"], call["output_gpa"])
+        if not call["long_mode"]:
+            for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi"):
+                regs.gprs[name] |= call["junk"] & (U32 << 32)
+        for name, value in regs.gprs.items():
+            setattr(sync.regs, name, value)
+        sync.regs.rip = 0x5002  # past the stub's OUT in the hypercall page at 0x5000
+        sregs = sync.sregs
+        sregs.cr0 = 0x8000_0011 if call["protected"] else 0x10
+        # Compatibility mode (EFER.LMA, CS.L = 0) for half the 32-bit calls: still x86 rules.
+        sregs.efer = 0x500 if call["long_mode"] or call["junk"] & 1 else 0
+        sregs.cs.l = 1 if call["long_mode"] else 0
+        sregs.ss.dpl = call["cpl"]
+        vcpu.notes = []
+        vcpu.inject_exception = lambda vector, error_code=None: vcpu.notes.append(("#", vector))
+        vcpu.get_fpu = lambda: PageVcpu._fpu(ffi)
+        vcpu.set_fpu = lambda fpu: vcpu.notes.append(("fpu", bytes(ffi.buffer(fpu))))
+        return vcpu
+
+    @staticmethod
+    def _fpu(ffi):
+        fpu = ffi.new("struct kvm_fpu *")
+        for i in range(16):
+            fpu.xmm[i] = list(((0xC3C3 << 112) | i).to_bytes(16, "little"))
+        return fpu
+
+
+def _page_state(side: Side, vcpu) -> tuple:
+    from hvvmm.kvm._kvm import lib
+
+    offset = lib.HVVMM_SYNC_REGS_OFFSET
+    return (bytes(vcpu._run_view[offset:offset + 8 * 18]), vcpu.run_struct.kvm_dirty_regs,
+            vcpu.notes, bytes(side.platform.memory.read(0, RAM)), side.partition.counters(),
+            side.recorder.seen)
+
+
+def _hyperv_over(side: Side):
+    from types import SimpleNamespace
+
+    from hvvmm.hyperv import HyperV
+
+    hyperv = object.__new__(HyperV)
+    hyperv.partition, hyperv.port, hyperv.use_sync_regs = side.partition, 0x79, True
+    written = []
+    pio = SimpleNamespace(write=lambda port, size, value: written.append((port, size, value)))
+    return hyperv, pio, written
+
+
+# (protected mode, CPL) for the exit test: mostly the legal environment, and the #UD ones with
+# calls the compact path would otherwise take (``calls()`` pairs those with malformed calls).
+environments = st.sampled_from([(True, 0)] * 4 + [(True, 3), (True, 1), (False, 0)])
+
+
+@settings(max_examples=200, deadline=None)
+@given(sequence=st.lists(st.tuples(calls(), environments), min_size=1, max_size=4))
+def test_the_vcpu_exit_matches_the_general_path(sequence):
+    """``HyperV._hypercall_exit`` (compact path over the page, general when it declines) against
+    ``HyperV._dispatch`` over ``VcpuRegisters``: same page, same RAM, counters and handlers."""
+    from types import SimpleNamespace
+
+    from hvvmm.hyperv import VcpuRegisters
+
+    one, two = Side(False), Side(False)
+    for call, (protected, cpl) in sequence:
+        call = dict(call, protected=protected, cpl=cpl)
+        results = []
+        for side, compact in ((one, False), (two, True)):
+            side.recorder.allow = call["allow"]
+            if 0 <= call["input_gpa"] < RAM:
+                side.platform.memory.write(call["input_gpa"], bytes([call["first_byte"]]))
+            vcpu = PageVcpu(call)
+            hyperv, pio, written = _hyperv_over(side)
+            thread = SimpleNamespace(vcpu=vcpu, index=call["vp"], pio_bus=pio)
+            if compact:
+                hyperv._hypercall_exit(thread)(0x79)
+            else:
+                hyperv._dispatch(thread, VcpuRegisters(vcpu, True))
+            results.append((_page_state(side, vcpu), written))
+        assert results[0] == results[1], call
