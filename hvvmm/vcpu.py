@@ -187,7 +187,7 @@ class VcpuThread:
         while True:
             packed = run_packed()
             if packed > 0 and not observers:
-                # The hot exits, decoded in C into one int (Vcpu.run_packed): a hypercall (a
+                # The hot exits, decoded in C into one int (Vcpu.packed_runner): a hypercall (a
                 # 1-byte OUT to the hypercall port), one access of 1, 2 or 4 bytes to a bus
                 # port, and MSR exits; no exit object is built.
                 if packed & PACKED_HYPERCALL:

@@ -261,7 +261,7 @@ def decode_exit(run, run_view: memoryview) -> VcpuExit:
     return UnknownExit(reason)
 
 
-# The packed forms of a single port access and of an MSR exit (``Vcpu.run_packed``;
+# The packed forms of a single port access and of an MSR exit (``Vcpu.packed_runner``;
 # hvvmm_run_packed in _build.py).
 PACKED_IO = lib.HVVMM_PACKED_IO
 PACKED_OUT = lib.HVVMM_PACKED_OUT

@@ -251,8 +251,9 @@ GPR_INDEX = {name: index for index, name in enumerate(GPR_NAMES)}
 
 
 def _sync_layout():
-    """struct formats for the sync-regs area of kvm_run, from the compiler's offsets: the GPRs
-    (struct kvm_regs, 18 x u64 in GPR_NAMES order) and the few sregs fields a hypercall needs."""
+    """The struct format of the sync-regs area of kvm_run, from the compiler's offsets, and where
+    it starts: the GPRs (struct kvm_regs, 18 x u64 in GPR_NAMES order), then the few sregs fields
+    a hypercall needs (CS.base, CS.L, SS.DPL, CR0, EFER), all in one unpack."""
     base = lib.HVVMM_SYNC_REGS_OFFSET
     regs = base + ffi.offsetof("struct kvm_sync_regs", "regs")
     if [ffi.offsetof("struct kvm_regs", name) for name in GPR_NAMES] != \
@@ -266,40 +267,23 @@ def _sync_layout():
         (sregs + ffi.offsetof("struct kvm_sregs", "cr0"), "Q", "cr0"),
         (sregs + ffi.offsetof("struct kvm_sregs", "efer"), "Q", "efer"),
     ])
-    fmt, position = "<", 0
-    for offset, code, _ in fields:
-        fmt += f"{offset - position}x{code}"
-        position = offset + struct.calcsize("<" + code)
     if tuple(name for _, _, name in fields) != ("cs_base", "cs_l", "ss_dpl", "cr0", "efer"):
         raise ImportError("struct kvm_sregs does not have the field order hvvmm reads")
-    # Both in one unpack, for the hypercall exit: the GPRs, then the sregs fields.
-    tail = fmt[1:].split("x", 1)
-    skip = int(tail[0]) - (regs + 8 * len(GPR_NAMES))
-    if skip < 0:
-        raise ImportError("the sync-regs sregs fields do not follow the GPRs")
-    both = struct.Struct(f"<{len(GPR_NAMES)}Q{skip}x{tail[1]}")
-    return struct.Struct(f"<{len(GPR_NAMES)}Q"), regs, struct.Struct(fmt), both
+    fmt, position = f"<{len(GPR_NAMES)}Q", regs + 8 * len(GPR_NAMES)
+    for offset, code, _ in fields:
+        if offset < position:
+            raise ImportError("the sync-regs sregs fields do not follow the GPRs")
+        fmt += f"{offset - position}x{code}"
+        position = offset + struct.calcsize("<" + code)
+    return struct.Struct(fmt), regs
 
 
-_SYNC_GPRS, _SYNC_GPRS_OFFSET, _SYNC_SREGS, _SYNC_ALL = _sync_layout()
+_SYNC_ALL, _SYNC_GPRS_OFFSET = _sync_layout()
 _DIRTY_REGS_OFFSET = ffi.offsetof("struct kvm_run", "kvm_dirty_regs")
 _U64 = struct.Struct("<Q")
 # kvm_run.msr.error (u8) and .data (u64), answered by struct rather than cffi proxies.
 _MSR_ERROR_OFFSET = ffi.offsetof("struct kvm_run", "msr", "error")
 _MSR_DATA_OFFSET = ffi.offsetof("struct kvm_run", "msr", "data")
-
-
-class SyncSnapshot:
-    """The registers KVM copied into kvm_run at the last exit (``KVM_CAP_SYNC_REGS`` with
-    KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS valid): all GPRs, and CS.base, CS.L, SS.DPL, CR0 and
-    EFER. Read with two struct unpacks rather than cffi's nested-struct proxies, because a
-    hypercall exit reads a dozen of them."""
-
-    __slots__ = ("gprs", "cs_base", "cs_l", "ss_dpl", "cr0", "efer")
-
-    def __init__(self, view: memoryview):
-        self.gprs = list(_SYNC_GPRS.unpack_from(view, _SYNC_GPRS_OFFSET))
-        self.cs_base, self.cs_l, self.ss_dpl, self.cr0, self.efer = _SYNC_SREGS.unpack_from(view)
 
 
 class Vcpu:
@@ -339,18 +323,13 @@ class Vcpu:
             raise KvmError("KVM_RUN", -result)
         return decode_exit(self.run_struct, self._run_view)
 
-    def run_packed(self) -> int:
-        """One ``KVM_RUN`` for the vCPU loop's fast path (GIL released). A single port access of
-        1, 2 or 4 bytes and an MSR exit come back as one int (layout: ``hvvmm_run_packed`` in
-        ``_build.py``; no exit object is built); any other exit as 0, to be read with
-        :meth:`last_exit`; a failed ``KVM_RUN`` as ``-errno`` (:meth:`last_exit` turns it into
-        the exit or the error :meth:`run` gives)."""
-        return lib.hvvmm_run_packed(self.fd, self.run_struct, self._run_size,
-                                    self._hypercall_port)
-
     def packed_runner(self) -> Callable[[], int]:
-        """:meth:`run_packed` as a C-level callable with its arguments bound (the loop calls it
-        once per exit); take it after :meth:`set_hypercall_port`."""
+        """One ``KVM_RUN`` for the vCPU loop's fast path (GIL released), as a C-level callable
+        with its arguments bound (the loop calls it once per exit; take it after
+        :meth:`set_hypercall_port`). A single port access of 1, 2 or 4 bytes and an MSR exit
+        come back as one int (layout: ``hvvmm_run_packed`` in ``_build.py``; no exit object is
+        built); any other exit as 0, to be read with :meth:`last_exit`; a failed ``KVM_RUN`` as
+        ``-errno`` (:meth:`last_exit` turns it into the exit or the error :meth:`run` gives)."""
         return functools.partial(lib.hvvmm_run_packed, self.fd, self.run_struct, self._run_size,
                                  self._hypercall_port)
 
@@ -395,13 +374,10 @@ class Vcpu:
         """Ask KVM to copy the ``mask`` (KVM_SYNC_X86_*) register sets into kvm_run on each exit."""
         self.run_struct.kvm_valid_regs = mask
 
-    def sync_snapshot(self) -> SyncSnapshot:
-        """The sync-regs area as plain ints (valid after an exit with sync regs enabled)."""
-        return SyncSnapshot(self._run_view)
-
     def sync_values(self) -> tuple[int, ...]:
         """The sync-regs area in one unpack: the GPRs in ``GPR_NAMES`` order, then CS.base,
-        CS.L, SS.DPL, CR0 and EFER (what :class:`SyncSnapshot` holds, without the object)."""
+        CS.L, SS.DPL, CR0 and EFER (valid after an exit with KVM_SYNC_X86_REGS |
+        KVM_SYNC_X86_SREGS enabled)."""
         return _SYNC_ALL.unpack_from(self._run_view, _SYNC_GPRS_OFFSET)
 
     def sync_values_reader(self) -> Callable[[], tuple[int, ...]]:

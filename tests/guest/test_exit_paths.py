@@ -1,5 +1,5 @@
 """The vCPU loop's two exit paths give the guest the same answers: port and MSR exits decoded in
-C into one int (``Vcpu.run_packed``, the path taken when no exit observer is installed) and the
+C into one int (``Vcpu.packed_runner``, the path taken when no exit observer is installed) and the
 exit objects of ``decode_exit`` (taken when one is)."""
 
 import pytest

@@ -144,7 +144,7 @@ def test_emulation_failure_carries_the_instruction_bytes(run_page):
     assert not decode_exit(run, view).is_emulation_failure
 
 
-# -- the packed path's completions (Vcpu.run_packed's exits are answered in the page) -----------
+# -- the packed path's completions (Vcpu.packed_runner's exits are answered in the page) -----------
 
 def _vcpu_over(run, view):
     from hvvmm.kvm import Vcpu
