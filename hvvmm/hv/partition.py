@@ -399,11 +399,11 @@ class Partition:
         an ``on_event`` callback it always says False, so trace events come from one place."""
         if self.on_event is not None:
             return False
+        vp = self._vp(vp_index)  # before the handler runs, as in hypercall
         status = self.dispatcher.dispatch_simple(io, vp_index, long_mode, control, first, second)
         if status is None:
             return False
-        self.vps[vp_index].hypercalls[(control & HV_HYPERCALL_CODE_MASK,
-                                       None if status < 0 else status)] += 1
+        vp.hypercalls[(control & HV_HYPERCALL_CODE_MASK, None if status < 0 else status)] += 1
         return True
 
     def reset(self) -> None:

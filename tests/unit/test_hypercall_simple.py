@@ -450,3 +450,16 @@ def test_the_vcpu_exit_matches_the_general_path(sequence):
                 hyperv._dispatch(thread, VcpuRegisters(vcpu, True))
             results.append((_page_state(side, vcpu), written))
         assert results[0] == results[1], call
+
+
+def test_a_vp_index_out_of_range_is_refused_before_the_handler_on_both_paths():
+    """A VMM bug, not guest input: both paths raise before any handler runs or register moves."""
+    side = Side(traced=False)
+    partition = side.partition
+    regs = FakeRegisters()
+    regs.set_call(FAST_IN | HV_HYPERCALL_FAST_BIT, 0x11, 0x22)
+    with pytest.raises(ValueError, match="VP index 5"):
+        partition.hypercall_simple(5, regs, True, regs.control(), 0x11, 0x22)
+    with pytest.raises(ValueError, match="VP index 5"):
+        partition.hypercall(5, regs)
+    assert side.recorder.seen == [] and regs.gpr_writes == []
