@@ -527,7 +527,7 @@ class HyperV:
                 g, cr0, ss_dpl = io._gprs, io._cr0, io._ss_dpl
                 long_mode = io._efer & EFER_LMA and io._cs_l
             # Real mode and CPL > 0 are #UD (TLFS "Legal Hypercall Environments"): the general
-            # path. CPL = SS.DPL (hypercall-trap.md §8).
+            # path. CPL is SS.DPL, as KVM reads it (arch/x86/kvm/vmx/vmx.c vmx_get_cpl).
             if cr0 & CR0_PE and not ss_dpl:
                 if long_mode:
                     handled = hypercall_simple(index, io, True, g[_RCX], g[_RDX], g[_R8])
