@@ -617,7 +617,8 @@ class SyntheticTimers:
                 if signal is None:  # only message-mode timers keep a pending signal
                     continue
                 if (timer.periodic and timer.lazy and timer.expiration is not None
-                        and _shortly_before(now, timer.expiration, timer.period)):
+                        and _shortly_before(now, self._coming_expiration(timer, now),
+                                            timer.period)):
                     timer.pending = None
                     timer.counters.lazy_skipped += 1
                 else:
@@ -630,15 +631,23 @@ class SyntheticTimers:
         for arm in arms:
             self._arm(vp_index, arm)
 
+    @staticmethod
+    def _coming_expiration(timer: SyntheticTimer, now: int) -> int:
+        """A periodic timer's next expiry still to come at ``now``: a timer parked behind its
+        message keeps the next expiration it had then, which may be periods in the past."""
+        assert timer.expiration is not None
+        if timer.expiration > now:
+            return timer.expiration
+        return next_periodic_expiration(timer.expiration, timer.period, now)
+
     def _resume_locked(self, timer: SyntheticTimer, now: int) -> _Arm:
         """Restart a parked periodic timer on its grid: the next expiry is the first grid point
         after ``now``; the ones it passed while parked were skipped."""
         timer.parked = False
         assert timer.expiration is not None
         if timer.expiration <= now:
-            period = timer.period
-            timer.counters.missed_periods += (now - timer.expiration) // period + 1
-            timer.expiration = next_periodic_expiration(timer.expiration, period, now)
+            timer.counters.missed_periods += (now - timer.expiration) // timer.period + 1
+            timer.expiration = self._coming_expiration(timer, now)
         return self._arm_locked(timer, None)
 
     # -- lifecycle -----------------------------------------------------------------------------

@@ -572,6 +572,27 @@ def test_lazy_pending_message_dropped_near_the_next_expiry(rig):
     assert len(rig.messages()) == 1
 
 
+def test_lazy_message_parked_for_periods_is_judged_against_the_coming_expiry(rig):
+    """The lazy rule at EOM compares with the next expiry still to come: a timer parked behind
+    its message for several periods keeps a past expiration, and that alone must not drop the
+    message when the VP becomes available mid-period."""
+    synic = rig.synics[0]
+    synic.slots[4] = b"busy"
+    period = 4 * MS
+    rig.wr(count_msr(0), period)
+    rig.wr(config_msr(0), sint_config(4, ENABLE, PERIODIC, LAZY))
+    t0 = rig.now
+    rig.advance_ms(4.1)  # the t0 + 4 ms expiry finds the slot busy: parked
+    rig.platform.advance(seconds=0.0139)  # t0 + 18 ms: 2 ms before the t0 + 20 ms expiry
+    synic.consume(4)
+    synic.eom()
+    timer = rig.state.vps[0].timers[0]
+    [(_s, _t, _z, _i, expiration, _d, _r)] = rig.messages()
+    assert expiration == t0 + period and timer.counters.lazy_skipped == 0
+    assert timer.expiration == t0 + 5 * period  # back on the grid
+    rig.assert_never_early()
+
+
 def test_synic_off_or_masked_keeps_the_message_pending(rig):
     synic = rig.synics[1]
     synic.enabled = False
