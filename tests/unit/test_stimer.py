@@ -556,6 +556,31 @@ def test_periodic_timer_parks_while_its_message_waits(rig):
     rig.assert_never_early()
 
 
+def test_a_parked_timer_rewritten_runs_again_and_disabled_stays_stopped(rig):
+    """Parking holds only until the timer's next CONFIG/COUNT write: a new setting starts at
+    once without any EOM, and a timer disabled while parked is not restarted by a later EOM."""
+    synic = rig.synics[0]
+    synic.slots[4] = b"occupied by someone else"
+    rig.wr(count_msr(0), MS)
+    rig.wr(config_msr(0), sint_config(4, ENABLE, PERIODIC))
+    rig.advance_ms(1.5)
+    timer = rig.state.vps[0].timers[0]
+    assert timer.parked and rig.platform.pending_timers() == []
+    rig.wr(config_msr(0), sint_config(5, ENABLE, PERIODIC))
+    assert not timer.parked and timer.pending is None
+    rig.advance_ms(1.5)
+    assert [m[0] for m in rig.messages()] == [5]
+    rig.advance_ms(1)  # slot 5 still holds that message: parked again
+    assert timer.parked
+    rig.wr(config_msr(0), 0)
+    synic.consume(5)
+    synic.eom()
+    rig.advance_ms(3)
+    assert len(rig.messages()) == 1 and rig.platform.pending_timers() == []
+    assert not timer.parked and timer.expiration is None
+    rig.assert_never_early()
+
+
 def test_lazy_pending_message_dropped_near_the_next_expiry(rig):
     synic = rig.synics[0]
     synic.slots[4] = b"busy"
