@@ -82,8 +82,8 @@ _XMM_MASK = (1 << 128) - 1
 _NAMED_CODES = frozenset(int(code) for code in HypercallCode)
 # Input-value bits that take a call off HypercallDispatcher.dispatch_simple: variable header size,
 # rep count, rep start and the reserved bits (everything but the code and the fast bit).
-_new_object = object.__new__
 _NOT_SIMPLE = HV_U64_MASK & ~(HV_HYPERCALL_CODE_MASK | HV_HYPERCALL_FAST_BIT)
+_new_object = object.__new__  # HypercallRequest.simple: an instance without __init__
 
 # --------------------------------------------------------------------------------------------
 # Input value and result value
