@@ -218,6 +218,7 @@ int hvvmm_run(int vcpu_fd);
 #define HVVMM_PACKED_WRMSR ...
 #define HVVMM_PACKED_HYPERCALL ...
 long long hvvmm_run_packed(int vcpu_fd, struct kvm_run *run, size_t run_size, int hypercall_port);
+long long hvvmm_pack_exit(const struct kvm_run *run, size_t run_size, int hypercall_port);
 void *hvvmm_map_shared(int fd, size_t size);
 int hvvmm_unmap(void *address, size_t size);
 int hvvmm_install_kick_handler(int signo);
@@ -261,8 +262,9 @@ int hvvmm_run(int vcpu_fd)
  * IN: the data offset in the page, where the answer goes); an RDMSR/WRMSR sent to user space as
  * HVVMM_PACKED_MSR | (WRMSR: HVVMM_PACKED_WRMSR) | the MSR index (the value written, and the
  * answer, stay in run->msr). Any other exit returns 0 (decode it from the page), a failed KVM_RUN
- * -errno. The data offset is checked against the page, as the
- * Python decoder does: never trust an offset, even the kernel's. x86 hosts: little-endian.
+ * -errno (hvvmm_pack_exit is the decoding alone, for tests). The data offset is checked against
+ * the page, as the Python decoder does: never trust an offset, even the kernel's. x86 hosts:
+ * little-endian.
  * A 1-byte OUT to hypercall_port (the hypercall page's `out imm8, al`; -1: none) also carries
  * HVVMM_PACKED_HYPERCALL, so Python goes straight to the hypercall handler. */
 #define HVVMM_PACKED_IO (1ll << 62)
@@ -271,14 +273,8 @@ int hvvmm_run(int vcpu_fd)
 #define HVVMM_PACKED_WRMSR (1ll << 59)
 #define HVVMM_PACKED_HYPERCALL (1ll << 58)
 
-long long hvvmm_run_packed(int vcpu_fd, struct kvm_run *run, size_t run_size, int hypercall_port)
+long long hvvmm_pack_exit(const struct kvm_run *run, size_t run_size, int hypercall_port)
 {
-    int r;
-    do
-        r = ioctl(vcpu_fd, KVM_RUN, 0);
-    while (r < 0 && errno == EAGAIN);
-    if (r < 0)
-        return -errno;
     if (run->exit_reason == KVM_EXIT_X86_RDMSR)
         return HVVMM_PACKED_MSR | run->msr.index;
     if (run->exit_reason == KVM_EXIT_X86_WRMSR)
@@ -298,6 +294,17 @@ long long hvvmm_run_packed(int vcpu_fd, struct kvm_run *run, size_t run_size, in
         return packed | HVVMM_PACKED_OUT | value;
     }
     return packed | offset;
+}
+
+long long hvvmm_run_packed(int vcpu_fd, struct kvm_run *run, size_t run_size, int hypercall_port)
+{
+    int r;
+    do
+        r = ioctl(vcpu_fd, KVM_RUN, 0);
+    while (r < 0 && errno == EAGAIN);
+    if (r < 0)
+        return -errno;
+    return hvvmm_pack_exit(run, run_size, hypercall_port);
 }
 
 /* A locked OR on one byte of memory the guest shares (SynIC event flags), so a guest clearing

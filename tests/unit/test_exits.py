@@ -176,3 +176,63 @@ def test_packed_in_completion_writes_the_answer_at_the_offset(run_page):
     vcpu.complete_in(4096, 2, 0xBEEF)
     assert bytes(view[4096:4099]) == b"\xef\xbe\x00"
 
+
+
+# -- the C decoding of the packed path (hvvmm_pack_exit, which hvvmm_run_packed returns) --------
+
+def _pack(run, port=-1):
+    from hvvmm.kvm._kvm import lib
+
+    return lib.hvvmm_pack_exit(run, PAGE_BYTES, port)
+
+
+def _io(run, view, direction, size, port, count=1, offset=4096, data=b""):
+    run.exit_reason = c.KVM_EXIT_IO
+    run.io.direction, run.io.size, run.io.port, run.io.count = direction, size, port, count
+    run.io.data_offset = offset
+    view[offset:offset + len(data)] = data
+
+
+def test_packed_exit_carries_single_port_accesses_and_msr_exits(run_page):
+    from hvvmm.kvm.exits import PACKED_HYPERCALL, PACKED_IO, PACKED_MSR, PACKED_OUT, PACKED_WRMSR
+
+    run, view, _ = run_page
+    _io(run, view, c.KVM_EXIT_IO_OUT, 4, 0x5E0, data=b"\x78\x56\x34\x12")
+    assert _pack(run) == PACKED_IO | PACKED_OUT | 4 << 48 | 0x5E0 << 32 | 0x12345678
+    _io(run, view, c.KVM_EXIT_IO_IN, 2, 0x60, offset=PAGE_BYTES - 2)
+    assert _pack(run) == PACKED_IO | 2 << 48 | 0x60 << 32 | (PAGE_BYTES - 2)
+    _io(run, view, c.KVM_EXIT_IO_OUT, 1, 0x79, data=b"\xAB")
+    assert _pack(run) == PACKED_IO | PACKED_OUT | 1 << 48 | 0x79 << 32 | 0xAB  # no port given
+    assert _pack(run, 0x79) & PACKED_HYPERCALL
+    _io(run, view, c.KVM_EXIT_IO_IN, 1, 0x79)
+    assert not _pack(run, 0x79) & PACKED_HYPERCALL  # an IN is never a hypercall
+    run.exit_reason = c.KVM_EXIT_X86_WRMSR
+    run.msr.index = 0x4000_0093
+    assert _pack(run) == PACKED_MSR | PACKED_WRMSR | 0x4000_0093
+    run.exit_reason = c.KVM_EXIT_X86_RDMSR
+    assert _pack(run) == PACKED_MSR | 0x4000_0093
+
+
+@pytest.mark.parametrize("size, count, offset", [
+    (1, 2, 4096),                   # rep outs/ins: the general decoder
+    (1, 0, 4096),
+    (3, 1, 4096), (8, 1, 4096), (0, 1, 4096),
+    (4, 1, PAGE_BYTES - 3),         # data would end past the page
+    (1, 1, PAGE_BYTES),
+    (2, 1, (1 << 64) - 1),          # an offset that wraps
+])
+def test_packed_exit_leaves_odd_port_accesses_to_the_decoder(run_page, size, count, offset):
+    run, view, _ = run_page
+    for direction in (c.KVM_EXIT_IO_IN, c.KVM_EXIT_IO_OUT):
+        _io(run, view, direction, size, 0x79, count=count, offset=offset)
+        assert _pack(run, 0x79) == 0
+
+
+@pytest.mark.parametrize("reason", ["KVM_EXIT_MMIO", "KVM_EXIT_HLT", "KVM_EXIT_SHUTDOWN",
+                                    "KVM_EXIT_INTERNAL_ERROR", "KVM_EXIT_SYSTEM_EVENT",
+                                    "KVM_EXIT_INTR", "KVM_EXIT_UNKNOWN", "KVM_EXIT_FAIL_ENTRY"])
+def test_packed_exit_leaves_every_other_exit_to_the_decoder(run_page, reason):
+    run, view, _ = run_page
+    _io(run, view, c.KVM_EXIT_IO_OUT, 1, 0x79, data=b"\x01")  # stale I/O fields in the union
+    run.exit_reason = getattr(c, reason)
+    assert _pack(run, 0x79) == 0
