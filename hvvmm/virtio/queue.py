@@ -6,8 +6,8 @@ le16 used_event}`` and the device ("used") ring ``{le16 flags, le16 idx, {le32 i
 len}[size], le16 avail_event}``.
 
 Everything the driver wrote is guest-controlled and checked: a head or ``next`` index past the
-table, a chain longer than the table (a loop), an indirect table that is empty, misaligned, nested
-or combined with ``NEXT`` (§2.7.5.3.1), a buffer outside RAM, a device-readable buffer after a
+table, a chain longer than the table (a loop), an indirect table that is empty, misaligned, longer
+than the queue, nested or combined with ``NEXT`` (§2.7.5.3.1), a buffer outside RAM, a device-readable buffer after a
 device-writable one (§2.7.4.2), or more new entries than the ring holds all raise
 :class:`VirtqueueError`; the device then reports DEVICE_NEEDS_RESET instead of touching memory.
 """
@@ -145,6 +145,12 @@ class VirtQueue:
                         or not memory.contains(address, length):
                     raise VirtqueueError(f"indirect table at {address:#x}+{length:#x} is empty, "
                                          "misaligned or outside RAM")
+                if length // 16 > self.max_size:
+                    # §2.7.5.3.1: no chain is longer than the queue size. Unbounded, a 4 GiB
+                    # table would hold the worker for minutes and its buffers gigabytes of host
+                    # memory; the device maximum still admits a driver that shrank its queue.
+                    raise VirtqueueError(f"indirect table of {length // 16} descriptors is "
+                                         f"longer than the queue ({self.max_size})")
                 if chain.buffers:
                     # Allowed in principle, but then it must be the only descriptor; drivers
                     # (Linux, SeaBIOS) never mix them.

@@ -71,6 +71,9 @@ def test_ring_wraps_around_the_16_bit_index():
      "NEXT"),
     (lambda d: d.write_desc(DESC, 0, MEMORY_SIZE - 16, 32, VIRTQ_DESC_F_INDIRECT),
      "indirect table"),
+    # Zero-length entries that end in a loop-free chain: only the table's size stops them.
+    (lambda d: d.write_desc(DESC, 0, 0x20000, 16 * 257, VIRTQ_DESC_F_INDIRECT),
+     "longer than the queue"),
 ])
 def test_malformed_chains_are_refused(corrupt, match):
     d = Driver()
