@@ -21,6 +21,7 @@ _U16 = struct.Struct("<H")
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
 _MAX_GPA = 1 << 52  # x86-64 MAXPHYADDR architectural limit
+_FILL_CHUNK = 1 << 20
 
 
 class GuestMemoryError(Exception):
@@ -157,7 +158,12 @@ class GuestMemory:
         self.view(gpa, len(data))[:] = data
 
     def fill(self, gpa: int, size: int, byte: int = 0) -> None:
-        self.view(gpa, size)[:] = bytes([byte]) * size
+        view = self.view(gpa, size)
+        # In slices: a guest-given size may be gigabytes, which must not become a host buffer.
+        pattern = bytes([byte]) * min(size, _FILL_CHUNK)
+        for start in range(0, size, _FILL_CHUNK):
+            end = min(start + _FILL_CHUNK, size)
+            view[start:end] = pattern[:end - start]
 
     def read_u8(self, gpa: int) -> int:
         return self.view(gpa, 1)[0]

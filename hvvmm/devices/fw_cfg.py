@@ -206,20 +206,20 @@ class FwCfg:
                 self._selected = (control >> 16) & ~FW_CFG_WRITE_CHANNEL & 0xFFFF
                 self._offset = 0
             data = self._items.get(self._selected, b"")
+            # QEMU's precedence (fw_cfg_dma_transfer): read, else write, else skip.
             if control & FW_CFG_DMA_CTL_READ:
                 start = min(self._offset, len(data))
                 chunk = data[start:start + length]
                 try:
-                    view = memory.view(address, length)
-                    view[:len(chunk)] = chunk
-                    view[len(chunk):] = bytes(length - len(chunk))
+                    memory.view(address, length)[:len(chunk)] = chunk
+                    memory.fill(address + len(chunk), length - len(chunk))
                     self._offset += length
                 except GuestMemoryError:
                     status = FW_CFG_DMA_CTL_ERROR
-            elif control & FW_CFG_DMA_CTL_SKIP:
-                self._offset += length
             elif control & FW_CFG_DMA_CTL_WRITE:
                 status = FW_CFG_DMA_CTL_ERROR  # no writable items
+            elif control & FW_CFG_DMA_CTL_SKIP:
+                self._offset += length
         try:
             memory.write(access_address, struct.pack(">I", status))
         except GuestMemoryError:

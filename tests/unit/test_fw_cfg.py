@@ -225,3 +225,29 @@ def test_dma_bad_requests_set_the_error_bit():
     from hvvmm.devices.fw_cfg import FwCfgDma
     FwCfgDma(fw_cfg).write(4, 4, 0x0000_00F0)  # access structure outside RAM: ignored
     assert FwCfgDma(fw_cfg).read(0, 4) == int.from_bytes(b"QEMU", "little")
+
+
+def test_dma_zero_fill_of_a_huge_read_does_not_allocate_its_length():
+    import tracemalloc
+
+    from hvvmm.memory import GuestMemory
+
+    memory = GuestMemory.from_bytes(64 << 20)
+    fw_cfg = FwCfg(64 << 20, 1, memory=memory)
+    memory.fill(0x10_0000, 16, 0xAA)
+    tracemalloc.start()
+    try:  # the signature, then zeros over 63 MiB of guest RAM
+        assert _dma(fw_cfg, memory, 0x08 | 0x02, 63 << 20, 0x10_0000) == 0
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert memory.read(0x10_0000, 6) == b"QEMU\0\0"
+    assert peak < 8 << 20
+
+
+def test_dma_write_takes_precedence_over_skip_as_in_qemu():
+    from hvvmm.memory import GuestMemory
+
+    memory = GuestMemory.from_bytes(0x10000)
+    fw_cfg = FwCfg(64 << 20, 1, memory=memory)
+    assert _dma(fw_cfg, memory, 0x10 | 0x04, 4, 0x2000) == 0x01
