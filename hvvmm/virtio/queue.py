@@ -15,6 +15,7 @@ device-writable one (§2.7.4.2), or more new entries than the ring holds all rai
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass, field
 
 from ..memory import GuestMemory, GuestMemoryError
@@ -29,6 +30,19 @@ DESCRIPTOR = struct.Struct("<QIHH")
 USED_ELEMENT = struct.Struct("<II")
 MAX_QUEUE_SIZE = 32768
 MAX_CHAIN_BYTES = 1 << 32  # a chain's buffers together; each device has its own, lower limit
+
+
+_BARRIER_LOCK = threading.Lock()
+
+
+def store_load_barrier() -> None:
+    """Make this thread's earlier stores to guest RAM visible before its later loads. x86 may
+    satisfy a load ahead of an earlier store to another address (Intel SDM Vol. 3A §8.2.3.4);
+    a locked instruction orders them (§8.2.3.9), and taking a CPython lock is one (an atomic
+    compare-and-swap). The driver places the matching barrier on its side (Linux
+    ``virtio_mb``); without the pair, a notification or an interrupt can be lost."""
+    with _BARRIER_LOCK:
+        pass
 
 
 class VirtqueueError(Exception):
@@ -196,6 +210,7 @@ class VirtQueue:
                 memory.write_u16(self.used, 0)
         except GuestMemoryError as exc:
             raise VirtqueueError(str(exc)) from None
+        store_load_barrier()  # before the caller re-reads the driver's index
 
     def needs_interrupt(self, memory: GuestMemory, old_used: int) -> bool:
         """Whether the driver wants an interrupt for the entries from ``old_used`` to now
@@ -203,6 +218,7 @@ class VirtQueue:
         new = self.used_idx
         if new == old_used:
             return False
+        store_load_barrier()  # the used index is visible before the driver's event is read
         try:
             if self.event_idx:
                 used_event = memory.read_u16(self.avail + 4 + 2 * self.size)
