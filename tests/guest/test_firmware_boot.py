@@ -2,6 +2,7 @@
 test boot sector from a virtio-blk disk; it prints on COM1, reads and writes sectors with int 13h
 and powers off. The image afterwards holds the written sector and nothing else changed."""
 
+import logging
 import os
 import subprocess
 
@@ -102,10 +103,11 @@ def test_missing_files_are_one_line_with_status_4(disk, args, fragment):
 
 
 @pytest.mark.parametrize("smp,mode", [(1, "R"), (2, "R"), (1, "T")])
-def test_reboot_restarts_the_firmware_in_place(disk, smp, mode):
+def test_reboot_restarts_the_firmware_in_place(disk, smp, mode, caplog):
     """The MBR pulses the i8042 reset line (R) or triple-faults (T) on its first boot; the same
     process (and machine) runs SeaBIOS again, which boots the MBR a second time (with two
     vCPUs, SeaBIOS starts the AP both times: it must be back in wait-for-SIPI)."""
+    caplog.set_level(logging.DEBUG, logger="hvvmm.firmware")  # SeaBIOS's log is then written
     from hvvmm.devices.virtio_blk import DriveSpec
     from hvvmm.machine import ExitKind, Machine, MachineConfig
 
