@@ -244,7 +244,7 @@ class VirtioPciTransport(PciFunction):
             if control & MSIX_FUNCTION_MASK or self.msix.masked(vector):
                 self.msix.pending |= 1 << vector
                 return
-            self._signal_msi(*self.msix.message(vector))
+            self._send_msi(vector)
             return
         self.isr |= isr_bit
         self.set_intx(True)
@@ -257,7 +257,18 @@ class VirtioPciTransport(PciFunction):
         for vector in range(self.msix.vectors):
             if self.msix.pending >> vector & 1 and not self.msix.masked(vector):
                 self.msix.pending &= ~(1 << vector)
-                self._signal_msi(*self.msix.message(vector))
+                self._send_msi(vector)
+
+    def _send_msi(self, vector: int) -> None:
+        address, data = self.msix.message(vector)
+        try:
+            self._signal_msi(address, data)
+        except OSError as exc:
+            # The guest wrote the message: one aimed at no CPU (KVM_SIGNAL_MSI fails with
+            # EPERM) or with a malformed address is dropped, as a PC's bus would drop it.
+            self._log_once(("msi", vector), logging.WARNING,
+                           "%s: MSI-X vector %d (address %#x, data %#x) not delivered: %s",
+                           self.name, vector, address, data, exc)
 
     def config_written(self, offset: int, size: int, old: bytes) -> None:
         if offset < self._msix_cap + 4 and self._msix_cap + 2 < offset + size:

@@ -336,6 +336,35 @@ def test_msix_delivers_the_queue_vector_and_holds_it_while_masked(transport):
     assert msix.read(0x800, 8) == 0
 
 
+def test_an_msi_kvm_refuses_is_dropped_and_the_device_goes_on(transport):
+    """KVM_SIGNAL_MSI fails (EPERM) for a message aimed at no CPU; the guest wrote it, so
+    neither the vCPU unmasking the vector nor the worker completing requests may fail."""
+    t = transport.t
+    refused = []
+
+    def signal_msi(address, data):
+        refused.append((address, data))
+        raise PermissionError(1, "Operation not permitted")
+
+    t._signal_msi = signal_msi
+    t.config_write(t._msix_cap + 2, 2, 0x8000)
+    msix = t.bars[1].device
+    msix.write(16 * 1, 4, 0xFEE5_5000)  # destination APIC 0x55: no such CPU
+    d = transport.setup()
+    transport.common(0x1A, 2, 1)
+    msix.write(16 * 1 + 12, 4, 0)  # unmask: nothing pending yet
+    for count in (1, 2):
+        request(d, VIRTIO_BLK_T_IN, in_length=SECTOR_SIZE)
+        transport.kick()
+        transport.wait_used(d, count)
+    deadline = time.monotonic() + 5
+    while len(refused) < 2:
+        assert time.monotonic() < deadline, refused
+        time.sleep(0.001)
+    assert not t.status & STATUS_NEEDS_RESET
+    assert t._worker.is_alive()
+
+
 def test_legacy_bar_drives_the_same_queue():
     tr = Transport()
     try:
