@@ -175,6 +175,7 @@ class VirtioPciTransport(PciFunction):
         self.lock = threading.RLock()
         self._wake = threading.Condition(self.lock)  # the worker's batch ends (see set_status)
         self._busy = False
+        self._draining = 0  # vCPUs waiting in drain()
         self._closing = False
         self._reset_state()
         self._worker = threading.Thread(target=self._work, name=f"hvvmm-{name}", daemon=True)
@@ -213,8 +214,7 @@ class VirtioPciTransport(PciFunction):
     def set_status(self, value: int) -> None:
         with self.lock:
             if value == 0:
-                while self._busy:  # requests in flight finish before the reset (as QEMU drains)
-                    self._wake.wait()
+                self.drain()  # requests in flight finish before the reset (as QEMU drains)
                 self._reset_state()
                 return
             if value & STATUS_FEATURES_OK and not self.status & STATUS_FEATURES_OK:
@@ -224,6 +224,17 @@ class VirtioPciTransport(PciFunction):
                 for queue in self.queues:
                     queue.event_idx = bool(self.driver_features & F_RING_EVENT_IDX)
             self.status = (value & 0xFF) | (self.status & STATUS_NEEDS_RESET)
+
+    def drain(self) -> None:
+        """With the lock held: wait until the worker is between batches. The worker stops
+        taking new requests meanwhile, or a driver posting from another vCPU could keep it busy,
+        and this vCPU waiting, for ever."""
+        self._draining += 1
+        try:
+            while self._busy:
+                self._wake.wait()
+        finally:
+            self._draining -= 1
 
     def needs_reset(self, why: str) -> None:
         """The driver broke the protocol: report DEVICE_NEEDS_RESET (§2.1.2)."""
@@ -349,6 +360,8 @@ class VirtioPciTransport(PciFunction):
                 for chain in batch:
                     written = self.device.handle(memory, chain)
                     queue.push(memory, chain.head, written)
+                if self._draining or self._closing:
+                    break  # what is left waits for after the reset (or is dropped by it)
                 queue.enable_notifications(memory)
                 if not queue.has_work(memory):  # re-check after re-enabling (§2.7.10)
                     break
@@ -542,9 +555,8 @@ class _LegacyBar:
 
     def _set_pfn(self, q: VirtQueue, pfn: int) -> None:
         """Called with the transport's lock held."""
-        if pfn == 0:  # the legacy way to stop a queue: not while the worker walks it
-            while self.t._busy:
-                self.t._wake.wait()
+        self.t.drain()  # not while the worker walks the queue
+        if pfn == 0:  # the legacy way to stop a queue
             q.reset()
             return
         q.size = q.max_size

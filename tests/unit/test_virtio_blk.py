@@ -365,6 +365,40 @@ def test_an_msi_kvm_refuses_is_dropped_and_the_device_goes_on(transport):
     assert t._worker.is_alive()
 
 
+def test_reset_returns_while_another_vcpu_keeps_posting(transport):
+    """A driver that posts a new request for every one completed keeps the worker's loop
+    going; a reset from another vCPU must still get its turn."""
+    header = 0x20000
+    status = 0x20100
+    transport.memory.write(header, struct.pack("<IIQ", VIRTIO_BLK_T_FLUSH, 0, 0))
+    d = transport.setup()
+    backend = transport.backend
+    posting = threading.Event()
+    posting.set()
+    flush = backend.flush
+
+    def flush_and_post_another():
+        flush()
+        if posting.is_set():  # "the other vCPU" posts the next request meanwhile
+            d.post([(header, 16, False), (status, 1, True)])
+
+    backend.flush = flush_and_post_another
+    d.post([(header, 16, False), (status, 1, True)])
+    transport.kick()
+    deadline = time.monotonic() + 5
+    while backend.flushes < 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.001)
+    resetter = threading.Thread(target=transport.common, args=(0x14, 1, 0), daemon=True)
+    resetter.start()
+    resetter.join(5)
+    stuck = resetter.is_alive()
+    posting.clear()
+    resetter.join(5)
+    assert not stuck, "the reset waited for a driver that never stops posting"
+    assert transport.common(0x14, 1) == 0
+
+
 def test_legacy_bar_drives_the_same_queue():
     tr = Transport()
     try:
