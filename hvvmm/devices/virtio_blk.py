@@ -244,16 +244,29 @@ def attach_drives(machine, drives) -> list[AttachedDisk]:
             raise ImageError(f"{spec.file}: the same image is given twice (as {seen[real]})")
         seen[real] = spec.file
     disks: list[AttachedDisk] = []
-    for index, spec in enumerate(drives):
-        try:
-            backend = open_image(spec.file, spec.format, read_only=spec.read_only,
-                                 cache=spec.cache)
-        except (BlockError, ImageFormatError) as exc:
-            for disk in disks:
-                disk.close()
-            message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise ImageError(message) from None
-        transport = VirtioPciTransport(f"virtio-blk{index}", VirtioBlk(backend, f"hvvmm{index}"),
-                                       machine.memory, machine.vm.signal_msi, ioeventfd)
-        disks.append(AttachedDisk(machine.pci.add(transport), transport))
+    try:
+        for index, spec in enumerate(drives):
+            try:
+                backend = open_image(spec.file, spec.format, read_only=spec.read_only,
+                                     cache=spec.cache)
+            except (BlockError, ImageFormatError) as exc:
+                message = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise ImageError(message) from None
+            try:
+                transport = VirtioPciTransport(f"virtio-blk{index}",
+                                               VirtioBlk(backend, f"hvvmm{index}"),
+                                               machine.memory, machine.vm.signal_msi, ioeventfd)
+            except BaseException:
+                backend.close()
+                raise
+            try:
+                slot = machine.pci.add(transport)
+            except ValueError as exc:  # more drives than free slots
+                transport.close()
+                raise ImageError(f"{spec.file}: {exc}") from None
+            disks.append(AttachedDisk(slot, transport))
+    except BaseException:
+        for disk in disks:  # their workers and image locks
+            disk.close()
+        raise
     return disks

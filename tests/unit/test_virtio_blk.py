@@ -513,3 +513,40 @@ def test_ioeventfds_follow_the_bars():
                                         (0xC050, 2, True, 0, True)])
     finally:
         t.close()
+
+
+def test_attaching_more_drives_than_slots_closes_every_one(tmp_path):
+    """The drive that finds no free slot is refused with ImageError, and the drives attached
+    before it are closed (workers joined, images unlocked), not leaked."""
+    from types import SimpleNamespace
+
+    from hvvmm.devices.virtio_blk import attach_drives
+    from hvvmm.machine import ImageError
+
+    class TwoSlots:
+        def __init__(self):
+            self.plugged = []
+
+        def add(self, function):
+            if len(self.plugged) == 2:
+                raise ValueError("no free PCI slot")
+            self.plugged.append(function)
+            return 3 + len(self.plugged)
+
+    pci = TwoSlots()
+    machine = SimpleNamespace(kvm=SimpleNamespace(check_extension=lambda cap: 0),
+                              vm=SimpleNamespace(signal_msi=lambda address, data: 1),
+                              memory=GuestMemory.from_bytes(MEMORY_SIZE), pci=pci)
+    drives = []
+    for index in range(3):
+        path = tmp_path / f"d{index}.img"
+        path.write_bytes(bytes(SECTOR_SIZE * 8))
+        drives.append(DriveSpec(str(path), "raw"))
+    before = threading.active_count()
+    with pytest.raises(ImageError, match="no free PCI slot"):
+        attach_drives(machine, drives)
+    assert threading.active_count() == before
+    assert len(pci.plugged) == 2 and not any(t._worker.is_alive() for t in pci.plugged)
+    from hvvmm.block import open_image
+    for spec in drives:  # every image lock was released
+        open_image(spec.file, "raw").close()
