@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from ..block import SECTOR_SIZE, BlockBackend, BlockError, open_image
 from ..logonce import LogOnce
 from ..memory import GuestMemory
-from ..virtio.queue import Chain, VirtQueue, VirtqueueError
+from ..virtio.queue import Buffer, Chain, VirtQueue, VirtqueueError
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +152,6 @@ class VirtioBlk:
 
 def _without_status(writable):
     """The device-writable buffers less the final status byte."""
-    from ..virtio.queue import Buffer
-
     last = writable[-1]
     trimmed = list(writable[:-1])
     if last.length > 1:
