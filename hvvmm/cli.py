@@ -19,9 +19,10 @@ from typing import BinaryIO, Sequence
 from . import __version__
 from .firmware import DEFAULT_BIOS
 from .host import kvm_device, open_console
-from .machine import (DEFAULT_MEMORY, MAX_TIMEOUT, STATUS_BAD_IMAGE, STATUS_KVM_UNAVAILABLE,
-                      STATUS_USAGE, STATUS_VM_ERROR, ConfigError, ExitKind, ImageError, MiB,
-                      check_smp)
+from .layout import MiB
+from .machine import DEFAULT_MEMORY, MAX_TIMEOUT, ConfigError, ImageError, check_smp
+from .result import (STATUS_BAD_IMAGE, STATUS_KVM_UNAVAILABLE, STATUS_USAGE, STATUS_VM_ERROR,
+                     ExitKind)
 from .sizes import parse_size  # noqa: F401  (hvvmm.cli.parse_size: kept for library users)
 
 log = logging.getLogger("hvvmm")

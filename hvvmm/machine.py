@@ -13,12 +13,10 @@ The machine owns every resource it creates (fds, guest RAM, threads) and frees t
 
 from __future__ import annotations
 
-import enum
 import errno
 import logging
 import math
 import os
-import select
 import threading
 import time
 from contextlib import contextmanager
@@ -32,9 +30,10 @@ from .acpi.loader import build_firmware_files
 from .cpuid import CpuidError, build_cpuid, parse_cpu_features_mask, physical_address_bits
 from .hv.features import HyperVConfigError, parse_hyperv_spec
 from .bus import Bus, BusDevice, mmio_bus, pio_bus
+from .console import ConsoleBuffer, InputPump
 from .devices.acpi_pm import AcpiPm
 from .devices.cmos import Cmos
-from .devices.debug_exit import DebugExit, exit_status
+from .devices.debug_exit import DebugExit
 from .devices.fw_cfg import FwCfg, FwCfgDma
 from .devices.virtio_blk import attach_drives
 from .devices.i8042 import I8042
@@ -49,6 +48,9 @@ from .memslots import MemslotManager
 from .pci.acpi import pci_dsdt_devices
 from .sizes import format_size, parse_size
 from .pci.pc import PcPci
+from .result import (STATUS_BAD_IMAGE, STATUS_CRASH, STATUS_KVM_UNAVAILABLE,  # noqa: F401
+                     STATUS_POWEROFF, STATUS_RESET, STATUS_SHUTDOWN, STATUS_TIMEOUT,
+                     STATUS_USAGE, STATUS_VM_ERROR, ExitKind, MachineResult)
 from .vcpu import ExitObserver, StopRequest, VcpuThread, current_vcpu_index
 
 log = logging.getLogger(__name__)
@@ -101,64 +103,6 @@ def host_memory_limit() -> int:
     import psutil
 
     return psutil.virtual_memory().total + psutil.swap_memory().total
-
-
-class ExitKind(str, enum.Enum):
-    """How a guest run ended."""
-
-    DEBUG_EXIT = "debug-exit"  # isa-debug-exit write; ``code`` holds the value
-    POWEROFF = "poweroff"      # ACPI soft-off
-    SHUTDOWN = "shutdown"      # triple fault
-    RESET = "reset"            # the guest asked for a reset (i8042, Hyper-V reset MSR, ...)
-    CRASH = "crash"            # the guest reported a crash (Hyper-V crash MSRs)
-    ERROR = "error"            # KVM error, unhandled exit, VMM exception
-    TIMEOUT = "timeout"
-    STOPPED = "stopped"        # stopped by the host (Machine.stop, a signal)
-
-
-# Process exit statuses of ``hvvmm run``. A debug-exit of 0 (the test guests' "every check
-# passed") is 0, as a powered-off guest; any other value v gives QEMU's (v << 1) | 1, always odd,
-# and the other outcomes use even numbers, so the two never collide.
-STATUS_POWEROFF = 0
-STATUS_USAGE = 2
-STATUS_BAD_IMAGE = 4
-STATUS_KVM_UNAVAILABLE = 6
-STATUS_SHUTDOWN = 8
-STATUS_RESET = 10
-STATUS_VM_ERROR = 12
-STATUS_CRASH = 14
-STATUS_TIMEOUT = 124  # as coreutils timeout(1)
-_SIGNAL_STATUS_BASE = 128
-
-
-@dataclass(frozen=True)
-class MachineResult:
-    kind: ExitKind
-    message: str
-    code: int | None = None        # debug-exit value
-    signal: int | None = None      # for STOPPED by a signal
-    vcpu: int | None = None
-    rip: int | None = None
-    exit_reason: str | None = None
-
-    @property
-    def status(self) -> int:
-        """The process exit status ``hvvmm run`` uses for this outcome (``hvvmm qemu`` keeps
-        QEMU's rule: :attr:`qemu_status`)."""
-        if self.kind is ExitKind.DEBUG_EXIT:
-            return 0 if not self.code else self.qemu_status
-        if self.kind is ExitKind.STOPPED:
-            return _SIGNAL_STATUS_BASE + self.signal if self.signal else STATUS_POWEROFF
-        return {ExitKind.POWEROFF: STATUS_POWEROFF, ExitKind.SHUTDOWN: STATUS_SHUTDOWN,
-                ExitKind.RESET: STATUS_RESET, ExitKind.ERROR: STATUS_VM_ERROR,
-                ExitKind.CRASH: STATUS_CRASH,
-                ExitKind.TIMEOUT: STATUS_TIMEOUT}[self.kind]
-
-    @property
-    def qemu_status(self) -> int:
-        """For a debug-exit: QEMU's status ``(v << 1) | 1`` (1 for v = 0)."""
-        assert self.kind is ExitKind.DEBUG_EXIT
-        return exit_status(self.code or 0) & 0xFF
 
 
 _NOBODY = object()
@@ -249,89 +193,6 @@ def memory_map(size: int) -> list[MemoryMapEntry]:
     return PC.memory_map(size)
 
 
-class ConsoleBuffer:
-    """The UART's output: kept in memory (bounded) and copied to an optional stream."""
-
-    def __init__(self, limit: int, sink: BinaryIO | None):
-        self._data = bytearray()
-        self._limit = limit
-        self._sink = sink
-        self._lock = threading.Lock()
-        self.dropped = 0
-
-    def write(self, data: bytes) -> int:
-        with self._lock:
-            room = max(self._limit - len(self._data), 0)
-            self._data += data[:room]
-            if len(data) > room:
-                if not self.dropped:
-                    log.warning("console capture is full (%d bytes); later guest output is not "
-                                "kept in memory", self._limit)
-                self.dropped += len(data) - room
-        sink = self._sink
-        if sink is not None:
-            try:
-                sink.write(data)
-            except (OSError, ValueError) as exc:  # a closed pipe or file: stop copying, keep capturing
-                self._sink = None
-                log.warning("guest console output stream failed (%s); output is still captured",
-                            exc)
-        return len(data)
-
-    def flush(self) -> None:
-        if self._sink is not None:
-            try:
-                self._sink.flush()
-            except (OSError, ValueError):  # the stream went away (closed pipe, closed file)
-                pass
-
-    def getvalue(self) -> bytes:
-        with self._lock:
-            return bytes(self._data)
-
-
-class _InputPump:
-    """Copies a host stream into the UART from a thread that can be stopped and joined."""
-
-    def __init__(self, source: BinaryIO | int, deliver: Callable[[bytes], None]):
-        self._fd = source if isinstance(source, int) else source.fileno()
-        self._deliver = deliver
-        self._wake_read, self._wake_write = os.pipe()
-        self._thread = threading.Thread(target=self._main, name="hvvmm-console-input",
-                                        daemon=True)
-        self._thread.start()
-
-    def _main(self) -> None:
-        while True:
-            ready, _, _ = select.select([self._fd, self._wake_read], [], [])
-            if self._wake_read in ready:
-                return
-            try:
-                data = os.read(self._fd, 4096)
-            except OSError:
-                return
-            if not data:
-                return  # end of input: the guest simply gets no more bytes
-            self._deliver(data)
-
-    def close(self) -> None:
-        os.write(self._wake_write, b"x")
-        self._thread.join()
-        os.close(self._wake_read)
-        os.close(self._wake_write)
-
-
-class _KvmIrqLine:
-    """An ISA interrupt line wired to the in-kernel PIC and IOAPIC."""
-
-    def __init__(self, vm: Vm, gsi: int):
-        self._vm = vm
-        self._gsi = gsi
-
-    def set_level(self, level: bool) -> None:
-        self._vm.set_irq_line(self._gsi, level)
-
-
 @dataclass
 class _Resources:
     kvm: Kvm | None = None
@@ -357,7 +218,7 @@ class Machine:
         self._result_lock = threading.RLock()  # re-entered from a signal handler
         self._done = threading.Event()
         self._res = _Resources()
-        self._input_pump: _InputPump | None = None
+        self._input_pump: InputPump | None = None
         self._started = False
         self._closed = False
         self._dead_halt_reported = False
@@ -541,7 +402,7 @@ class Machine:
             slot = PC.device(name)
             self.pio_bus.register(slot.port, slot.ports, device, name)
 
-        self.serial = Serial(_KvmIrqLine(vm, PC.device("serial0").irq), self.console)
+        self.serial = Serial(vm.irq_line(PC.device("serial0").irq), self.console)
         place("serial0", self.serial)
         self.debug_exit = DebugExit(self._on_debug_exit)
         if config.debug_exit is not None:
@@ -557,7 +418,7 @@ class Machine:
         place("i8042-command", self.i8042.command_port)
         self.post_code = PostCodePort()
         place("post-code", self.post_code)
-        self.acpi_pm = AcpiPm(self._on_poweroff, _KvmIrqLine(vm, PC.device("acpi-pm").irq))
+        self.acpi_pm = AcpiPm(self._on_poweroff, vm.irq_line(PC.device("acpi-pm").irq))
         place("acpi-pm", self.acpi_pm)
         # Decoded inside the PCI configuration ports (see _add_pci_and_firmware).
         self.reset_control = ResetControl(
@@ -575,7 +436,7 @@ class Machine:
         self.legacy_window = firmware.LegacyWindow(
             self.memslots, self.memory, self._res.host_buffers[0].address, self.firmware)
         self.pci = PcPci(self.pio_bus, self.mmio_bus, config.memory,
-                         lambda irq: _KvmIrqLine(vm, irq), reset_control=self.reset_control,
+                         vm.irq_line, reset_control=self.reset_control,
                          on_pam_change=self.legacy_window.apply_pam,
                          pam_ram=self.firmware is None)
         self.legacy_window.apply_pam(self.pci.host_bridge.pam)
@@ -652,7 +513,7 @@ class Machine:
                                "create a new Machine (with the same MachineConfig) to run again")
         self._started = True
         if self.config.console_input is not None:
-            self._input_pump = _InputPump(self.config.console_input, self.serial.enqueue_input)
+            self._input_pump = InputPump(self.config.console_input, self.serial.enqueue_input)
         for vcpu in self.vcpus:
             vcpu.start()
 

@@ -1223,7 +1223,8 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 def run(opts: QemuOptions) -> int:
     """Boot ``opts`` (action "run") and return QEMU's exit status."""
     from .kvm import KvmUnavailableError
-    from .machine import ConfigError, ExitKind, ImageError, Machine
+    from .machine import ConfigError, ImageError, Machine
+    from .result import ExitKind
 
     _check_files(opts)
     output, console_input, to_close = _console(opts)
@@ -1274,7 +1275,7 @@ def _terminated(signum: int) -> int:
 
 
 def _status(opts: QemuOptions, result) -> int:
-    from .machine import ExitKind
+    from .result import ExitKind
 
     kind = result.kind
     if kind is ExitKind.DEBUG_EXIT:

@@ -192,6 +192,10 @@ class Vm:
         line = ffi.new("struct kvm_irq_level *", {"irq": irq, "level": 1 if level else 0})
         self._ioctl(lib.KVM_IRQ_LINE, line, "KVM_IRQ_LINE")
 
+    def irq_line(self, gsi: int) -> "GsiLine":
+        """GSI ``gsi`` as a device's interrupt line (:class:`hvvmm.bus.IrqLine`)."""
+        return GsiLine(self, gsi)
+
     def signal_msi(self, address: int, data: int) -> int:
         """Inject a message-signalled interrupt; returns >0 if delivered, 0 if blocked."""
         msi = ffi.new("struct kvm_msi *", {"address_lo": address & 0xFFFF_FFFF,
@@ -581,3 +585,14 @@ def atomic_fetch_or_u8(address: int, mask: int) -> int:
 def install_kick_handler() -> None:
     """Install the no-op handler for :data:`KICK_SIGNAL` (idempotent)."""
     _check(lib.hvvmm_install_kick_handler(KICK_SIGNAL), "sigaction")
+
+
+class GsiLine:
+    """One in-kernel PIC/IOAPIC input, driven by a device through ``set_level``."""
+
+    def __init__(self, vm: Vm, gsi: int):
+        self._vm = vm
+        self._gsi = gsi
+
+    def set_level(self, level: bool) -> None:
+        self._vm.set_irq_line(self._gsi, level)
