@@ -184,6 +184,18 @@ def configure_fw_cfg(fw_cfg: FwCfg, memory_size: int, boot_slots: Sequence[int])
     fw_cfg.set_item(FW_CFG_BOOT_MENU, struct.pack("<H", 0))  # SeaBIOS: etc/show-boot-menu
 
 
+
+def install(rom: FirmwareRom, memslots: MemslotManager, fw_cfg: FwCfg, pio_bus,
+            memory_size: int, boot_slots: Sequence[int]) -> DebugConsole:
+    """Map ``rom`` below 4 GiB, describe the machine to it through fw_cfg, and put its debug
+    console on its port; returns that console."""
+    memslots.set_windows("firmware", [Window(rom.gpa, rom.size, rom.host_address)])
+    configure_fw_cfg(fw_cfg, memory_size, boot_slots)
+    debugcon = DebugConsole()
+    slot = PC.device("debugcon")
+    pio_bus.register(slot.port, slot.ports, debugcon, slot.name)
+    return debugcon
+
 # KVM's paravirtual MSRs a firmware or OS may have enabled (Linux Documentation/virt/kvm/x86/
 # msr.rst): system time, async page faults, steal time, PV EOI. A reset turns them off, or KVM
 # would go on writing into guest RAM the next boot owns.

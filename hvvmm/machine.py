@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
 
 from . import boot, firmware
-from .acpi import build_acpi_tables
-from .acpi.loader import build_firmware_files
+from .acpi import build_acpi_tables, provide_tables
 from .cpuid import CpuidError, build_cpuid, parse_cpu_features_mask, physical_address_bits
 from .hv.features import HyperVConfigError, parse_hyperv_spec
 from .bus import Bus, BusDevice, mmio_bus, pio_bus
@@ -51,6 +50,7 @@ from .pci.pc import PcPci
 from .result import (STATUS_BAD_IMAGE, STATUS_CRASH, STATUS_KVM_UNAVAILABLE,  # noqa: F401
                      STATUS_POWEROFF, STATUS_RESET, STATUS_SHUTDOWN, STATUS_TIMEOUT,
                      STATUS_USAGE, STATUS_VM_ERROR, ExitKind, MachineResult)
+from .x86.kvm_adapter import instruction_completion
 from .vcpu import ExitObserver, StopRequest, VcpuThread, current_vcpu_index
 
 log = logging.getLogger(__name__)
@@ -193,6 +193,30 @@ def memory_map(size: int) -> list[MemoryMapEntry]:
     return PC.memory_map(size)
 
 
+def _cpu_options(config: MachineConfig):
+    """The parsed ``hyperv`` and ``cpu_features`` options (ConfigError if either is wrong)."""
+    try:
+        hyperv_config = parse_hyperv_spec(config.hyperv)
+        cpu_mask = parse_cpu_features_mask(config.cpu_features)
+    except (HyperVConfigError, CpuidError) as exc:
+        raise ConfigError(str(exc)) from None
+    if config.hyperv_testdev and not hyperv_config.has("hv-synic"):
+        raise ConfigError("the hyperv-testdev needs Hyper-V with hv-synic (e.g. --hyperv "
+                          "hv-vpindex,hv-synic, or the default)")
+    return hyperv_config, cpu_mask
+
+
+def _check_capabilities(kvm: Kvm) -> None:
+    """KvmUnavailableError unless this host's KVM has what every machine needs."""
+    for cap, name in ((kvmc.KVM_CAP_IRQCHIP, "in-kernel irqchip"),
+                      (kvmc.KVM_CAP_USER_MEMORY, "user memory"),
+                      (kvmc.KVM_CAP_IMMEDIATE_EXIT, "immediate exit"),
+                      (kvmc.KVM_CAP_SET_TSS_ADDR, "TSS address")):
+        if not kvm.check_extension(cap):
+            raise KvmUnavailableError(f"KVM on this host lacks the {name} capability hvvmm "
+                                      "needs")
+
+
 @dataclass
 class _Resources:
     kvm: Kvm | None = None
@@ -230,6 +254,9 @@ class Machine:
         self.instruction_completer = None  # hvvmm.x86.Completer, see emulation_counters()
         self.boot: boot.BootState | None = None
         self.acpi_rsdp: int | None = None  # the RSDP's guest-physical address, when ACPI is on
+        self.firmware: firmware.FirmwareRom | None = None  # the BIOS of a firmware boot
+        self.resets = 0  # in-place resets of a firmware boot so far
+        self.disks: list = []
         # The exclusive section (see exclusive()): who holds it and how many vCPUs are parked.
         self._pause = threading.Condition()
         self._pause_owner: object = _NOBODY
@@ -243,22 +270,16 @@ class Machine:
     # -- construction -------------------------------------------------------------------------
 
     def _create(self) -> None:
+        """Assemble the machine, in the order each part needs the ones before it."""
         install_kick_handler()
         res = self._res
         res.kvm = kvm = Kvm(self.config.kvm_device)
         config = self.config.validated(kvm.check_extension(kvmc.KVM_CAP_MAX_VCPUS))
-        try:
-            hyperv_config = parse_hyperv_spec(config.hyperv)
-            cpu_mask = parse_cpu_features_mask(config.cpu_features)
-        except (HyperVConfigError, CpuidError) as exc:
-            raise ConfigError(str(exc)) from None
-        if config.hyperv_testdev and not hyperv_config.has("hv-synic"):
-            raise ConfigError("the hyperv-testdev needs Hyper-V with hv-synic (e.g. --hyperv "
-                              "hv-vpindex,hv-synic, or the default)")
+        hyperv_config, cpu_mask = _cpu_options(config)
         firmware_path = config.bios
         if firmware_path is None and config.drives and config.kernel is None:
             firmware_path = firmware.DEFAULT_BIOS
-        if firmware_path is None:
+        if firmware_path is None:  # a bad kernel is reported before any VM exists
             kernel_image, kernel_name = self._read_kernel(config)
             try:
                 kernel_format = boot.detect_format(kernel_image)
@@ -267,47 +288,14 @@ class Machine:
                 raise ImageError(f"{kernel_name}: {exc}") from None
             except OSError as exc:
                 raise ImageError(f"cannot read initrd {exc.filename}: {exc.strerror}") from None
-        for cap, name in ((kvmc.KVM_CAP_IRQCHIP, "in-kernel irqchip"),
-                          (kvmc.KVM_CAP_USER_MEMORY, "user memory"),
-                          (kvmc.KVM_CAP_IMMEDIATE_EXIT, "immediate exit"),
-                          (kvmc.KVM_CAP_SET_TSS_ADDR, "TSS address")):
-            if not kvm.check_extension(cap):
-                raise KvmUnavailableError(f"KVM on this host lacks the {name} capability hvvmm "
-                                          "needs")
-
-        res.vm = vm = kvm.create_vm()
-        vm.set_identity_map_address(PC.kvm_identity_map)
-        vm.set_tss_address(PC.kvm_tss)
-        vm.create_irqchip()
-        vm.create_pit2()
-        if not config.pit_reinject:
-            vm.set_pit_reinject(False)
-
-        try:
-            res.memory = memory = GuestMemory.anonymous(memory_layout(config.memory))
-        except OSError as exc:
-            if exc.errno != errno.ENOMEM:
-                raise
-            raise ConfigError(f"this host cannot give the guest {format_size(config.memory)} of "
-                              "RAM (out of memory); ask for less") from None
-        for region in memory:
-            res.host_buffers.append(PinnedBuffer(region.buffer))
+        _check_capabilities(kvm)
+        vm = self._create_vm(kvm, config)
         supported = kvm.supported_cpuid()
-        res.memslots = MemslotManager(
-            vm.set_user_memory_region, memory, [pinned.address for pinned in res.host_buffers],
-            lambda: self.exclusive(current_vcpu_index()),
-            physical_address_bits=physical_address_bits(supported))
-
+        memory = self._create_memory(vm, config, supported)
         # Firmware probes a PS/2 keyboard and waits a second when none answers.
         self._add_platform_devices(vm, config, keyboard=firmware_path is not None)
         if config.acpi:
-            acpi_tables = build_acpi_tables(
-                PC, config.smp, extra_dsdt_devices=pci_dsdt_devices(PC, config.memory))
-            if firmware_path is None:  # a BIOS installs them itself, from fw_cfg
-                acpi_tables.install(memory)
-                self.acpi_rsdp = acpi_tables.rsdp_address
-            for name, data in build_firmware_files(acpi_tables.tables).items():
-                self.fw_cfg.add_file(name, data)  # the same tables, for firmware to install
+            self._add_acpi_tables(config, in_memory=firmware_path is None)
         self._add_pci_and_firmware(vm, config, firmware_path)
 
         if firmware_path is None:
@@ -319,7 +307,53 @@ class Machine:
             except boot.KernelImageError as exc:
                 raise ImageError(f"{kernel_name}: {exc}") from None
 
-        self._setup_instruction_completion(kvm, vm, supported)
+        self.instruction_completer, self._vcpu_completer = instruction_completion(
+            kvm, vm, memory, supported, exclusive=lambda: self.exclusive(current_vcpu_index()),
+            log=log)
+        self._create_vcpus(vm, config, supported, hyperv_config, cpu_mask)
+        if hyperv_config.enabled:
+            self._add_hyperv(config, hyperv_config)
+
+    def _create_vm(self, kvm: Kvm, config: MachineConfig) -> Vm:
+        """The VM with KVM's in-kernel PIC, IOAPIC, LAPICs and PIT."""
+        self._res.vm = vm = kvm.create_vm()
+        vm.set_identity_map_address(PC.kvm_identity_map)
+        vm.set_tss_address(PC.kvm_tss)
+        vm.create_irqchip()
+        vm.create_pit2()
+        if not config.pit_reinject:
+            vm.set_pit_reinject(False)
+        return vm
+
+    def _create_memory(self, vm: Vm, config: MachineConfig, supported) -> GuestMemory:
+        """Guest RAM as the layout places it, pinned, and the memslots that map it."""
+        res = self._res
+        try:
+            res.memory = memory = GuestMemory.anonymous(memory_layout(config.memory))
+        except OSError as exc:
+            if exc.errno != errno.ENOMEM:
+                raise
+            raise ConfigError(f"this host cannot give the guest {format_size(config.memory)} of "
+                              "RAM (out of memory); ask for less") from None
+        for region in memory:
+            res.host_buffers.append(PinnedBuffer(region.buffer))
+        res.memslots = MemslotManager(
+            vm.set_user_memory_region, memory, [pinned.address for pinned in res.host_buffers],
+            lambda: self.exclusive(current_vcpu_index()),
+            physical_address_bits=physical_address_bits(supported))
+        return memory
+
+    def _add_acpi_tables(self, config: MachineConfig, *, in_memory: bool) -> None:
+        """The ACPI tables, with PCI0 in the DSDT; written to RAM too when no firmware will."""
+        tables = build_acpi_tables(
+            PC, config.smp, extra_dsdt_devices=pci_dsdt_devices(PC, config.memory))
+        self.acpi_rsdp = provide_tables(tables, self.fw_cfg,
+                                        self.memory if in_memory else None)
+
+    def _create_vcpus(self, vm: Vm, config: MachineConfig, supported, hyperv_config,
+                      cpu_mask) -> None:
+        """The vCPUs with their CPUID tables; the boot CPU in the kernel's entry state, or
+        every vCPU's power-on state kept for a firmware's in-place reset."""
         for index in range(config.smp):
             vcpu = vm.create_vcpu(index)
             self.vcpus.append(VcpuThread(self, vcpu, self.pio_bus, self.mmio_bus,
@@ -335,38 +369,20 @@ class Machine:
             boot.apply_entry_state(self.vcpus[0].vcpu, self.boot)
         else:
             self._power_on = [firmware.PowerOnState(v.vcpu) for v in self.vcpus]
-        if hyperv_config.enabled:
-            from .hyperv import HyperV
 
-            self.hyperv = HyperV(self, hyperv_config)
-            if config.hyperv_testdev:
-                from .devices.hyperv_testdev import (HYPERV_TESTDEV_BASE,
-                                                     HYPERV_TESTDEV_PORT_COUNT, HypervTestDev)
+    def _add_hyperv(self, config: MachineConfig, hyperv_config) -> None:
+        """The Hyper-V interface (hvvmm.hyperv) and, if asked for, QEMU's hyperv-testdev."""
+        from .hyperv import HyperV
 
-                self.hyperv_testdev = HypervTestDev(
-                    self.hyperv.partition.state["hv-synic"].connections)
-                self.pio_bus.register(HYPERV_TESTDEV_BASE, HYPERV_TESTDEV_PORT_COUNT,
-                                      self.hyperv_testdev, "hyperv-testdev")
+        self.hyperv = HyperV(self, hyperv_config)
+        if config.hyperv_testdev:
+            from .devices.hyperv_testdev import (HYPERV_TESTDEV_BASE, HYPERV_TESTDEV_PORT_COUNT,
+                                                 HypervTestDev)
 
-    def _setup_instruction_completion(self, kvm: Kvm, vm: Vm, supported) -> None:
-        """Instructions KVM's emulator cannot run (hosts that emulate guest ring 0) are
-        completed by :mod:`hvvmm.x86`. With KVM_CAP_EXIT_ON_EMULATION_FAILURE KVM exits for
-        every such failure without queuing #UD first (Linux Documentation/virt/kvm/api.rst)."""
-        from .x86 import Completer
-        from .x86.complete import xsave_layout
-        from .x86.kvm_adapter import VcpuInstructionCompleter
-
-        cap = kvmc.KVM_CAP_EXIT_ON_EMULATION_FAILURE
-        exits_cleanly = bool(kvm.check_extension(cap))
-        if exits_cleanly:
-            vm.enable_cap(cap, 1)
-        self.instruction_completer = Completer(
-            exclusive=lambda: self.exclusive(current_vcpu_index()),
-            xsave_layout=xsave_layout(supported))
-        self._vcpu_completer = VcpuInstructionCompleter(
-            self.instruction_completer, self._res.memory, log=log,
-            ud_queued_by_kvm=not exits_cleanly,
-            use_xsave=bool(kvm.check_extension(kvmc.KVM_CAP_XSAVE)))
+            self.hyperv_testdev = HypervTestDev(
+                self.hyperv.partition.state["hv-synic"].connections)
+            self.pio_bus.register(HYPERV_TESTDEV_BASE, HYPERV_TESTDEV_PORT_COUNT,
+                                  self.hyperv_testdev, "hyperv-testdev")
 
     def emulation_counters(self) -> dict[str, int]:
         """Instructions hvvmm completed for KVM's instruction emulator, by mnemonic (empty on
@@ -426,8 +442,6 @@ class Machine:
 
     def _add_pci_and_firmware(self, vm: Vm, config: MachineConfig, firmware_path) -> None:
         """PCI bus 0, the disks on it, and the firmware when booting one (hvvmm.firmware)."""
-        self.firmware = None
-        self.resets = 0  # in-place resets so far
         if firmware_path is not None:
             try:
                 self.firmware = firmware.FirmwareRom(firmware_path)
@@ -446,13 +460,8 @@ class Machine:
         if self.firmware is None:
             self.pci.route_pirqs_as_firmware_would()
             return
-        rom = self.firmware
-        self.memslots.set_windows("firmware", [firmware.Window(rom.gpa, rom.size,
-                                                               rom.host_address)])
-        firmware.configure_fw_cfg(self.fw_cfg, config.memory, [d.slot for d in self.disks])
-        self.debugcon = firmware.DebugConsole()
-        slot = PC.device("debugcon")
-        self.pio_bus.register(slot.port, slot.ports, self.debugcon, slot.name)
+        self.debugcon = firmware.install(self.firmware, self.memslots, self.fw_cfg, self.pio_bus,
+                                         config.memory, [d.slot for d in self.disks])
 
     # -- devices and observers for library users ----------------------------------------------
 
@@ -767,7 +776,7 @@ class Machine:
         if self._started:
             self._finish(MachineResult(ExitKind.STOPPED, "machine closed"))
             self._join_vcpus()
-        for disk in getattr(self, "disks", ()):
+        for disk in self.disks:
             disk.close()  # its worker may still complete a request: before RAM and the VM go
         if self._input_pump is not None:
             self._input_pump.close()
@@ -781,7 +790,7 @@ class Machine:
             res.vm.close()
         if res.memslots is not None:
             res.memslots.close()
-        if getattr(self, "firmware", None) is not None:
+        if self.firmware is not None:
             self.firmware.close()
         for pinned in res.host_buffers:
             pinned.release()

@@ -195,3 +195,22 @@ class VcpuInstructionCompleter:
         if key not in self._logged:
             self._logged.add(key)
             self._log.info(message, *args)
+
+
+def instruction_completion(kvm, vm, memory, supported_cpuid, *, exclusive, log):
+    """``(Completer, VcpuInstructionCompleter)`` for a new VM: instructions KVM's emulator
+    cannot run (hosts that emulate guest ring 0) are completed here. With
+    KVM_CAP_EXIT_ON_EMULATION_FAILURE enabled KVM exits for every such failure without queuing
+    #UD first (Linux Documentation/virt/kvm/api.rst). ``exclusive``: as :class:`~hvvmm.x86.complete.Completer`
+    takes it."""
+    from ..kvm import constants as kvmc
+    from .complete import Completer, xsave_layout
+
+    cap = kvmc.KVM_CAP_EXIT_ON_EMULATION_FAILURE
+    exits_cleanly = bool(kvm.check_extension(cap))
+    if exits_cleanly:
+        vm.enable_cap(cap, 1)
+    completer = Completer(exclusive=exclusive, xsave_layout=xsave_layout(supported_cpuid))
+    return completer, VcpuInstructionCompleter(
+        completer, memory, log=log, ud_queued_by_kvm=not exits_cleanly,
+        use_xsave=bool(kvm.check_extension(kvmc.KVM_CAP_XSAVE)))
