@@ -449,7 +449,7 @@ def instruction_completion_line(virt, exits_on_failure: int) -> str:
     """What ``hvvmm info`` says about hvvmm.x86 (completing what KVM's emulator cannot run)."""
     from .x86 import COMPLETED_INSTRUCTIONS
 
-    if virt.can_boot_stock_kernels:
+    if virt.ring0_on_hardware:
         state = "idle here (KVM runs guest ring 0 on hardware)"
     else:
         state = "active here: KVM emulates guest ring 0"

@@ -15,22 +15,27 @@ class HostVirtualization:
     kvm_modules: tuple[str, ...]
 
     @property
-    def can_boot_stock_kernels(self) -> bool:
-        """Stock Linux/Windows kernels need KVM on VT-x/AMD-V. Emulating KVMs (e.g. the PVM-based
-        one of some cloud sandboxes) run ring-0 guest code through the instruction emulator, too
-        slowly and with too many unsupported instructions for a real kernel."""
+    def ring0_on_hardware(self) -> bool:
+        """Whether KVM runs guest ring-0 code on VT-x/AMD-V. Emulating KVMs (e.g. the PVM-based
+        one of some cloud sandboxes) run it through KVM's instruction emulator instead: stock
+        kernels still boot there (hvvmm completes the instructions the emulator lacks,
+        :mod:`hvvmm.x86`), only far more slowly, and guest TLBs do not behave as hardware's."""
         return self.hardware is not None and "kvm_pvm" not in self.kvm_modules
 
+    # The earlier name (stock kernels do boot on emulating hosts now); kept for callers.
+    can_boot_stock_kernels = ring0_on_hardware
+
     def describe(self) -> str:
+        emulating = ("KVM is PVM-based and runs guest ring-0 code in its instruction emulator "
+                     "(hvvmm completes what it lacks): stock kernels boot, slowly")
         if self.hardware:
             kind = {"vmx": "Intel VT-x", "svm": "AMD-V"}[self.hardware]
             if "kvm_pvm" in self.kvm_modules:
-                return f"{kind} present, but KVM is PVM-based (emulating): stock kernels cannot boot"
-            return f"{kind}: stock kernels can boot"
+                return f"{kind} present, but {emulating}"
+            return f"{kind}: KVM runs guest ring-0 code on hardware"
         if "kvm_pvm" in self.kvm_modules:
-            return ("none: KVM is PVM-based and emulates guest ring-0 code; only small test "
-                    "guests run, stock kernels cannot boot")
-        return "none visible (no vmx/svm CPU flag): stock kernels cannot boot"
+            return f"none: {emulating}"
+        return "none visible (no vmx/svm CPU flag): KVM, if present, cannot run guests at speed"
 
 
 def _cpu_flags() -> set[str]:

@@ -70,7 +70,7 @@ _CPUINFO_NAMES = {"sha_ni": "sha"}
 def emulator_safe_linux_options(supported: Iterable[CpuidEntry], emulates_ring0: bool,
                                 host_flags: Iterable[str] | None = None) -> str:
     """Linux command-line options for a guest on this host: ``""`` where KVM runs ring 0 on
-    hardware (``emulates_ring0`` false: ``not host_virtualization().can_boot_stock_kernels``);
+    hardware (``emulates_ring0`` false: ``not host_virtualization().ring0_on_hardware``);
     else ``noxsave`` plus ``clearcpuid=`` with the bit number of each feature in
     :data:`EMULATOR_UNSAFE_FEATURES` that the guest may see, in ascending order.
 

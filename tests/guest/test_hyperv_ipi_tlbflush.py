@@ -136,7 +136,7 @@ def test_a_vcpu_without_paging_is_left_alone(guest_image):
 HARDWARE = host_virtualization()
 
 
-@pytest.mark.skipif(not HARDWARE.can_boot_stock_kernels,
+@pytest.mark.skipif(not HARDWARE.ring0_on_hardware,
                     reason="proving that a target's TLB is flushed needs a KVM on VT-x/AMD-V, "
                            "where guest TLB entries survive exits (VPID/ASID); this host has "
                            f"{HARDWARE.describe()}")

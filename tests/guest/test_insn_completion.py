@@ -22,7 +22,7 @@ EMULATOR_MISSING = {"int3", "int", "popcnt", "fwait", "ldmxcsr", "clac", "stac",
 
 
 def _emulating_host() -> bool:
-    return not host_virtualization().can_boot_stock_kernels
+    return not host_virtualization().ring0_on_hardware
 
 
 def test_completed_instructions_behave_as_on_the_cpu(guest_image):
