@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="a virtio-blk disk (cache=writeback, the default, or none: every "
                           "write reaches the disk before it completes); repeat for more disks")
     run.add_argument("--bios", metavar="FILE",
-                     help=f"BIOS image to boot (default when booting a disk: {DEFAULT_BIOS})")
+                     help=f"BIOS image to boot (default when booting a disk: {DEFAULT_BIOS}); "
+                          "it takes no --kernel, --initrd or --append")
     run.add_argument("--kernel", metavar="FILE",
                      help="Linux bzImage or ELF vmlinux, or a Multiboot v1 kernel (ELF or a.out "
                           "kludge)")

@@ -143,7 +143,7 @@ class MachineConfig:
     hyperv_testdev: bool = False     # QEMU's hyperv-testdev at port 0x3000 (needs hv-synic)
     acpi: bool = True                # ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) in 0xE0000
     pit_reinject: bool = True        # the PIT re-injects lost ticks (False: QEMU's "discard")
-    # Disks (hvvmm.drive.DriveSpec), each a virtio-blk PCI device; firmware boot: a BIOS image
+    # Disks (hvvmm.devices.virtio_blk.DriveSpec), each a virtio-blk PCI device; firmware boot: a BIOS image
     # started at the reset vector instead of a kernel (the default BIOS when only disks are given).
     drives: Sequence = ()
     bios: str | os.PathLike | None = None
@@ -158,6 +158,14 @@ class MachineConfig:
         elif isinstance(self.memory, bool) or not isinstance(self.memory, int):
             raise ConfigError(f"memory must be a number of bytes or a size such as '512M' (got "
                               f"{self.memory!r})")
+
+    @property
+    def firmware(self) -> str | os.PathLike | None:
+        """The BIOS image this machine boots: ``bios``, or the default BIOS when only disks
+        are given; None for a kernel boot."""
+        if self.bios is None and self.drives and self.kernel is None:
+            return firmware.DEFAULT_BIOS
+        return self.bios
 
     def validated(self, max_vcpus: int | None = None) -> "MachineConfig":
         """This config, or ConfigError saying what is wrong; ``max_vcpus`` is KVM's
@@ -179,6 +187,10 @@ class MachineConfig:
             raise ConfigError(f"on_reset must be 'exit' or 'restart' (got {self.on_reset!r})")
         if self.on_crash not in ("stop", "continue"):
             raise ConfigError(f"on_crash must be 'stop' or 'continue' (got {self.on_crash!r})")
+        if self.firmware is not None and (self.kernel is not None or self.initrd or self.append):
+            raise ConfigError("a BIOS boot takes no kernel, initrd or kernel command line (hvvmm "
+                              "hands none to the firmware): leave out the BIOS to boot the kernel "
+                              "directly")
         check_timeout(self.timeout)
         return self
 
@@ -276,9 +288,7 @@ class Machine:
         res.kvm = kvm = Kvm(self.config.kvm_device)
         config = self.config.validated(kvm.check_extension(kvmc.KVM_CAP_MAX_VCPUS))
         hyperv_config, cpu_mask = _cpu_options(config)
-        firmware_path = config.bios
-        if firmware_path is None and config.drives and config.kernel is None:
-            firmware_path = firmware.DEFAULT_BIOS
+        firmware_path = config.firmware
         if firmware_path is None:  # a bad kernel is reported before any VM exists
             kernel_image, kernel_name = self._read_kernel(config)
             try:

@@ -90,3 +90,20 @@ def test_cpu_features_value_may_follow_a_space(monkeypatch):
     assert cli_main(["run", "--append", "-v quiet", "--cpu-features", "-cx16", "--smp", "2"]) == 0
     args = seen["args"]
     assert (args.append, args.cpu_features, args.smp) == ("-v quiet", "-cx16", 2)
+
+
+@pytest.mark.parametrize("extra", [{"kernel": "vmlinuz"}, {"initrd": ("initrd.img",)},
+                                   {"append": "console=ttyS0"}])
+def test_a_bios_boot_refuses_what_it_would_ignore(extra):
+    # The firmware is started at the reset vector; a kernel, initrd or command line given
+    # with it would silently go unused.
+    with pytest.raises(ConfigError, match="BIOS boot takes no kernel"):
+        MachineConfig(bios="bios.bin", **extra).validated()
+
+
+def test_disks_without_a_kernel_boot_the_default_bios():
+    from hvvmm.devices.virtio_blk import DriveSpec
+
+    assert MachineConfig(drives=(DriveSpec("disk.img"),)).firmware is not None
+    assert MachineConfig(drives=(DriveSpec("disk.img"),), kernel="vmlinuz").firmware is None
+    assert MachineConfig(bios="bios.bin").firmware == "bios.bin"
