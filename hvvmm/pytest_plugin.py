@@ -95,8 +95,7 @@ def hvvmm_machine():
     machines: list = []
 
     def create(config: MachineConfig | None = None, **settings) -> Machine:
-        machine = Machine(config, **settings) if config is not None else \
-            Machine(MachineConfig(**settings))
+        machine = Machine(config, **settings)
         machines.append(machine)
         return machine
 
