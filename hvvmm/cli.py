@@ -33,12 +33,13 @@ exit status:
              isa-debug-exit (port 0xf4: the test guests' "every check passed")
   odd N      the guest wrote v != 0 to isa-debug-exit: N = (v << 1) | 1, as QEMU
              (--qemu-exit-status: QEMU's rule for v = 0 too, so 0 gives 1)
-  2          bad command line (unknown flag, --smp 0, bad size, ...)
+  2          bad command line (unknown flag, --smp 0, bad size, a BIOS with --kernel, ...)
   4          bad kernel, initrd, disk image or firmware (missing, unreadable, of no known
              format, does not fit, an image another process holds)
   6          /dev/kvm missing or not usable
-  8          the guest triple-faulted
-  10         the guest asked for a reset
+  8          the guest triple-faulted (a BIOS boot resets in place instead, unless
+             --on-reset exit)
+  10         the guest asked for a reset (with --on-reset exit; the default for kernels)
   12         the VM failed (KVM error, unhandled exit, internal error)
   14         the guest reported a crash (Hyper-V crash MSRs; see --on-crash)
   124        --timeout expired
