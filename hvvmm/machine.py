@@ -63,6 +63,8 @@ MIN_MEMORY = PC.min_memory
 MAX_VCPUS_XAPIC = PC.max_vcpus
 
 DEFAULT_MEMORY = 256 * MiB
+# Disks, one virtio-blk function per slot: bus 0's 32 slots less the host and ISA bridges'.
+MAX_DRIVES = 32 - PC.pci_first_free_slot
 # The longest timeout a wait can take (threading's limit; longer ones overflow).
 MAX_TIMEOUT = threading.TIMEOUT_MAX
 
@@ -187,6 +189,9 @@ class MachineConfig:
             raise ConfigError(f"on_reset must be 'exit' or 'restart' (got {self.on_reset!r})")
         if self.on_crash not in ("stop", "continue"):
             raise ConfigError(f"on_crash must be 'stop' or 'continue' (got {self.on_crash!r})")
+        if len(self.drives) > MAX_DRIVES:
+            raise ConfigError(f"{len(self.drives)} disks are too many: each is a PCI device on "
+                              f"bus 0, which has room for {MAX_DRIVES}")
         if self.firmware is not None and (self.kernel is not None or self.initrd or self.append):
             raise ConfigError("a BIOS boot takes no kernel, initrd or kernel command line (hvvmm "
                               "hands none to the firmware): leave out the BIOS to boot the kernel "

@@ -107,3 +107,13 @@ def test_disks_without_a_kernel_boot_the_default_bios():
     assert MachineConfig(drives=(DriveSpec("disk.img"),)).firmware is not None
     assert MachineConfig(drives=(DriveSpec("disk.img"),), kernel="vmlinuz").firmware is None
     assert MachineConfig(bios="bios.bin").firmware == "bios.bin"
+
+
+def test_more_disks_than_pci_slots_are_refused_before_anything_starts():
+    from hvvmm.devices.virtio_blk import DriveSpec
+    from hvvmm.machine import MAX_DRIVES
+
+    assert MAX_DRIVES == 30
+    drives = tuple(DriveSpec(f"d{i}.img") for i in range(MAX_DRIVES + 1))
+    with pytest.raises(ConfigError, match="31 disks are too many"):
+        MachineConfig(drives=drives).validated()
