@@ -26,32 +26,33 @@ from typing import BinaryIO, Callable, Sequence
 
 from . import boot, firmware
 from .acpi import build_acpi_tables, provide_tables
-from .cpuid import CpuidError, build_cpuid, parse_cpu_features_mask, physical_address_bits
-from .hv.features import HyperVConfigError, parse_hyperv_spec
 from .bus import Bus, BusDevice, mmio_bus, pio_bus
+# ConsoleBuffer, the exit statuses, ExitKind and MachineResult are also imported from here.
 from .console import ConsoleBuffer, InputPump
+from .cpuid import CpuidError, build_cpuid, parse_cpu_features_mask, physical_address_bits
 from .devices.acpi_pm import AcpiPm
 from .devices.cmos import Cmos
 from .devices.debug_exit import DebugExit
 from .devices.fw_cfg import FwCfg, FwCfgDma
-from .devices.virtio_blk import attach_drives
 from .devices.i8042 import I8042
 from .devices.port80 import PostCodePort
 from .devices.reset_control import ResetControl
 from .devices.serial import Serial
+from .devices.virtio_blk import attach_drives
+from .hv.features import HyperVConfigError, parse_hyperv_spec
 from .kvm import Kvm, KvmUnavailableError, PinnedBuffer, Vm, install_kick_handler
 from .kvm import constants as kvmc
 from .layout import PC, KiB, MemoryMapEntry, MiB
 from .memory import GuestMemory
 from .memslots import MemslotManager
 from .pci.acpi import pci_dsdt_devices
-from .sizes import format_size, parse_size
 from .pci.pc import PcPci
 from .result import (STATUS_BAD_IMAGE, STATUS_CRASH, STATUS_KVM_UNAVAILABLE,  # noqa: F401
                      STATUS_POWEROFF, STATUS_RESET, STATUS_SHUTDOWN, STATUS_TIMEOUT,
                      STATUS_USAGE, STATUS_VM_ERROR, ExitKind, MachineResult)
-from .x86.kvm_adapter import instruction_completion
+from .sizes import format_size, parse_size
 from .vcpu import ExitObserver, StopRequest, VcpuThread, current_vcpu_index
+from .x86.kvm_adapter import instruction_completion
 
 log = logging.getLogger(__name__)
 
