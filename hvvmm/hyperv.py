@@ -57,7 +57,7 @@ class VcpuRegisters:
     GPRs go back there; otherwise ``KVM_GET/SET_REGS`` and ``KVM_GET_SREGS``. XMM registers,
     needed only for XMM fast calls, come from ``KVM_GET_FPU``. :meth:`commit` writes back what
     changed; RIP is left as KVM reported it unless :meth:`retry` or :meth:`inject_ud` moves it
-    (``hypercall-trap.md`` §6).
+    (Linux ``arch/x86/kvm/x86.c`` ``complete_fast_pio_out()``).
     """
 
     __slots__ = ("_vcpu", "_sync", "_regs", "_gprs", "_cs_base", "_cs_l", "_ss_dpl", "_cr0",
@@ -88,7 +88,7 @@ class VcpuRegisters:
         return bool(self._cr0 & CR0_PE)
 
     def cpl(self) -> int:
-        return self._ss_dpl  # CPL = SS.DPL (hypercall-trap.md §8)
+        return self._ss_dpl  # CPL = SS.DPL (Intel SDM Vol. 3A "Privilege Levels")
 
     def get_gpr(self, name: str) -> int:
         return self._gprs[GPR_INDEX[name]]
@@ -117,11 +117,12 @@ class VcpuRegisters:
         return (((base + rip) & PAGE_MASK) - base) & 0xFFFF_FFFF_FFFF_FFFF
 
     def retry(self) -> None:
-        """Continuation: re-execute the stub from its first byte (hypercall-trap.md §6.2)."""
+        """Continuation: re-execute the stub from its first byte (TLFS "Hypercall Continuation")."""
         self._gprs[_RIP] = self._dirty[_RIP] = self._rip_of_page_start()
 
     def inject_ud(self) -> None:
-        """#UD reported at the page start, with no OUT skip pending (hypercall-trap.md §6.3)."""
+        """#UD reported at the page start, with no OUT skip pending (RIP moved, so
+        Linux ``arch/x86/kvm/x86.c`` ``complete_fast_pio_out()`` skips nothing)."""
         self.retry()
         self.commit()
         self._vcpu.inject_exception(UD_VECTOR)

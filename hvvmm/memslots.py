@@ -1,10 +1,11 @@
 """KVM memslots for guest RAM and overlay pages.
 
 An overlay is a hypervisor-owned page shown at a guest-physical address, hiding the RAM below it
-(TLFS: the hypercall page, the reference TSC page, the SynIC pages; ``hypercall-trap.md`` §7).
-KVM memslots may not overlap, so the RAM slot under an overlay is split around it, and merged back
-when the overlay goes. Read-only overlays use ``KVM_MEM_READONLY``: guest reads and instruction
-fetches work, a guest write exits as MMIO and is not applied.
+(TLFS: the hypercall page, the reference TSC page, the SynIC pages; "Establishing the Hypercall
+Interface", ``timers.md``, ``inter-partition-communication.md``). KVM memslots may not overlap, so
+the RAM slot under an overlay is split around it, and merged back when the overlay goes. Read-only
+overlays use ``KVM_MEM_READONLY``: guest reads and instruction fetches work, a guest write exits as
+MMIO and is not applied.
 
 Changing slots while other vCPUs run would open a window in which their RAM accesses find no
 slot, so :class:`MemslotManager` changes slots only inside the machine's exclusive section (all

@@ -44,7 +44,8 @@ class HvVersion:
     """CPUID 0x40000002 (TLFS ``feature-discovery.md`` "Hypervisor Version Information").
 
     Default: Windows Server 2016, 10.0.14393 (build 0x3839), QEMU's default since it learned
-    that "some tools in Windows actually check version info" (ref. §2.3)."""
+    that "some tools in Windows actually check version info" (QEMU commit "i386: Change the
+    default Hyper-V version to match WS2016", 2021)."""
 
     build: int = 0x3839
     major: int = 10
@@ -128,7 +129,7 @@ class HyperVConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Presets (ref. §16, restricted to what is implemented; linux-guest.md §10; windows-guest.md §9)
+# Presets (QEMU docs/system/i386/hyperv.rst flag set, restricted to what is implemented)
 # --------------------------------------------------------------------------------------------
 
 PRESETS: dict[str, frozenset[str]] = {
@@ -137,14 +138,15 @@ PRESETS: dict[str, frozenset[str]] = {
     # REQ's minimal HV#1 interface: the identification leaves, AccessHypercallMsrs (core) and
     # AccessVpIndex, a working hypercall page. Linux and Windows both detect Hyper-V with it.
     "minimal": frozenset({"hv-vpindex"}),
-    # What Linux 6.1 uses (linux-guest.md §3, §10): VP index (mandatory for detection), the TSC
-    # page clocksource, known TSC/APIC frequencies, crash reporting with the kmsg channel, the
-    # extended-hypercall query, guest idle, direct-mode stimers (the per-CPU clockevent; stimer
-    # needs synic by QEMU's rules), cluster IPIs and remote TLB flushes; relaxed is free.
+    # What Linux 6.1 uses (arch/x86/kernel/cpu/mshyperv.c ms_hyperv_init_platform()): VP index
+    # (mandatory for detection), the TSC page clocksource, known TSC/APIC frequencies, crash
+    # reporting with the kmsg channel, the extended-hypercall query, guest idle, direct-mode stimers
+    # (the per-CPU clockevent; stimer needs synic by QEMU's rules), cluster IPIs and remote TLB
+    # flushes; relaxed is free.
     "linux": frozenset({"hv-vpindex", "hv-time", "hv-frequencies", "hv-crash", "hv-relaxed",
                         "hv-idle", "hv-ext-hypercalls", "hv-synic", "hv-stimer",
                         "hv-stimer-direct", "hv-ipi", "hv-tlbflush"}),
-    # QEMU's recommended Windows set (QDOC "Recommendations", windows-guest.md §2, §9) minus
+    # QEMU's recommended Windows set (docs/system/i386/hyperv.rst "Recommendations") minus
     # hv-vapic (refused: see hvvmm/enlightenments/vapic.py) and minus hv-reset, which QEMU advises
     # against. Spin count stays 0xFFFFFFFF (QEMU: 0xFFF only when overcommitted).
     "windows": frozenset({"hv-relaxed", "hv-vpindex", "hv-runtime", "hv-time",

@@ -19,8 +19,10 @@ Guest-supplied numbers (hypercall codes, status values, MSR indices) are *open*:
 
 Sources: TLFS ``feature-discovery.md``, ``hypercall-interface.md``,
 ``datatypes/hv_partition_privilege_mask.md``; Linux v6.16 ``include/hyperv/hvgdk_mini.h`` and
-``hvgdk_ext.h``; KVM ``arch/x86/kvm/hyperv.h``; OpenVMM ``vm/hv1/hvdef/src/lib.rs``; the project
-reference ``hyperv-interface.md`` sections 2-5 and 12.
+``hvgdk_ext.h``; KVM ``arch/x86/kvm/hyperv.h``; OpenVMM ``vm/hv1/hvdef/src/lib.rs``.
+Abbreviations in the comments below: LHDR = Linux v6.16 ``include/hyperv/hvgdk_mini.h`` ("L123"
+is a line of it in v6.16.1); OVDEF = OpenVMM ``vm/hv1/hvdef/src/lib.rs``; REQ = Microsoft's
+"Requirements for Implementing the Microsoft Hypervisor Interface" (June 2012).
 """
 
 from __future__ import annotations
@@ -103,7 +105,7 @@ class HvPartitionPrivilege(enum.IntFlag):
     AccessGuestIdleReg = 1 << 10  # HV_MSR_GUEST_IDLE_AVAILABLE: GUEST_IDLE
     AccessFrequencyRegs = 1 << 11  # HV_ACCESS_FREQUENCY_MSRS: TSC_FREQUENCY, APIC_FREQUENCY
     AccessDebugRegs = 1 << 12  # (TLFS; no Linux name) synthetic debugger MSRs
-    # The TLFS 0x40000009 table puts reenlightenment at bit 12; Linux and KVM use 13 (ref. §17).
+    # The TLFS 0x40000009 table puts reenlightenment at bit 12; Linux and KVM use 13 (LHDR).
     AccessReenlightenmentControls = 1 << 13  # HV_ACCESS_REENLIGHTENMENT: 0x40000106-0x40000108
     AccessRootSchedulerReg = 1 << 14  # (OVDEF) root scheduler register
     AccessTscInvariantControls = 1 << 15  # HV_ACCESS_TSC_INVARIANT (OVDEF): TSC_INVARIANT_CONTROL
@@ -237,7 +239,7 @@ class HvHardwareFeatures(enum.IntFlag):
 
 
 # --------------------------------------------------------------------------------------------
-# Synthetic MSRs (ref. §3.3; LHDR L63-181; KVM hyperv.h for SYNDBG)
+# Synthetic MSRs (TLFS feature-discovery.md; LHDR L63-181; KVM hyperv.h for SYNDBG)
 # --------------------------------------------------------------------------------------------
 
 HV_X64_MSR_GUEST_OS_ID = 0x40000000  # P RW: §12 encoding; 0 disables the hypercall page
@@ -337,7 +339,8 @@ HV_CLOCK_HZ = 10_000_000  # partition reference time counts 100 ns units (Linux 
 HV_CRASH_CTL_CRASH_NOTIFY = 1 << 63  # log the crash parameters P0-P4
 HV_CRASH_CTL_CRASH_NOTIFY_MSG = 1 << 62  # P3 = GPA of a message, P4 = its length in bytes
 
-# Ranges hvvmm's MSR filter denies to KVM (ref. §3.1).
+# Ranges hvvmm's MSR filter denies to KVM (KVM api.rst KVM_X86_SET_MSR_FILTER), so that a host
+# with in-kernel Hyper-V (arch/x86/kvm/hyperv.c) never handles them itself.
 HV_X64_SYNTHETIC_MSR_RANGES = ((0x40000000, 0x400001FF), (0x40001000, 0x400010FF))  # inclusive
 
 
@@ -360,7 +363,7 @@ def msr_name(index: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Hypercall codes (LHDR HV_CALL_CODE; OVDEF HypercallCode; TLFS hypercalls/overview.md; ref. §4)
+# Hypercall codes (LHDR HV_CALL_CODE; OVDEF HypercallCode; TLFS hypercalls/overview.md)
 # --------------------------------------------------------------------------------------------
 
 
@@ -466,7 +469,7 @@ HV_EXT_CAPABILITY_EPF_SETUP = 1 << 2
 HV_EXT_CAPABILITY_SCHEDULER_ASSIST_SETUP = 1 << 3
 HV_EXT_CAPABILITY_MEMORY_HEAT_HINT_ASYNC = 1 << 4
 # Linux hvgdk_ext.h tests bit 8 before HvExtCallMemoryHeatHint COLD_DISCARD; the TLFS does not
-# list it (ref. §5.8).
+# list it (Linux drivers/hv/hv_balloon.c).
 HV_EXT_CAPABILITY_MEMORY_COLD_DISCARD_HINT = 1 << 8
 # HvExtCallGetBootZeroedMemory: 0xFF8 bytes of output = u64 RangeCount + 255 x (u64 start page
 # number, u64 page count) (TLFS hypercalls/HvExtCallGetBootZeroedMemory.md)
@@ -494,7 +497,7 @@ def hypercall_name(code: int) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# HV_STATUS (LHDR L16-43; OVDEF HvError; ref. §5.9)
+# HV_STATUS (LHDR L16-43; OVDEF HvError)
 # --------------------------------------------------------------------------------------------
 
 
@@ -609,7 +612,7 @@ HV_HYPERCALL_MAX_FAST_PAIRS = 1 + HV_HYPERCALL_MAX_XMM_REGISTERS
 HV_HYPERCALL_MAX_XMM_INPUT_BYTES = HV_HYPERCALL_MAX_FAST_PAIRS * HV_HYPERCALL_FAST_PAIR_SIZE
 
 # --------------------------------------------------------------------------------------------
-# Guest OS ID (TLFS "Reporting the Guest OS Identity"; ref. §12)
+# Guest OS ID (TLFS "Reporting the Guest OS Identity")
 # --------------------------------------------------------------------------------------------
 
 HV_GUEST_OS_ID_OPEN_SOURCE = 1 << 63

@@ -8,8 +8,9 @@ the code in a :class:`HypercallTable`, writes the output, and composes the resul
 never sees registers or guest memory: it gets a :class:`HypercallRequest` and returns a
 :class:`HypercallResult` (or raises :class:`HypercallError`).
 
-Validation order (``hyperv-interface.md`` §5.4; the TLFS itself says the order of error conditions
-is undefined, apart from preferring ACCESS_DENIED to status that reveals state):
+Validation order (TLFS "Hypercall Interface", Linux ``arch/x86/kvm/hyperv.c`` ``kvm_hv_hypercall()``
+and OpenVMM ``vm/hv1/hv1_hypercall/src/support.rs``; the TLFS itself says the order of error
+conditions is undefined, apart from preferring ACCESS_DENIED to status that reveals state):
 
 1. Real mode, or CPL != 0 -> inject #UD, no register changes (TLFS "Legal Hypercall Environments").
 2. Code not in the table, or its ``available`` is false -> INVALID_HYPERCALL_CODE (TLFS common
@@ -30,10 +31,10 @@ is undefined, apart from preferring ACCESS_DENIED to status that reveals state):
    list is empty (TLFS "Alignment Requirements").
 8. The handler.
 
-Continuation (TLFS "Hypercall Continuation", ``hypercall-trap.md`` §6.2): a rep call that made
-progress but did not finish (per-entry rep budget, time budget, or the handler stopping early), or a
-handler returning ``HV_STATUS_TIME_OUT``, does not complete: the dispatcher writes the input value
-with the new rep start index back (RCX, or EDX:EAX in 32-bit mode), leaves the result register
+Continuation (TLFS "Hypercall Continuation"; RIP back at the page's first byte): a rep call that
+made progress but did not finish (per-entry rep budget, time budget, or the handler stopping early),
+or a handler returning ``HV_STATUS_TIME_OUT``, does not complete: the dispatcher writes the input
+value with the new rep start index back (RCX, or EDX:EAX in 32-bit mode), leaves the result register
 alone and calls :meth:`HypercallRegisters.retry`, so the guest re-executes the call.
 """
 
@@ -181,8 +182,9 @@ class HypercallRegisters(Protocol):
     input/output, so an ordinary call never needs the XSAVE area.
 
     :meth:`retry` means "return to the guest with RIP at the start of the hypercall page so it
-    re-executes the call" (continuation, ``hypercall-trap.md`` §6.2). On completion the dispatcher
-    never touches RIP.
+    re-executes the call" (TLFS "Hypercall Continuation"). On completion the dispatcher never
+    touches RIP: KVM skips the OUT only if RIP is unchanged (Linux ``arch/x86/kvm/x86.c``
+    ``complete_fast_pio_out()``).
     """
 
     def is_long_mode(self) -> bool: ...
@@ -995,7 +997,8 @@ class HypercallDispatcher:
             raise _HandlerBug(f"{len(output)}B of rep output for {done - call.rep_start} reps "
                               f"({expected}B expected)")
         if status == HvStatus.HV_STATUS_SUCCESS and done < call.rep_count and done == call.rep_start:
-            # Linux loops forever on SUCCESS without progress (ref. §5.5); TIME_OUT is the way
+            # Linux loops forever on SUCCESS without progress (hv_do_rep_hypercall() in
+            # arch/x86/include/asm/mshyperv.h); TIME_OUT is the way
             # to ask for a retry without progress.
             raise _HandlerBug("SUCCESS without progress")
         # OpenVMM: "for rep hypercalls, always write back the completed number of reps".

@@ -3,9 +3,9 @@
 An enlightenment registers each MSR it implements as a :class:`SyntheticMsr` when it is attached
 to a partition. An MSR that is not registered does not exist for the guest: the enlightenment that
 owns it is not enabled, so its CPUID bit is not advertised, and the TLFS says an access to an MSR
-whose CPUID bit is not advertised raises #GP (TLFS ``feature-discovery.md``; the project reference
-``hyperv-interface.md`` §3.2). KVM applies that gate only with ``KVM_CAP_HYPERV_ENFORCE_CPUID``;
-hvvmm always applies it.
+whose CPUID bit is not advertised raises #GP (TLFS ``feature-discovery.md``; KVM selftest
+``tools/testing/selftests/kvm/x86/hyperv_features.c`` expects the same faults). KVM applies that
+gate only with ``KVM_CAP_HYPERV_ENFORCE_CPUID``; hvvmm always applies it.
 
 Every refused access raises :class:`MsrAccessFault`; the vCPU layer turns it into a #GP injected
 into the guest. The reasons, checked in this order:

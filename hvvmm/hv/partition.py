@@ -9,9 +9,9 @@ four entry points:
 * :meth:`Partition.msr_read` / :meth:`Partition.msr_write` for ``KVM_EXIT_X86_RDMSR/WRMSR`` on the
   synthetic ranges; :class:`~hvvmm.hv.msr.MsrAccessFault` means "inject #GP";
 * :meth:`Partition.hypercall` for an OUT to :data:`HYPERCALL_PORT` while
-  :meth:`Partition.hypercall_port_active` is true (``hypercall-trap.md`` §4);
+  :meth:`Partition.hypercall_port_active` is true (TLFS "Establishing the Hypercall Interface");
 * :meth:`Partition.reset` when the VM resets (every overlay removed, every MSR back to its reset
-  value, ref. §3.2; Propolis #863 is what stale state does to a rebooted guest).
+  value; Propolis issue #863 is what stale state does to a rebooted guest).
 
 Observability: per-VP counters of MSR accesses by index (reads, writes, faults) and of hypercalls
 by (code, status), and an optional ``on_event`` callback that receives a :class:`TraceEvent` for
@@ -275,7 +275,8 @@ class Partition:
 
     def hypercall_port_active(self) -> bool:
         """Whether an OUT to :data:`HYPERCALL_PORT` is a hypercall now: only while the hypercall
-        page is enabled (HYPERCALL.Enable = 1, GUEST_OS_ID != 0; ``hypercall-trap.md`` §4).
+        page is enabled (HYPERCALL.Enable = 1, GUEST_OS_ID != 0; TLFS "Establishing the
+        Hypercall Interface").
         Otherwise the OUT is an ordinary write to an unclaimed port."""
         return self._core.page_enabled
 
@@ -293,7 +294,8 @@ class Partition:
         """Inclusive MSR ranges the VMM must deny to KVM (``KVM_X86_SET_MSR_FILTER``) so that
         every access, implemented or not, reaches :meth:`msr_read`/:meth:`msr_write`. Deny the
         whole ranges, not just :meth:`msr_indices`: an unimplemented synthetic MSR must #GP here,
-        not reach a host kernel's in-kernel Hyper-V (ref. §1, §3.1)."""
+        not reach a host kernel's in-kernel Hyper-V (Linux ``arch/x86/kvm/hyperv.c``, enabled
+        by "Hv#1" in CPUID unless ``CONFIG_KVM_HYPERV=n``)."""
         return HV_X64_SYNTHETIC_MSR_RANGES
 
     def cpuid_leaves(self) -> list[CpuidEntry]:
@@ -363,7 +365,8 @@ class Partition:
         outcome says what to do: ``inject_ud`` -> inject #UD with RIP at the page base;
         ``retried`` -> the input value was rewritten and ``io.retry()`` was called (RIP to the
         page base); otherwise the result is in RAX (EDX:EAX) and RIP must be left alone
-        (``hypercall-trap.md`` §6). Never raises for guest input."""
+        (Linux ``arch/x86/kvm/x86.c`` ``complete_fast_pio_out()`` skips the OUT only if RIP is
+        unchanged). Never raises for guest input."""
         vp = self._vp(vp_index)
         outcome = self.dispatcher.dispatch(io, vp_index)
         # Codes nobody registered share one counter: the guest picks them, 65536 of them.

@@ -39,7 +39,7 @@ class OverlayPage(Protocol):
     ``write`` changes the page's contents from the host side (the guest sees the change at
     once); the emulator uses it only for the reference TSC page. TLFS "Establishing the Hypercall
     Interface" and ``timers.md``: overlays cover whatever is mapped at the GPA, and removing one
-    uncovers it again (``hypercall-trap.md`` §7).
+    uncovers it again (as QEMU ``hw/hyperv/hyperv.c`` does with MemoryRegion overlays).
     """
 
     @property
@@ -271,7 +271,7 @@ def raise_interrupt(platform: "HvPlatform", vp_index: int, vector: int, log_once
 
 
 # --------------------------------------------------------------------------------------------
-# Crash reports (TLFS partition-properties.md "Partition Crash Enlightenment"; ref. §13)
+# Crash reports (TLFS partition-properties.md "Partition Crash Enlightenment")
 # --------------------------------------------------------------------------------------------
 
 CRASH_MESSAGE_MAX_BYTES = HV_PAGE_SIZE  # Linux sends at most one page (HV_HYP_PAGE_SIZE)

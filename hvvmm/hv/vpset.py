@@ -1,6 +1,6 @@
 """Virtual processor sets: the 64-bit ``ProcessorMask`` and ``HV_VP_SET`` (sparse 4K banks).
 
-TLFS ``datatypes/hv_vp_set.md``; the project reference ``hyperv-interface.md`` §5.7::
+TLFS ``datatypes/hv_vp_set.md``; Linux ``include/hyperv/hvgdk_mini.h`` ``struct hv_vpset``::
 
     struct HV_VP_SET {
         u64 Format;          // 0 = HV_GENERIC_SET_SPARSE_4K, 1 = HV_GENERIC_SET_ALL
