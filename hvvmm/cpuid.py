@@ -8,21 +8,23 @@ the Hyper-V leaves 0x40000000+ built from the enabled enlightenments.
    cores as vCPUs: leaf 1 EBX[31:24] (initial APIC ID) and EBX[23:16] (addressable IDs), leaves
    0xB/0x1F (x2APIC topology, EDX = x2APIC ID), leaf 4 EAX[31:26]/[25:14], and AMD's 0x80000008
    ECX, 0x8000001D and 0x8000001E. The IDs must match the MADT (Windows bugcheck 0x3E otherwise,
-   ``windows-guest.md`` §5);
+   cloud-hypervisor issue #5400);
 2. sets the hypervisor-present bit (leaf 1 ECX[31]): without it no guest looks at 0x40000000+
    (TLFS ``feature-discovery.md``);
 3. hides host features named in ``cpu_features_mask`` (``-cx16,-xsave``; features that depend
    on a hidden one are hidden with it, e.g. ``-xsave`` also hides AVX);
 4. with Hyper-V on, removes every leaf of the hypervisor range 0x40000000-0x4FFFFFFF -- KVM's own
    "KVMKVMKVM" leaves in particular: Linux keeps the hypervisor whose signature sits at the highest
-   base, so a KVM signature anywhere would win over Hyper-V (``linux-guest.md`` §2) -- and adds
+   base, so a KVM signature anywhere would win over Hyper-V (Linux
+   ``arch/x86/kernel/cpu/hypervisor.c`` ``detect_hypervisor_vendor()``) -- and adds
    0x40000000-0x4000000A and 0x40000080-0x40000082 (:func:`hyperv_cpuid_leaves`).
 
 The Hyper-V privilege/feature/recommendation bits come only from the enabled, implemented
 enlightenments' declarations (:mod:`hvvmm.enlightenments`), the same declarations that register
 the MSRs and hypercalls, so the guest is never told about something the VM does not do.
 
-CPUID is frozen after the first ``KVM_RUN`` (ref. §1, §2.14), so every leaf is final from reset.
+CPUID is frozen after the first ``KVM_RUN`` (Linux ``arch/x86/kvm/cpuid.c`` ``kvm_set_cpuid()``
+then accepts only an identical table), so every leaf is final from reset.
 Nothing here imports the KVM layer, nor does the KVM layer import this: it takes any entry with
 ``function``, ``index``, ``flags`` and the four registers, and gives back plain tuples.
 """
@@ -333,7 +335,7 @@ def build_cpuid(supported: Sequence[CpuidEntry], *, vcpu_index: int, vcpu_count:
 
 def hyperv_cpuid_leaves(config: HyperVConfig, vcpu_count: int, *,
                         registry: EnlightenmentRegistry = REGISTRY) -> list[CpuidEntry]:
-    """The Hyper-V leaves for ``config`` (TLFS ``feature-discovery.md``; ref. §2)."""
+    """The Hyper-V leaves for ``config`` (TLFS ``feature-discovery.md``)."""
     if not config.enabled:
         return []
     bits = registry.cpuid_bits(config.features)
@@ -371,7 +373,7 @@ def hyperv_cpuid_leaves(config: HyperVConfig, vcpu_count: int, *,
     leaves.extend(CpuidEntry(leaf) for leaf in range(HYPERV_CPUID_HARDWARE_FEATURES + 1,
                                                       HYPERV_CPUID_NESTED_FEATURES + 1))
     # Linux reads 0x40000081 unconditionally (ms_hyperv_msi_ext_dest_id): explicit zeros, not
-    # KVM's out-of-range answer (ref. §2.13).
+    # KVM's out-of-range answer (Linux arch/x86/kvm/cpuid.c get_out_of_range_cpuid_entry()).
     syndbg_first = HYPERV_CPUID_SYNDBG_VENDOR_AND_MAX_FUNCTIONS
     syndbg_last = HYPERV_CPUID_SYNDBG_PLATFORM_CAPABILITIES
     leaves.extend(CpuidEntry(leaf) for leaf in range(syndbg_first, syndbg_last + 1))

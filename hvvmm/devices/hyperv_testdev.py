@@ -1,7 +1,8 @@
 """QEMU's hyperv-testdev: the port the kvm-unit-tests Hyper-V tests drive the SynIC with.
 
-As QEMU ``hw/hyperv/hyperv_testdev.c`` (``-device hyperv-testdev``; the project reference
-``hyperv-interface.md`` §18): a 4-byte port-I/O region at :data:`HYPERV_TESTDEV_BASE` (0x3000);
+As QEMU ``hw/hyperv/hyperv_testdev.c`` (``-device hyperv-testdev``; driven by kvm-unit-tests
+``x86/hyperv_synic.c`` and ``x86/hyperv_connections.c``): a 4-byte port-I/O region at
+:data:`HYPERV_TESTDEV_BASE` (0x3000);
 a 32-bit write of ``conn_id << 24 | control << 16 | vp_index << 8 | sint`` performs one control:
 
 1. ``SINT_ROUTE_CREATE``: a route to (vp, sint), needed by 3.
