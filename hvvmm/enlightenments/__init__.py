@@ -4,7 +4,8 @@ Each module declares one :class:`Enlightenment` in one place (OpenVMM ``hv1_emul
 feature, QEMU's ``hv-*`` flags and their "Requires:" lines in ``docs/system/i386/hyperv.rst``):
 
 * its QEMU-style name (``hv-vpindex``) and aliases;
-* the features it requires (QEMU ``kvm_hyperv_properties[].dependencies``; ref. §15);
+* the features it requires (QEMU ``target/i386/kvm/kvm.c``
+  ``kvm_hyperv_properties[].dependencies``);
 * its CPUID contributions (leaf, register, bits, from the :mod:`hvvmm.hv.hvdef` flag classes);
 * the synthetic MSRs and hypercall codes it implements;
 * ``attach(partition)``, which creates its state and registers its MSRs and hypercalls with the
@@ -16,7 +17,8 @@ checks that every requirement names a known feature and that requirements have n
 answers the questions the config parser (:mod:`hvvmm.hv.features`), the CPUID builder
 (:mod:`hvvmm.cpuid`) and the partition (:mod:`hvvmm.hv.partition`) ask. Because the CPUID bits and
 the registered MSRs/hypercalls come from the same declaration, the guest is never told about
-something the VM does not implement (ref. §15 "anything advertised must be implemented"); a test
+something the VM does not implement (a Linux guest trusts CPUID: an advertised MSR that faults is
+"unchecked MSR access error", Linux ``arch/x86/mm/extable.c`` ``ex_handler_msr()``); a test
 checks that each ``attach`` registers exactly what its declaration lists.
 
 Nothing here imports the KVM layer.

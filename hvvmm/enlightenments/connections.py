@@ -2,8 +2,8 @@
 hv-synic, see :mod:`hvvmm.enlightenments.synic`).
 
 TLFS ``inter-partition-communication.md`` "Ports and Connections" and "Message Buffers" ([I]),
-``hypercalls/HvCallPostMessage.md`` and ``hypercalls/HvCallSignalEvent.md``; the project reference
-``hyperv-interface.md`` §5.8-5.10 and §8.
+``hypercalls/HvCallPostMessage.md`` and ``hypercalls/HvCallSignalEvent.md``; QEMU
+``hw/hyperv/hyperv.c`` (PostMessage/SignalEvent handling).
 
 hvvmm has one partition, so a *connection* (24-bit id, what the guest names in a hypercall) leads
 straight to its *port*, which the VMM sets up at run time (a test device, a test harness through
@@ -40,9 +40,10 @@ TLFS leaves the order of error conditions open except that ACCESS_DENIED comes f
 4. INVALID_PORT_ID: the id names a connection of the other kind ("not a message/event type
    port").
 5. INVALID_PARAMETER: PostMessage with MessageType 0 or with its most significant bit set (those
-   types are the hypervisor's), or PayloadSize > 240; SignalEvent with FlagNumber >= the port's
-   flag count. (QEMU answers INVALID_HYPERCALL_INPUT for the size; KVM and QEMU refuse any
-   non-zero FlagNumber with INVALID_PORT_ID; ref. §17. hvvmm follows the TLFS.)
+   types are the hypervisor's), or PayloadSize > 240; SignalEvent with FlagNumber >= the port's flag
+   count. (QEMU answers INVALID_HYPERCALL_INPUT for the size; KVM and QEMU refuse any non-zero
+   FlagNumber with INVALID_PORT_ID: Linux ``arch/x86/kvm/hyperv.c`` ``kvm_hvcall_signal_event()``,
+   QEMU ``hw/hyperv/hyperv.c``. hvvmm follows the TLFS.)
 6. INVALID_VP_INDEX: an ``HV_ANY_VP`` port and no VP can take it ("there are no available VPs").
 7. INVALID_SYNIC_STATE: the target VP's SynIC or its SIM (SIEF) page is disabled; for SignalEvent
    also a masked SINT ("If the SINTx is masked, HvSignalEvent returns

@@ -1,26 +1,28 @@
 """The HV#1 core: GUEST_OS_ID, the HYPERCALL MSR and the hypercall page (always on).
 
 TLFS ``hypercall-interface.md`` "Reporting the Guest OS Identity" and "Establishing the Hypercall
-Interface"; the project reference ``hyperv-interface.md`` §6 and §12 and ``hypercall-trap.md``.
+Interface"; Linux ``arch/x86/hyperv/hv_init.c`` ``hyperv_init()`` (the guest side of both).
 
 * HV_X64_MSR_GUEST_OS_ID (partition-wide, initially 0). Writing 0 disables the hypercall page.
   Each distinct non-zero value is decoded and logged once (it tells Linux from Windows).
-* HV_X64_MSR_HYPERCALL (partition-wide): bit 0 Enable, bit 1 Locked, 11:2 RsvdP, 63:12 GPFN.
-  Enable stays 0 while GUEST_OS_ID is 0 ("The enable bit will remain zero even if a one is
-  written to it"). Once Locked is set "only a system reset can clear the bit": later writes are
-  ignored (the TLFS names no fault; Propolis ignores them too; KVM stores the bit but does not
-  enforce it, ref. §17). A GPFN outside the guest-physical address space raises #GP ("If the
-  guest attempts to move the hypercall page beyond the bounds of the GPA space, a #GP fault
-  will result when the MSR is written"); the platform decides by refusing the overlay.
-* The hypercall page is a read-only overlay (``hypercall-trap.md`` §1, §7): ``endbr64; out
+* HV_X64_MSR_HYPERCALL (partition-wide): bit 0 Enable, bit 1 Locked, 11:2 RsvdP, 63:12 GPFN. Enable
+  stays 0 while GUEST_OS_ID is 0 ("The enable bit will remain zero even if a one is written to it").
+  Once Locked is set "only a system reset can clear the bit": later writes are ignored (the TLFS
+  names no fault; Propolis ignores them too; KVM stores the bit but does not enforce it, Linux
+  ``arch/x86/kvm/hyperv.c`` ``kvm_hv_set_msr_pw()``). A GPFN outside the guest-physical address
+  space raises #GP ("If the guest attempts to move the hypercall page beyond the bounds of the GPA
+  space, a #GP fault will result when the MSR is written"); the platform decides by refusing the
+  overlay.
+* The hypercall page is a read-only overlay (TLFS: writes to it raise #GP): ``endbr64; out
   HYPERCALL_PORT, al; ret`` and int3 to the end of the page. An OUT to :data:`HYPERCALL_PORT` is a
-  hypercall only while the page is enabled (``hypercall-trap.md`` §4).
+  hypercall only while the page is enabled (TLFS "Establishing the Hypercall Interface").
 * HV_X64_MSR_VP_ASSIST_PAGE is accepted and stored per VP although nothing advertises it
   (AccessIntrCtrlRegs belongs to hv-vapic, which hvvmm refuses with KVM's in-kernel LAPIC, see
   ``vapic.py``). This deviates from the TLFS gate on purpose: Linux 6.1 writes it on every CPU
   without looking at CPUID, and a #GP there prints an "unchecked MSR access error" stack dump at
-  every boot (``linux-guest.md`` §8). No overlay is placed and nothing is ever written into the
-  page. Should hv-vapic become possible (a user-space LAPIC), it takes the MSR over.
+  every boot (Linux ``arch/x86/hyperv/hv_init.c`` ``hv_cpu_init()``). No overlay is placed and
+  nothing is ever written into the page. Should hv-vapic become possible (a user-space LAPIC), it
+  takes the MSR over.
 
 CPUID: AccessHypercallMsrs (0x40000003 EAX bit 5; QEMU sets it whenever any hv flag is on) and
 HypercallMsrLockAvailable (EDX bit 18), since the Locked bit is implemented. The identification
@@ -57,7 +59,7 @@ log = logging.getLogger(__name__)
 NAME = "hv-core"
 
 # One port below 0x100 (so ``out imm8, al`` needs no DX, which carries a hypercall input) that no
-# device or common guest driver uses. hypercall-trap.md §5 excludes 0x20/0x21, 0x40-0x43,
+# device or common guest driver uses. That excludes 0x20/0x21, 0x40-0x43,
 # 0x60-0x64, 0x70/0x71, 0x7E (KVM's OUT_7E_INC_RIP quirk), 0x80, 0x92, 0xA0/0xA1, 0xB2/0xB3,
 # 0xE9, 0xED, 0xF0/0xF1 and 0xF4; also avoided: 0x00-0x1F/0x81-0x8F/0xC0-0xDF (DMA), 0x2E/0x2F
 # and 0x4E/0x4F (Super I/O probing), 0x50-0x53 (PIT aliases on Intel chipsets), 0x62/0x66
@@ -71,9 +73,10 @@ INT3 = 0xCC
 
 
 def hypercall_page_bytes(port: int = HYPERCALL_PORT) -> bytes:
-    """The 4096-byte hypercall page: ``endbr64; out port, al; ret``, then int3 (hypercall-trap.md
-    §1). The same bytes decode identically in 32-bit and 64-bit mode, so one page serves both
-    calling conventions; the page never changes while the guest runs (REQ: PatchGuard)."""
+    """The 4096-byte hypercall page: ``endbr64; out port, al; ret``, then int3 (OpenVMM fills its
+    hypercall page with int3 too). The same bytes decode identically in 32-bit and 64-bit mode, so
+    one page serves both calling conventions; the page never changes while the guest runs (REQ:
+    PatchGuard)."""
     if not 0 <= port <= 0xFF:
         raise ValueError(f"hypercall port {port:#x} does not fit ``out imm8, al``")
     stub = ENDBR64 + bytes((OUT_IMM8_AL, port, RET))

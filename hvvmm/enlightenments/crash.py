@@ -1,15 +1,17 @@
 """hv-crash: the guest crash MSRs CRASH_P0..P4 and CRASH_CTL, and the crash-message channel.
 
 TLFS ``partition-properties.md`` "Partition Crash Enlightenment" and
-``datatypes/hv_crash_ctl_reg_contents.md``; the project reference ``hyperv-interface.md`` §13 and
-``linux-guest.md`` §5.2. CPUID 0x40000003 EDX bit 10. All six MSRs are partition-wide.
+``datatypes/hv_crash_ctl_reg_contents.md``; the guest side is Linux ``drivers/hv/hv_common.c`` and
+``arch/x86/hyperv/hv_init.c`` (``hyperv_report_panic()``, ``hv_kmsg_dump()``). CPUID 0x40000003 EDX
+bit 10. All six MSRs are partition-wide.
 
 * CRASH_P0..P4 (0x40000100-0x40000104): read/write, any value; reset to 0.
-* CRASH_CTL (0x40000105): bit 63 CrashNotify, bit 62 CrashMessage (P3 = GPA of a message, P4 =
-  its length). **Reads return the supported bits**, 63 | 62: Linux checks bit 62 at boot and only
-  then registers its kmsg dumper (KVM masks reads to bit 63, so Linux on KVM never sends the
-  message, ref. §17). The other bits are reserved in the TLFS (OpenVMM names 61 no_crash_dump and
-  60:58 pre-OS id); writes ignore them, as KVM does, so a guest setting them still reports.
+* CRASH_CTL (0x40000105): bit 63 CrashNotify, bit 62 CrashMessage (P3 = GPA of a message, P4 = its
+  length). **Reads return the supported bits**, 63 | 62: Linux checks bit 62 at boot and only then
+  registers its kmsg dumper (KVM masks reads to bit 63, so Linux on KVM never sends the message,
+  Linux ``arch/x86/kvm/hyperv.c``). The other bits are reserved in the TLFS (OpenVMM names 61
+  no_crash_dump and 60:58 pre-OS id); writes ignore them, as KVM does, so a guest setting them still
+  reports.
 * A write with CrashNotify builds a :class:`~hvvmm.hv.platform.CrashReport` from P0..P4 and the
   decoded GuestOsId and hands it to the platform, which keeps the VM running (Windows writes its
   dump afterwards; QEMU's default "panic=shutdown" prevents that). With CrashMessage, the message

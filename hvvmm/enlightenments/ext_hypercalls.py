@@ -2,13 +2,14 @@
 
 TLFS ``hypercall-interface.md`` "Extended Hypercall Interface",
 ``hypercalls/HvExtCallQueryCapabilities.md`` and ``hypercalls/HvExtCallGetBootZeroedMemory.md``;
-the project reference ``hyperv-interface.md`` §4.1, §5.8 and §14.3. Privilege:
-EnableExtendedHypercalls, CPUID 0x40000003 EBX bit 20.
+Linux ``include/hyperv/hvgdk_ext.h`` and ``drivers/hv/hv_common.c`` ``hv_query_ext_cap()``.
+Privilege: EnableExtendedHypercalls, CPUID 0x40000003 EBX bit 20.
 
 * HvExtCallQueryCapabilities (0x8001, simple, no input): 8 bytes of output, the bitmask of the
   extended calls available. hvvmm reports bit 0 (GetBootZeroedMemory) only. Linux calls it at boot
-  when EBX bit 20 is set (``linux-guest.md`` §4 step 25.11) and later from ``hv_balloon``, which
-  tests bit 8 (cold-discard hints, not in the TLFS, ref. §5.8): clear, so it never sends 0x8003.
+  when EBX bit 20 is set (``hyperv_init()`` in ``arch/x86/hyperv/hv_init.c``) and later from
+  ``hv_balloon``, which tests bit 8 (cold-discard hints, not in the TLFS;
+  ``drivers/hv/hv_balloon.c``): clear, so it never sends 0x8003.
 * HvExtCallGetBootZeroedMemory (0x8002, simple, no input): 0xFF8 bytes of output, a u64 range
   count and up to 255 ranges of (u64 start page number, u64 page count) "known to be zeroed at
   the time the hypercall is made. Cacheable reads from reported ranges must return all zeroes."
@@ -22,8 +23,8 @@ EnableExtendedHypercalls, CPUID 0x40000003 EBX bit 20.
 Neither call has a register ("fast") form: the dispatcher answers a fast extended call with
 INVALID_HYPERCALL_INPUT (KVM answers INVALID_PARAMETER; see :mod:`hvvmm.hv.hypercall`). With the
 feature off the calls still exist and answer ACCESS_DENIED, the TLFS answer for a call whose
-privilege is not granted (ref. §17: Windows issues 0x8001 even without EBX bit 20; Xen answers
-INVALID_HYPERCALL_CODE).
+privilege is not granted (Windows issues 0x8001 even without EBX bit 20; Xen
+``xen/arch/x86/hvm/viridian/viridian.c`` answers INVALID_HYPERCALL_CODE).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 TLFS ``vp-properties.md`` "Virtual Processor Idle Sleep State": reading the MSR puts the VP in the
 idle state, and it is "woken when an interrupt arrives, regardless of whether the interrupt is
-enabled"; the project reference ``hyperv-interface.md`` §11.3. CPUID 0x40000003 EAX bit 10
+enabled"; Linux ``arch/x86/hyperv/hv_spinlock.c`` is its user. CPUID 0x40000003 EAX bit 10
 (AccessGuestIdleReg) with EDX bit 5 (guest idle state available).
 
 KVM's HLT emulation does not wake with IF = 0, so the platform implements the wait

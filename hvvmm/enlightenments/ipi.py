@@ -2,7 +2,8 @@
 
 TLFS ``hypercalls/HvCallSendSyntheticClusterIpi.md`` and ``HvCallSendSyntheticClusterIpiEx.md``
 ("sends a virtual fixed interrupt to the specified virtual processor set. It does not support
-NMIs"); the project reference ``hyperv-interface.md`` §5.8, §11.1, §15 and ``linux-guest.md`` §5.
+NMIs"); Linux ``arch/x86/hyperv/hv_apic.c`` (the guest side) and ``arch/x86/kvm/hyperv.c``
+``kvm_hv_send_ipi()``; QEMU's ``hv-ipi`` requires ``hv-vpindex``.
 
 Inputs (both simple calls; fast and memory forms):
 
@@ -34,7 +35,7 @@ Checks (the TLFS leaves their order open; only the first failing one is reported
   (``__send_ipi_mask()`` takes the native path for vector < HV_IPI_LOW_VECTOR).
 
 Delivery: each target gets a fixed, edge-triggered interrupt through
-``platform.signal_interrupt(vp, vector)`` (KVM_SIGNAL_MSI to the target's APIC ID, ref. §11.1);
+``platform.signal_interrupt(vp, vector)`` (KVM_SIGNAL_MSI to the target's APIC ID, KVM api.rst);
 the caller may be among the targets (Linux ``hv_send_ipi_self``). A target whose LAPIC refuses
 it (software-disabled) simply does not get it, as on hardware and in KVM ("We fail only when
 APIC is disabled"); the call still succeeds. An empty set sends nothing and succeeds (KVM).

@@ -8,7 +8,7 @@ CPUID bit or registers anything: their MSRs raise #GP and their hypercalls answe
 INVALID_HYPERCALL_CODE. When one is implemented, its declaration moves into its own module.
 
 Requirements are QEMU's (``kvm_hyperv_properties[].dependencies`` and the "Requires:" lines of
-``docs/system/i386/hyperv.rst``; the project reference ``hyperv-interface.md`` §15).
+``docs/system/i386/hyperv.rst``).
 """
 
 from __future__ import annotations

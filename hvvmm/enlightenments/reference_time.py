@@ -1,7 +1,7 @@
 """hv-time: partition reference time -- HV_X64_MSR_TIME_REF_COUNT and the reference TSC page.
 
-TLFS ``timers.md`` "Reference Counter" and "Partition Reference Time Enlightenment"; the project
-reference ``hyperv-interface.md`` §7 and ``linux-guest.md`` §12. (The module is not called
+TLFS ``timers.md`` "Reference Counter" and "Partition Reference Time Enlightenment"; the guest side
+is Linux ``drivers/clocksource/hyperv_timer.c``. (The module is not called
 ``time`` so that it never shadows the standard library module.)
 
 * Partition reference time counts 100 ns units from partition creation, "strictly monotonically
@@ -27,7 +27,8 @@ so the MSR and the page can never disagree (KVM likewise derives the MSR from th
 parameters when they are valid); kvm-unit-tests' ``t1 <= rdmsr(TIME_REF_COUNT) <= t2`` between two
 page reads holds by construction. The scale is exact integer arithmetic; its error is below one
 unit per 2**64 TSC ticks. The page is filled synchronously inside the REFERENCE_TSC write exit,
-because Linux reads it immediately after the WRMSR (``linux-guest.md`` §4 step 18).
+because Linux reads it immediately after the WRMSR (``hv_init_tsc_clocksource()`` in
+``drivers/clocksource/hyperv_timer.c``).
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ NAME = "hv-time"
 
 _PAGE_HEADER = struct.Struct("<IIQq")  # TscSequence, Reserved1, TscScale, TscOffset
 _U32 = struct.Struct("<I")
-TSC_SEQUENCE_RESERVED = 0xFFFF_FFFF  # invalid in older TLFS text; KVM skips it too (ref. §7.3)
+# Invalid in older TLFS text; KVM skips it too (Linux arch/x86/kvm/hyperv.c).
+TSC_SEQUENCE_RESERVED = 0xFFFF_FFFF
 
 
 class ReferenceTimeError(ValueError):

@@ -1,7 +1,7 @@
 """hv-relaxed: the "relaxed timing" recommendation (CPUID 0x40000004 EAX bit 5).
 
-TLFS ``feature-discovery.md`` "Implementation Recommendations"; the project reference
-``hyperv-interface.md`` §14.2. CPUID only: it tells Windows to disable its watchdog timeouts
+TLFS ``feature-discovery.md`` "Implementation Recommendations"; QEMU ``docs/system/i386/hyperv.rst``
+``hv-relaxed``. CPUID only: it tells Windows to disable its watchdog timeouts
 (CLOCK_WATCHDOG_TIMEOUT / DPC watchdog bugchecks when vCPUs are descheduled). Xen always sets it;
 Linux ignores it (it disables its hard-lockup detector on Hyper-V anyway).
 """

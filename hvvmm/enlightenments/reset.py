@@ -1,11 +1,12 @@
 """hv-reset: HV_X64_MSR_RESET, a system reset requested through an MSR.
 
-TLFS ``partition-properties.md`` (AccessResetReg); the project reference ``hyperv-interface.md``
-§3.3 and §14.1. Partition-wide. Writing a value with bit 0 set asks the platform to reset the
-VM (KVM: ``KVM_SYSTEM_EVENT_RESET``); other bits are RsvdP and ignored; reads return 0.
-AccessResetReg is CPUID 0x40000003 EAX bit 7. As in QEMU's ``hv-reset``, the "use the RESET MSR"
-recommendation (0x40000004 EAX bit 4) is not set: QEMU's documentation calls this "not a
-recommended way for Windows to perform system reboot", and modern Hyper-V does not expose it.
+TLFS ``partition-properties.md`` (AccessResetReg); QEMU ``docs/system/i386/hyperv.rst``
+``hv-reset``; Linux ``arch/x86/kvm/hyperv.c`` (``HV_X64_MSR_RESET``). Partition-wide. Writing a
+value with bit 0 set asks the platform to reset the VM (KVM: ``KVM_SYSTEM_EVENT_RESET``); other bits
+are RsvdP and ignored; reads return 0. AccessResetReg is CPUID 0x40000003 EAX bit 7. As in QEMU's
+``hv-reset``, the "use the RESET MSR" recommendation (0x40000004 EAX bit 4) is not set: QEMU's
+documentation calls this "not a recommended way for Windows to perform system reboot", and modern
+Hyper-V does not expose it.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """hv-runtime: HV_X64_MSR_VP_RUNTIME, how long each virtual processor has run.
 
-TLFS ``vp-properties.md`` "Virtual Processor Run Time Register"; the project reference
-``hyperv-interface.md`` §3.3 and §14.1. Read-only, per VP, in 100 ns units; QEMU's documentation
-says it "gives guest OS an idea of how much time was 'stolen'". The value comes from the
-platform (the vCPU thread's CPU time). AccessVpRunTimeReg is CPUID 0x40000003 EAX bit 0.
+TLFS ``vp-properties.md`` "Virtual Processor Run Time Register"; Linux
+``include/hyperv/hvgdk_mini.h`` (``HV_X64_MSR_VP_RUNTIME``). Read-only, per VP, in 100 ns units;
+QEMU's documentation says it "gives guest OS an idea of how much time was 'stolen'". The value comes
+from the platform (the vCPU thread's CPU time). AccessVpRunTimeReg is CPUID 0x40000003 EAX bit 0.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 TLFS ``feature-discovery.md`` "Implementation Recommendations" (0x40000004 EBX: "the recommended
 number of attempts to retry a spinlock failure before notifying the hypervisor about the
 failures; 0xFFFFFFFF indicates never notify") and ``hypercalls/HvCallNotifyLongSpinWait.md``;
-the project reference ``hyperv-interface.md`` §4.1 and §11.4.
+KVM answers it with ``kvm_vcpu_on_spin()`` (Linux ``arch/x86/kvm/hyperv.c``).
 
 HvCallNotifyLongSpinWait (0x0008) is a simple call with an 8-byte input (u32 SpinCount, u32 RsvdZ),
 usually issued fast (RDX). "There is no error status for this hypercall, only HV_STATUS_SUCCESS

@@ -1,10 +1,10 @@
 """hv-stimer / hv-stimer-direct: the four synthetic timers of every VP.
 
 TLFS ``timers.md`` "Synthetic Timers" (cited below as [T]) and
-``datatypes/hv_timer_message_payload.md`` ([P]); the project reference ``hyperv-interface.md``
-§9 and ``windows-guest.md`` §4; KVM's in-kernel emulation ``arch/x86/kvm/hyperv.c`` (Linux 6.16:
-``stimer_set_config``, ``stimer_set_count``, ``stimer_start``, ``stimer_expiration``,
-``stimer_send_msg``) where the TLFS leaves a choice ([K]).
+``datatypes/hv_timer_message_payload.md`` ([P]); kvm-unit-tests ``x86/hyperv_stimer.c``; KVM's
+in-kernel emulation ``arch/x86/kvm/hyperv.c`` (Linux 6.16: ``stimer_set_config``,
+``stimer_set_count``, ``stimer_start``, ``stimer_expiration``, ``stimer_send_msg``) where the TLFS
+leaves a choice ([K]).
 
 Registers (per VP, n = 0..3; CPUID 0x40000003 EAX bit 3, AccessSyntheticTimerRegs):
 
@@ -27,11 +27,12 @@ Semantics, as implemented:
 * Any CONFIG or COUNT write stops the timer and starts it again from its new values if it is
   enabled with a non-zero COUNT; an expiry not yet delivered is dropped ([K] ``stimer_cleanup``;
   the TLFS calls changing an enabled timer undefined).
-* One-shot: expires when reference time >= COUNT; "If a one-shot is enabled and the specified
-  count is in the past, it will expire immediately" [T] (handed to the timer thread at once, which
-  also gives the few microseconds of delay that Windows' hibernation resume needs, ref. §9.2).
-  "When a one-shot timer expires, it is automatically marked as disabled" [T] (Enable reads 0
-  from then on, even if its message still waits for a free slot).
+* One-shot: expires when reference time >= COUNT; "If a one-shot is enabled and the specified count
+  is in the past, it will expire immediately" [T] (handed to the timer thread at once, which also
+  gives the few microseconds of delay that Windows' hibernation resume needs: a 2026 KVM patch by A.
+  Graf, patchew 20260115141520.24176-1-graf@amazon.com, fires such timers after 10 µs). "When a
+  one-shot timer expires, it is automatically marked as disabled" [T] (Enable reads 0 from then on,
+  even if its message still waits for a free slot).
 * Periodic: "The first period begins when the synthetic timer is enabled" [T]: expiries at
   ``t0 + k * COUNT`` where ``t0`` is the reference time of the enabling write. If one or more whole
   periods were missed (the host timer ran late), the timer signals once and the next expiry is the
@@ -64,7 +65,7 @@ Semantics, as implemented:
   u64 DeliveryTime}`` [P] to SIM slot SINTx via the SynIC
   (``partition.state["hv-synic"].synic(vp).deliver_message``).
   If the slot is busy (or the SIMP/SCONTROL is off, or the SINT masked) the message stays pending
-  with the ExpirationTime of the expiry it reports (ref. §9.3; the SynIC sets MessagePending on a
+  with the ExpirationTime of the expiry it reports ([T]; the SynIC sets MessagePending on a
   busy slot) and is retried from the SynIC's EOM listeners (the guest wrote EOM, or SCONTROL, SIMP
   or the SINT changed so it can take messages). A periodic timer is parked meanwhile (no host
   timer; the grid points it passes are counted as missed periods, the TLFS's skipped signals) and
@@ -74,7 +75,7 @@ Semantics, as implemented:
   thread (EOM retries), or on the timer thread the clock map's lower bound (at most a few
   microseconds under the true time, never under ExpirationTime).
 * Direct mode (DirectMode = 1): ApicVector is raised as a fixed, edge-triggered interrupt on the
-  VP (``platform.signal_interrupt``); no SynIC involvement (ref. §9.4). An interrupt the LAPIC
+  VP (``platform.signal_interrupt``); no SynIC involvement ([T]). An interrupt the LAPIC
   refuses (software-disabled) is lost, as on hardware, and counted.
 
 Threads: CONFIG/COUNT writes and EOM retries run on vCPU threads; expiries on the platform's one

@@ -1,15 +1,16 @@
 """hv-synic: the synthetic interrupt controller (SynIC) of every VP.
 
 TLFS ``inter-partition-communication.md`` (cited as [I]), ``datatypes/hv_message.md`` and
-``datatypes/hv_synic_event_flags.md``; the project reference ``hyperv-interface.md`` §8 and
-``windows-guest.md`` §4. PostMessage/SignalEvent and the connection table are in
+``datatypes/hv_synic_event_flags.md``; kvm-unit-tests ``x86/hyperv_synic.c``.
+PostMessage/SignalEvent and the connection table are in
 :mod:`hvvmm.enlightenments.connections`; this module registers their hypercalls because the
 privileges that gate them come with the SynIC (below).
 
 Registers (per VP; CPUID 0x40000003 EAX bit 2, AccessSynicRegs):
 
 * ``SCONTROL`` (0x40000080): bit 0 Enable, 63:1 RsvdP (kept as written). Reset 0 [I] -- OpenVMM
-  starts it at 1 ("KVM incorrectly initializes SCONTROL to 0", ref. §17); hvvmm follows the TLFS.
+  starts it at 1 ("KVM incorrectly initializes SCONTROL to 0", OpenVMM
+  ``vm/hv1/hv1_emulator/src/synic.rs``); hvvmm follows the TLFS.
   While it is clear "message queuing and event flag notifications cannot be directed to this
   virtual processor" [I].
 * ``SVERSION`` (0x40000081): read-only, 1; a write raises #GP [I].
@@ -38,8 +39,9 @@ CPUID: AccessSynicRegs; PostMessages and SignalEvents (EBX bits 4/5), which QEMU
 hv-synic is on ("SynIC and Vmbus devices require messages/signals hypercalls"), so the calls are
 reachable (connections are registered at run time by a test device or the host); and
 DeprecatingAutoEOI (0x40000004 EAX bit 9), which KVM, Cloud Hypervisor and OpenVMM-on-KVM set too
-and which makes Linux program its SINTs without AutoEOI (ref. §8.5). Without hv-synic the two
-hypercalls still exist and answer ACCESS_DENIED (privilege not granted).
+and which makes Linux program its SINTs without AutoEOI (Linux ``drivers/hv/hv.c``
+``hv_synic_enable_regs()``). Without hv-synic the two hypercalls still exist and answer
+ACCESS_DENIED (privilege not granted).
 
 Messages (:meth:`VpSynic.deliver_message`): the 16 slots of 256 bytes of the SIM page, one per
 SINT. A message is written only into a free slot (MessageType == HvMessageTypeNone): everything
@@ -85,12 +87,12 @@ delivered as AutoEOI and only after the LAPIC accepted it, and the page is writt
 changes. Why not something else: the EOI register is MMIO in xAPIC mode (the host cannot write it),
 a host EOI through the x2APIC MSR would clear the *highest* ISR bit rather than this vector, and
 the in-kernel SynIC route (``KVM_IRQ_ROUTING_HV_SINT``) needs KVM's own Hyper-V emulation, which
-hvvmm keeps out of the way (ref. §1). The cost of KVM_SET_LAPIC: it rewrites the whole page, so
-an interrupt arriving between the read and the write would be lost; ``platform.edit_lapic`` holds
-off every interrupt hvvmm sends (``signal_interrupt``: SynIC, timers, PV IPIs) meanwhile, and
-writes only when an ISR bit really has to go. What it cannot hold off is an IPI another vCPU
-sends through its in-kernel LAPIC or a device line in those two ioctls -- a narrow window that
-exists only for AutoEOI SINTs on a host whose LAPIC sets ISR bits.
+hvvmm keeps out of the way (it filters the MSRs; api.rst). The cost of KVM_SET_LAPIC: it rewrites
+the whole page, so an interrupt arriving between the read and the write would be lost;
+``platform.edit_lapic`` holds off every interrupt hvvmm sends (``signal_interrupt``: SynIC, timers,
+PV IPIs) meanwhile, and writes only when an ISR bit really has to go. What it cannot hold off is an
+IPI another vCPU sends through its in-kernel LAPIC or a device line in those two ioctls -- a narrow
+window that exists only for AutoEOI SINTs on a host whose LAPIC sets ISR bits.
 Guests that honour DeprecatingAutoEOI (Linux, current Windows) never set AutoEOI; kvm-unit-tests'
 ``hyperv_synic`` and ``hyperv_connections`` do. A guest that uses one vector for an AutoEOI SINT
 and for another source gets that other source's ISR bit cleared too (the TLFS does not allow for

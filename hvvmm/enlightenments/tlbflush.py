@@ -1,12 +1,12 @@
 """hv-tlbflush and hv-tlbflush-ext: HvCallFlushVirtualAddressSpace/List (0x0002/0x0003) and their
 Ex forms (0x0013/0x0014).
 
-TLFS ``hypercalls/HvCallFlushVirtualAddressSpace.md``, ``HvCallFlushVirtualAddressList.md`` and
-the Ex pages; the project reference ``hyperv-interface.md`` §5.8, §11.2 and ``linux-guest.md``
-§5.1. "This call guarantees that by the time control returns back to the caller, the observable
-effects of all flushes on the specified virtual processors have occurred" (TLFS): the guest frees
-and reuses page tables right after the call returns, so an incomplete flush corrupts memory
-(virtio-win #1582: TLB-flush bugs surface as IRQL_NOT_LESS_OR_EQUAL in nt!MiUserFault).
+TLFS ``hypercalls/HvCallFlushVirtualAddressSpace.md``, ``HvCallFlushVirtualAddressList.md`` and the
+Ex pages; the guest side is Linux ``arch/x86/hyperv/mmu.c``. "This call guarantees that by the time
+control returns back to the caller, the observable effects of all flushes on the specified virtual
+processors have occurred" (TLFS): the guest frees and reuses page tables right after the call
+returns, so an incomplete flush corrupts memory (virtio-win #1582: TLB-flush bugs surface as
+IRQL_NOT_LESS_OR_EQUAL in nt!MiUserFault).
 
 Inputs:
 
@@ -25,18 +25,19 @@ HV_FLUSH_USE_EXTENDED_RANGE_FORMAT (list elements in the extended format; CPUID 
 bit 14, hv-tlbflush-ext). "All other flags are reserved and must be set to zero" (TLFS). A flag
 the call does not take -> HV_STATUS_INVALID_PARAMETER; KVM ignores the flags altogether.
 
-What is flushed: everything. Every target's whole guest TLB (all address spaces, all PCIDs,
-global entries too) is flushed, whatever AddressSpace, the flags and the GVA list say, and a list
-call reports every element done. That is always allowed (over-flushing is invisible to the guest;
-Xen always does it, KVM does it whenever its 16-entry per-vCPU fifo overflows, ref. §5.8) and it
-is what the mechanism below can do. Invalid GVAs "are ignored" (TLFS), so the list elements are
-not validated; with hv-tlbflush-ext their extended encoding needs no decoding either.
+What is flushed: everything. Every target's whole guest TLB (all address spaces, all PCIDs, global
+entries too) is flushed, whatever AddressSpace, the flags and the GVA list say, and a list call
+reports every element done. That is always allowed (over-flushing is invisible to the guest; Xen
+always does it, KVM does it whenever its 16-entry per-vCPU fifo overflows, Linux
+``arch/x86/kvm/hyperv.c`` ``KVM_HV_TLB_FLUSH_FIFO_SIZE``) and it is what the mechanism below can do.
+Invalid GVAs "are ignored" (TLFS), so the list elements are not validated; with hv-tlbflush-ext
+their extended encoding needs no decoding either.
 
-Targets: HV_FLUSH_ALL_PROCESSORS or HV_GENERIC_SET_ALL -> every VP. A non-Ex ProcessorMask of 0
--> every VP as well: KVM's workaround for WS2012, which "sends hypercalls with processor_mask =
-0x0 and HV_FLUSH_ALL_PROCESSORS clear, while also expecting us to flush something and crashing if
-we don't" (``kvm_hv_flush_tlb()``; ref. §17). An Ex sparse set with no VP flushes nothing (KVM).
-The caller may be a target; it is flushed like the others.
+Targets: HV_FLUSH_ALL_PROCESSORS or HV_GENERIC_SET_ALL -> every VP. A non-Ex ProcessorMask of 0 ->
+every VP as well: KVM's workaround for WS2012, which "sends hypercalls with processor_mask = 0x0 and
+HV_FLUSH_ALL_PROCESSORS clear, while also expecting us to flush something and crashing if we don't"
+(Linux ``arch/x86/kvm/hyperv.c`` ``kvm_hv_flush_tlb()``). An Ex sparse set with no VP flushes
+nothing (KVM). The caller may be a target; it is flushed like the others.
 
 How the targets are flushed -- the finding behind this module
 -------------------------------------------------------------

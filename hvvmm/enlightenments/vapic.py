@@ -1,7 +1,7 @@
 """hv-vapic: the EOI/ICR/TPR MSRs (0x40000070-72) and the VP assist page -- declared, refused.
 
-TLFS ``virtual-interrupts.md`` and ``datatypes/hv_vp_assist_page.md``; the project reference
-``hyperv-interface.md`` §3.3, §10 and ``linux-guest.md`` §6. CPUID 0x40000003 EAX bit 4
+TLFS ``virtual-interrupts.md`` and ``datatypes/hv_vp_assist_page.md``; the guest side
+is Linux ``arch/x86/hyperv/hv_apic.c``. CPUID 0x40000003 EAX bit 4
 (AccessIntrCtrlRegs) grants EOI, ICR, TPR and VP_ASSIST_PAGE; 0x40000004 EAX bit 3
 (HV_X64_APIC_ACCESS_RECOMMENDED) tells the guest to use the three MSRs instead of the APIC.
 
@@ -27,11 +27,11 @@ Why hvvmm cannot offer it on KVM's in-kernel LAPIC (Linux v6.16.1, ``KT0511/linu
   bits 3:0, and the same ioctl reloads the PDPTEs and flushes the TLB in PAE mode): far too
   heavy for the TPR write Windows makes at every IRQL change.
 * The APIC mode cannot be known when CPUID is fixed: KVM freezes the CPUID table at the first
-  ``KVM_RUN`` (ref. §1, §2.14), and the guest picks its APIC mode after reading CPUID. Linux 6.1
-  with hint 3 uses all three MSRs in xAPIC mode and only the EOI MSR in x2APIC mode
-  (``arch/x86/hyperv/hv_apic.c`` ``hv_apic_init()``, since commit e211288b72f1), and Linux
-  booted with ``nox2apic``, a guest CPUID without x2APIC, or an OS that never enables x2APIC
-  stays in xAPIC mode. Even the lazy EOI of the VP assist page (``apic_assist`` bit 0) falls
+  ``KVM_RUN`` (Linux ``arch/x86/kvm/cpuid.c`` ``kvm_set_cpuid()``), and the guest picks its APIC
+  mode after reading CPUID. Linux 6.1 with hint 3 uses all three MSRs in xAPIC mode and only the EOI
+  MSR in x2APIC mode (``arch/x86/hyperv/hv_apic.c`` ``hv_apic_init()``, since commit e211288b72f1),
+  and Linux booted with ``nox2apic``, a guest CPUID without x2APIC, or an OS that never enables
+  x2APIC stays in xAPIC mode. Even the lazy EOI of the VP assist page (``apic_assist`` bit 0) falls
   back to the EOI MSR whenever the bit is clear, so it does not help.
 
 Advertising AccessIntrCtrlRegs would therefore promise MSRs that fail (or corrupt interrupt
@@ -40,15 +40,16 @@ stay off and ``--hyperv hv-vapic`` is refused with :data:`REFUSAL`. The declarat
 requirements of hv-evmcs and hv-tlbflush-direct, and the MSRs, which keep raising #GP).
 
 HV_X64_MSR_VP_ASSIST_PAGE stays with hv-core, which accepts and stores it without advertising it
-because Linux 6.1 writes it on every CPU regardless of CPUID (``linux-guest.md`` §8); a guest
-that honours the missing privilege never writes it, and nothing is ever written into the page
-(``apic_assist`` bit 0 is never set, which the TLFS allows).
+because Linux 6.1 writes it on every CPU regardless of CPUID (Linux ``arch/x86/hyperv/hv_init.c``
+``hv_cpu_init()``); a guest that honours the missing privilege never writes it, and nothing is ever
+written into the page (``apic_assist`` bit 0 is never set, which the TLFS allows).
 
 Routes that would make it possible later: a user-space LAPIC (then every piece is ordinary
 emulation), or, on hosts built with ``CONFIG_KVM_HYPERV=y``, leaving 0x40000070-0x40000073 out of
 the MSR filter so that KVM's in-kernel ``kvm_hv_vapic_msr_write()`` and its PV-EOI handling of
 the assist page (``kvm_lapic_set_pv_eoi()``) serve them -- two Hyper-V implementations in one VM,
-which hvvmm avoids (ref. §1, §3.1).
+which hvvmm avoids (it filters the synthetic MSRs, KVM api.rst
+``KVM_X86_SET_MSR_FILTER``).
 """
 
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """hv-vpindex: HV_X64_MSR_VP_INDEX, the guest-visible number of each virtual processor.
 
-TLFS ``vp-properties.md`` "Virtual Processor Index" and ``datatypes/hv_vp_index.md``; the project
-reference ``hyperv-interface.md`` §3.3. Read-only (a write raises #GP: KVM, OpenVMM); the value
-is the VP index 0 .. N-1 in the order of the MADT, so hypercalls that name VPs (IPIs, flushes,
-SynIC targets) and the guest agree on who is who. AccessVpIndex is CPUID 0x40000003 EAX bit 6.
+TLFS ``vp-properties.md`` "Virtual Processor Index" and ``datatypes/hv_vp_index.md``; Linux
+``include/hyperv/hvgdk_mini.h`` (``HV_X64_MSR_VP_INDEX``). Read-only (a write raises #GP: KVM,
+OpenVMM); the value is the VP index 0 .. N-1 in the order of the MADT, so hypercalls that name VPs
+(IPIs, flushes, SynIC targets) and the guest agree on who is who. AccessVpIndex is CPUID 0x40000003
+EAX bit 6.
 
-Linux does not detect Hyper-V at all without this bit (``linux-guest.md`` §2), and the TLFS says
-the "Hv#1" signature implies this MSR, so every preset includes it.
+Linux does not detect Hyper-V at all without this bit (``ms_hyperv_platform()`` in
+``arch/x86/kernel/cpu/mshyperv.c``), and the TLFS says the "Hv#1" signature implies this MSR, so
+every preset includes it.
 """
 
 from __future__ import annotations
