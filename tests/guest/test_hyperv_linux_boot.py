@@ -1,7 +1,8 @@
 """Linux 6.1's Hyper-V boot sequence, replayed by a tiny guest (tests/guests/hv_linux_boot.c).
 
 The guest checks every answer itself (PASS/FAIL lines); these tests also check what the VMM saw:
-the order of the MSR traffic (the reference TSC page before GUEST_OS_ID, linux-guest.md §4), the
+the order of the MSR traffic (the reference TSC page before GUEST_OS_ID, as Linux's
+``hyperv_timer.c`` and ``hv_init.c`` do), the
 overlay pages, the decoded guest identity, the per-VP counters, and ``hvvmm run --trace``.
 """
 
@@ -104,7 +105,8 @@ def test_linux_boot_replay(guest_image, smp):
         assert decoded.is_linux and decoded.linux_version == (6, 1, 192)
         counters = machine.hyperv.counters()
 
-    # Linux's order on the BSP (linux-guest.md §4 steps 18 and 25.3-25.5): the TSC page first,
+    # Linux's order on the BSP (hv_init_tsc_clocksource(), then hyperv_init() in
+    # arch/x86/hyperv/hv_init.c): the TSC page first,
     # VP_INDEX and VP_ASSIST_PAGE next, then GUEST_OS_ID, then the hypercall page.
     tsc_write = _first(events, "msr_write", HV_X64_MSR_REFERENCE_TSC)
     vp_index = _first(events, "msr_read", HV_X64_MSR_VP_INDEX)

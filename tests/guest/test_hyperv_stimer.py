@@ -2,7 +2,8 @@
 auto-enable, past COUNT, disable, two vCPUs at once) and message mode through the SynIC
 (periodic, one-shot, busy slot retried after EOM, SINTx = 0), each wait bounded in the guest.
 
-hv-stimer requires hv-synic (QEMU's dependency, ref. §15), so these run only once the SynIC is
+hv-stimer requires hv-synic (QEMU's dependency, ``target/i386/kvm/kvm.c``
+``kvm_hyperv_properties[]``), so these run only once the SynIC is
 implemented and hv-stimer is in the default registry."""
 
 import pytest

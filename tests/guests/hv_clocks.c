@@ -1,7 +1,7 @@
 /*
  * Partition reference time: TIME_REF_COUNT (an MSR exit each read) and the
- * reference TSC page (no exit) must be one clock (hyperv-interface.md §7,
- * linux-guest.md §12), on every vCPU.
+ * reference TSC page (no exit) must be one clock (TLFS timers.md; kvm-unit-tests
+ * x86/hyperv_clock.c checks the same), on every vCPU.
  *
  * BSP, before the APs start (phases are marked on HV_TEST_MARK_PORT so the
  * host can time them and count exits):

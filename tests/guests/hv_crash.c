@@ -1,6 +1,6 @@
 /*
  * Reports a crash through the Hyper-V crash MSRs, as Linux 6.1 panics
- * (linux-guest.md §5.2, hyperv-interface.md §13).  Without options it does
+ * (Linux arch/x86/hyperv/hv_init.c, drivers/hv/hv_common.c).  Without options it does
  * what hyperv_report_panic() does: P0 = error code, P1 = GuestOsId, P2 = RIP,
  * P3 = RAX, P4 = RSP, then CRASH_CTL = CrashNotify.  With "msg" it uses the
  * kmsg-dump channel: P0 = P1 = P2 = 0, P3 = GPA of a text, P4 = its length,

@@ -1,5 +1,5 @@
 /*
- * The guest idle MSR (hyperv-interface.md §11.3, TLFS vp-properties.md):
+ * The guest idle MSR (TLFS vp-properties.md):
  * reading 0x400000F0 idles the VP until an interrupt arrives "regardless of
  * whether the interrupt is enabled", or returns early, which callers allow.
  * With IF = 0 and nothing pending it must still come back (bounded; the host

@@ -1,6 +1,7 @@
 /*
  * Replays, in order, what Linux 6.1 does with the Hyper-V interface while it
- * boots (/work/shared/reference/linux-guest.md §4, §7, §8, §12), and checks
+ * boots (arch/x86/kernel/cpu/mshyperv.c, arch/x86/hyperv/hv_init.c,
+ * drivers/clocksource/hyperv_timer.c), and checks
  * every answer:
  *
  *   phase 1  detection (CPUID 0x40000000/1/3), privileges and hints, limits,
@@ -40,7 +41,7 @@ static void check_clock(int cpu)
 }
 
 /* hv_cpu_init(): rdmsr VP_INDEX, then wrmsr VP_ASSIST_PAGE = pfn << 12 | 1
- * with no CPUID check (linux-guest.md §4 step 25.3 and §8). */
+ * with no CPUID check (Linux arch/x86/hyperv/hv_init.c). */
 static void hv_cpu_init(int cpu)
 {
     uint64_t index = ~0ull, back = 0;
@@ -86,7 +87,7 @@ int main(void)
     report_info("Hyper-V: privilege flags low %#x, high %#x, hints %#x, misc %#x",
                 hv.priv_low, hv.priv_high, hv.hints, hv.features);
     report(!(hv.priv_high & (HV_ACCESS_PARTITION_ID | HV_CPU_MANAGEMENT | HV_ISOLATION)),
-           "no AccessPartitionId, CpuManagement or Isolation (linux-guest.md §9)");
+           "no AccessPartitionId, CpuManagement or Isolation (mshyperv.c)");
     report(!(hv.hints & HV_X64_APIC_ACCESS_RECOMMENDED),
            "no APIC-access recommendation with the in-kernel LAPIC");
     struct cpuid kvm = cpuid(0x40000100);

@@ -1,5 +1,6 @@
 /*
- * The synthetic-MSR access rules (hyperv-interface.md §3.2, §3.3, §6, §7):
+ * The synthetic-MSR access rules (TLFS feature-discovery.md, hypercall-interface.md,
+ * timers.md; KVM selftest x86/hyperv_features.c checks the same faults):
  *
  *  1. gating: each MSR in the table works iff its CPUID bit is advertised,
  *     otherwise #GP; read-only MSRs #GP on write; SynIC/stimer/APIC/syndbg

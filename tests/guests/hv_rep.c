@@ -1,6 +1,6 @@
 /*
  * A rep hypercall that the VMM continues (TLFS "Hypercall Continuation",
- * hypercall-trap.md §6.2).  The test registers call REP_CODE on the host:
+ * RIP back at the hypercall page's start).  The test registers call REP_CODE on the host:
  * 8-byte input and output elements, out[i] = (in[i] ^ REP_XOR) + i, at most a
  * few elements per entry, so the VMM must re-enter the stub with the rep
  * start index advanced in RCX until the list is done.  The guest sees a single

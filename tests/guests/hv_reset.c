@@ -1,5 +1,5 @@
 /*
- * Resets the VM through HV_X64_MSR_RESET (hyperv-interface.md §3.3, §14.1):
+ * Resets the VM through HV_X64_MSR_RESET (TLFS partition-properties.md):
  * prints a banner, checks that only bit 0 resets (the others are RsvdP), then
  * writes bit 0.  Nothing after that write may run.
  */

@@ -1,5 +1,5 @@
 /*
- * Synthetic timers (TLFS timers.md; hyperv-interface.md §9) seen from a guest.
+ * Synthetic timers (TLFS timers.md) seen from a guest.
  *
  * Direct mode (when CPUID 0x40000003 EDX bit 19 is set):
  *   periodic    1 kHz-ish periodic timer: every interrupt at or after its grid

@@ -1,5 +1,5 @@
 /*
- * The SynIC on 2 vCPUs (hyperv-interface.md §8, §5.8-5.10), driven through
+ * The SynIC on 2 vCPUs (TLFS inter-partition-communication.md), driven through
  * QEMU's hyperv-testdev (port 0x3000) as kvm-unit-tests' hyperv_synic and
  * hyperv_connections do, and through the host API (tests/guest/
  * test_hyperv_synic.py posts and signals when the guest writes a phase mark

@@ -5,7 +5,7 @@
  * hv_do_hypercall() does) and the reference TSC page reader.
  *
  * Names follow Linux (include/asm-generic/hyperv-tlfs.h) where Linux has one.
- * The project reference is /work/shared/reference/hyperv-interface.md.
+ * The interface is the TLFS (Microsoft Hypervisor Top-Level Functional Spec).
  */
 #ifndef HVVMM_TESTS_HYPERV_H
 #define HVVMM_TESTS_HYPERV_H
@@ -119,7 +119,7 @@ static inline unsigned hv_result_reps(uint64_t result) { return (result >> 32) &
  * Hypercalls: the 64-bit convention (RCX input value, RDX input GPA, R8
  * output GPA, result in RAX; a rep call may rewrite RCX), made by an indirect
  * call to the start of the hypercall page.  The stub clobbers nothing but RAX
- * (hypercall-trap.md), but the asm treats RCX/RDX/R8-R11 as clobbered, as
+ * (hvvmm/enlightenments/core.py), but the asm treats RCX/RDX/R8-R11 as clobbered, as
  * Linux's hv_do_hypercall() does, so nothing here relies on more than Linux.
  * ---------------------------------------------------------------------- */
 static void *volatile hv_hypercall_pg __attribute__((unused));

@@ -12,7 +12,8 @@ from hvvmm.memory import GuestMemory
 
 FILL_PATTERN = 0x123456789ABCDEF0  # OpenVMM's fill pattern
 PAGE_BASE = 0xFFFF_F000  # where the fake hypercall page lives
-STUB_RIP = PAGE_BASE + 6  # RIP after `endbr64; out NN, al` (emulator path, hypercall-trap.md §11)
+# RIP after `endbr64; out NN, al` (KVM's emulator path, as measured on a PVM-based KVM host)
+STUB_RIP = PAGE_BASE + 6
 
 GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")

@@ -187,11 +187,12 @@ def test_preset_bits(spec, eax, ebx, edx, hints):
 
 
 def test_linux_preset_matches_the_documented_dmesg_line():
-    # linux-guest.md §4: "Hyper-V: privilege flags low %#x, high %#x, hints %#x, misc %#x"
+    # arch/x86/kernel/cpu/mshyperv.c prints
+    # "Hyper-V: privilege flags low %#x, high %#x, hints %#x, misc %#x"
     leaves = hyperv_cpuid_leaves(parse_hyperv_spec("linux"), 2)
     f, h = leaf(leaves, 0x40000003), leaf(leaves, 0x40000004)
     line = f"privilege flags low {f.eax:#x}, high {f.ebx:#x}, hints {h.eax:#x}, misc {f.edx:#x}"
-    # linux-guest.md §10's worked profile is "low 0xe6a, high 0x0, hints 0xe24, misc 0x80508".
+    # Only the bits Linux 6.1 reads give "low 0xe6a, high 0x0, hints 0xe24, misc 0x80508".
     # The hints are the same. The rest differs where hvvmm differs: SynIC (bit 2; QEMU's rules
     # make stimers need it) with PostMessages/SignalEvents (EBX 4/5), extended hypercalls
     # (EBX 20), guest idle paired with EDX bit 5 as the TLFS says, the HYPERCALL lock bit
@@ -200,8 +201,9 @@ def test_linux_preset_matches_the_documented_dmesg_line():
 
 
 def test_forbidden_privileges_are_never_set():
-    # REQ: CreatePartitions, AccessPartitionId, AccessMemoryPool, AdjustMessageBuffers,
-    # CreatePort, AccessStats, CpuManagement, ConfigureProfiler must be 0 (ref. §2.4).
+    # Microsoft's "Requirements for Implementing the Microsoft Hypervisor Interface" (REQ):
+    # CreatePartitions, AccessPartitionId, AccessMemoryPool, AdjustMessageBuffers,
+    # CreatePort, AccessStats, CpuManagement, ConfigureProfiler must be 0.
     forbidden_ebx = sum(1 << bit for bit in (0, 1, 2, 3, 6, 8, 12, 13, 22))
     for spec in (None, "linux", "windows", "minimal"):
         assert leaf(hyperv_cpuid_leaves(parse_hyperv_spec(spec), 1), 0x40000003).ebx \

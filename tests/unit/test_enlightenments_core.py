@@ -1,5 +1,5 @@
 """hv-core: GUEST_OS_ID, the HYPERCALL MSR and the hypercall page lifecycle (TLFS
-"Establishing the Hypercall Interface"; hypercall-trap.md §1, §4, §7)."""
+"Establishing the Hypercall Interface"; the page is a read-only overlay)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def test_page_contents():
     assert HYPERCALL_PAGE == hypercall_page_bytes(HYPERCALL_PORT)
     assert HYPERCALL_PAGE[:7] == bytes([0xF3, 0x0F, 0x1E, 0xFA, 0xE6, HYPERCALL_PORT, 0xC3])
     assert HYPERCALL_PAGE[7:] == b"\xcc" * (4096 - 7)
-    # The port avoids every device and guest-driver port listed in hypercall-trap.md §5.
+    # The port avoids every device and guest-driver port listed in hvvmm/enlightenments/core.py.
     assert HYPERCALL_PORT not in {0x20, 0x21, *range(0x40, 0x44), 0x60, 0x61, 0x64, 0x70, 0x71,
                                   0x7E, 0x80, 0x92, 0xA0, 0xA1, 0xB2, 0xB3, 0xE9, 0xED, 0xF0,
                                   0xF1, 0xF4}

@@ -1,4 +1,5 @@
-"""hv-crash: CRASH_P0..P4, CRASH_CTL, the crash report and the message channel (ref. §13)."""
+"""hv-crash: CRASH_P0..P4, CRASH_CTL, the crash report and the message channel (TLFS
+partition-properties.md "Partition Crash Enlightenment")."""
 
 from __future__ import annotations
 

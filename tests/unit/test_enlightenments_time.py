@@ -1,4 +1,4 @@
-"""hv-time: TIME_REF_COUNT and the reference TSC page (TLFS timers.md; ref. §7).
+"""hv-time: TIME_REF_COUNT and the reference TSC page (TLFS timers.md).
 
 The arithmetic is checked against exact rationals; the page clock is checked against the MSR the
 way kvm-unit-tests ``hyperv_clock`` and KVM's ``hyperv_clock.c`` selftest do."""

@@ -41,7 +41,8 @@ def test_package_imports_nothing_kvm_related():
 
 # -- MSRs -----------------------------------------------------------------------------------
 
-# hyperv-interface.md §3.3, one row per MSR (ranges expanded).
+# The synthetic MSRs of the TLFS and Linux include/hyperv/hvgdk_mini.h, one row per MSR (ranges
+# expanded).
 MSR_TABLE = {
     "GUEST_OS_ID": 0x40000000, "HYPERCALL": 0x40000001, "VP_INDEX": 0x40000002,
     "RESET": 0x40000003, "VP_RUNTIME": 0x40000010, "TIME_REF_COUNT": 0x40000020,
@@ -234,7 +235,7 @@ def test_page_constants():
 # -- GuestOsId ------------------------------------------------------------------------------
 
 def test_linux_guest_os_id():
-    gid = decode_guest_os_id(0x8100000601C00000)  # Debian 6.1.192 (hyperv-interface.md §12)
+    gid = decode_guest_os_id(0x8100000601C00000)  # Debian 6.1.192 (include/asm-generic/mshyperv.h)
     assert gid.open_source and gid.is_linux and not gid.is_windows
     assert gid.linux_version == (6, 1, 192)
     assert gid.os_type == 1 and gid.os_id == 0 and gid.build == 0

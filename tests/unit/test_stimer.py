@@ -1,4 +1,4 @@
-"""hv-stimer / hv-stimer-direct: the synthetic timers (TLFS timers.md; ref. §9).
+"""hv-stimer / hv-stimer-direct: the synthetic timers (TLFS timers.md).
 
 Driven by FakePlatform's controllable clock and timers (host time follows the guest TSC, timers
 fire only when a test moves time) and a small fake SynIC with the interface of
@@ -64,7 +64,8 @@ def direct_config(vector: int, *flags: int) -> int:
 class FakeSynic:
     """One VP's SynIC as hv-stimer sees it: 16 message slots. ``deliver_message`` places a
     message only into a free slot of an enabled, unmasked SINT; on a busy slot it sets the
-    occupying message's MessagePending flag and returns False (TLFS message protocol, ref. §8.4).
+    occupying message's MessagePending flag and returns False (TLFS
+    inter-partition-communication.md, the message protocol).
     """
 
     def __init__(self, vp_index: int, platform: FakePlatform):
