@@ -363,8 +363,8 @@ def hyperv_cpuid_leaves(config: HyperVConfig, vcpu_count: int, *,
         CpuidEntry(HYPERV_CPUID_ENLIGHTMENT_INFO, eax=reg(HYPERV_CPUID_ENLIGHTMENT_INFO, "eax"),
                    ebx=config.spinlock_retries),
         # Limits: max VPs and max logical processors = the VM's vCPUs. 0xFFFFFFFF ("no limit",
-        # REQ) is allowed with the Ex hypercalls, but a real count costs nothing and tells the
-        # guest the truth; ECX (interrupt-remapping vectors) not reported.
+        # HV_NO_VP_LIMIT) is allowed with the Ex hypercalls, but a real count costs nothing and
+        # tells the guest the truth; ECX (interrupt-remapping vectors) not reported.
         CpuidEntry(HYPERV_CPUID_IMPLEMENT_LIMITS, eax=vcpu_count, ebx=vcpu_count),
         # Hardware features in use: informational; hvvmm cannot tell what the host KVM uses, so
         # zero, as QEMU.

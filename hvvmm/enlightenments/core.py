@@ -75,8 +75,8 @@ INT3 = 0xCC
 def hypercall_page_bytes(port: int = HYPERCALL_PORT) -> bytes:
     """The 4096-byte hypercall page: ``endbr64; out port, al; ret``, then int3 (OpenVMM fills its
     hypercall page with int3 too). The same bytes decode identically in 32-bit and 64-bit mode, so
-    one page serves both calling conventions; the page never changes while the guest runs (REQ:
-    PatchGuard)."""
+    one page serves both calling conventions; the page never changes while the guest runs
+    (PatchGuard; Microsoft's "Requirements for Implementing the Microsoft Hypervisor Interface")."""
     if not 0 <= port <= 0xFF:
         raise ValueError(f"hypercall port {port:#x} does not fit ``out imm8, al``")
     stub = ENDBR64 + bytes((OUT_IMM8_AL, port, RET))

@@ -117,7 +117,7 @@ log = logging.getLogger(__name__)
 NAME = "hv-stimer"
 DIRECT_NAME = "hv-stimer-direct"
 
-# STIMERn_CONFIG (TLFS timers.md "Synthetic Timer Configuration Register"; LHDR hv_stimer_config)
+# STIMERn_CONFIG (TLFS timers.md "Synthetic Timer Configuration Register"; Linux hvgdk_mini.h)
 STIMER_ENABLE = 1 << 0
 STIMER_PERIODIC = 1 << 1
 STIMER_LAZY = 1 << 2
@@ -129,7 +129,7 @@ STIMER_SINTX_SHIFT = 16
 STIMER_SINTX_MASK = 0xF << STIMER_SINTX_SHIFT
 STIMER_CONFIG_RSVDZ = (0x7 << 13) | (HV_U64_MASK & ~((1 << 20) - 1))  # 15:13 and 63:20
 
-# The message (TLFS datatypes/hv_message.md, hv_timer_message_payload.md; LHDR)
+# The message (TLFS datatypes/hv_message.md, hv_timer_message_payload.md; Linux hvgdk_mini.h)
 HVMSG_TIMER_EXPIRED = 0x8000_0010
 TIMER_PAYLOAD = struct.Struct("<IIQQ")  # TimerIndex, Reserved, ExpirationTime, DeliveryTime
 

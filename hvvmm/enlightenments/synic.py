@@ -143,7 +143,7 @@ log = logging.getLogger(__name__)
 
 NAME = "hv-synic"
 
-# -- registers (TLFS inter-partition-communication.md "SynIC MSRs"; LHDR hvgdk_mini.h) ----------
+# -- registers (TLFS inter-partition-communication.md "SynIC MSRs"; Linux hvgdk_mini.h) -----
 HV_SYNIC_VERSION_1 = 1
 HV_SYNIC_CONTROL_ENABLE = 1 << 0
 HV_SYNIC_PAGE_ENABLE = 1 << 0  # SIMP and SIEFP: bit 0 enables, 63:12 the GPFN

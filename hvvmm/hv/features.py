@@ -135,7 +135,8 @@ class HyperVConfig:
 PRESETS: dict[str, frozenset[str]] = {
     # Hyper-V off: a plain KVM machine.
     "none": frozenset(),
-    # REQ's minimal HV#1 interface: the identification leaves, AccessHypercallMsrs (core) and
+    # The minimal HV#1 interface of Microsoft's "Requirements for Implementing the Microsoft
+    # Hypervisor Interface": the identification leaves, AccessHypercallMsrs (core) and
     # AccessVpIndex, a working hypercall page. Linux and Windows both detect Hyper-V with it.
     "minimal": frozenset({"hv-vpindex"}),
     # What Linux 6.1 uses (arch/x86/kernel/cpu/mshyperv.c ms_hyperv_init_platform()): VP index

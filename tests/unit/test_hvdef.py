@@ -253,7 +253,7 @@ def test_old_linux_distro_fields():
 
 
 @pytest.mark.parametrize("value, text", [
-    (0x0001040A00003839, "Windows NT 10.0 build 14393 (Microsoft)"),  # WS2016, KHV L1324
+    (0x0001040A00003839, "Windows NT 10.0 build 14393 (Microsoft)"),  # WS2016 (KVM hyperv.c)
     (0x0001040A00004A65, "Windows NT 10.0 build 19045 (Microsoft)"),  # Windows 10 22H2
     (0x0001040601011DB1, "Windows NT 6.1 SP1 build 7601 (Microsoft)"),
     (0x0002050102000001, "OS 0x05 1.2 build 1 (HPE)"),
