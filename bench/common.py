@@ -69,6 +69,22 @@ def summarize(name: str, hvvmm_ns: list[float], c_ns: list[float],
     return ratio
 
 
+def qemu_comparison(what: str, figure: str, hvvmm: list[float], qemu: list[float]) -> dict:
+    """Print one line comparing the medians of alternating hvvmm and QEMU runs and return the
+    figures; ``figure`` formats one value with its unit, e.g. ``"{:.2f} s"``. Without QEMU runs
+    the line says that no comparison was made."""
+    figures = {"hvvmm": statistics.median(hvvmm)}
+    line = f"{what}: hvvmm {figure.format(figures['hvvmm'])} (median of {len(hvvmm)})"
+    if qemu:
+        figures["qemu"] = statistics.median(qemu)
+        figures["ratio"] = figures["hvvmm"] / figures["qemu"]
+        line += f", QEMU {figure.format(figures['qemu'])}; ratio {figures['ratio']:.2f}x"
+    else:
+        line += "; QEMU not found (qemu-system-x86_64 not on PATH), no comparison"
+    print(line)
+    return figures
+
+
 # -- additions for the Hyper-V benchmarks (bench/hv_roundtrip.py, bench/tsc_page_exits.py) ------
 
 MARKER_PORT = 0x5E0  # the guest marks the start and the end of a timed loop with an OUT here

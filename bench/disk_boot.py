@@ -14,11 +14,12 @@ from __future__ import annotations
 import argparse
 import pathlib
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
+
+from common import qemu_comparison
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 MBR_SOURCE = ROOT / "tests" / "guests" / "mbr.S"
@@ -84,17 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             hvvmm_s.append(time_to_line(hvvmm_command(disk)))
             if args.qemu:
                 qemu_s.append(time_to_line(qemu_command(args.qemu, qemu_disk)))
-    figures = {"hvvmm": statistics.median(hvvmm_s)}
-    line = (f"start to first MBR output: hvvmm {figures['hvvmm']:.2f} s (median of "
-            f"{len(hvvmm_s)})")
-    if qemu_s:
-        figures["qemu"] = statistics.median(qemu_s)
-        figures["ratio"] = figures["hvvmm"] / figures["qemu"]
-        line += f", QEMU {figures['qemu']:.2f} s; ratio {figures['ratio']:.2f}x"
-    else:
-        line += "; QEMU not found (qemu-system-x86_64 not on PATH), no comparison"
-    print(line)
-    return figures
+    return qemu_comparison("start to first MBR output", "{:.2f} s", hvvmm_s, qemu_s)
 
 
 if __name__ == "__main__":

@@ -14,10 +14,11 @@ from __future__ import annotations
 import argparse
 import pathlib
 import shutil
-import statistics
 import subprocess
 import tempfile
 import time
+
+from common import qemu_comparison
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 GUEST_SOURCE = ROOT / "tests" / "guests" / "virtio_blk.c"
@@ -114,17 +115,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             hvvmm_mib.append(run_hvvmm(guest, disk, sectors, args.rounds))
             if args.qemu:
                 qemu_mib.append(run_qemu(args.qemu, guest, qemu_disk, sectors, args.rounds))
-    figures = {"hvvmm": statistics.median(hvvmm_mib)}
-    line = (f"virtio-blk sequential read, 64 KiB x 8 in flight: hvvmm {figures['hvvmm']:.0f} "
-            f"MiB/s (median of {len(hvvmm_mib)})")
-    if qemu_mib:
-        figures["qemu"] = statistics.median(qemu_mib)
-        figures["ratio"] = figures["hvvmm"] / figures["qemu"]
-        line += f", QEMU {figures['qemu']:.0f} MiB/s; ratio {figures['ratio']:.2f}x"
-    else:
-        line += "; QEMU not found (qemu-system-x86_64 not on PATH), no comparison"
-    print(line)
-    return figures
+    return qemu_comparison("virtio-blk sequential read, 64 KiB x 8 in flight", "{:.0f} MiB/s", hvvmm_mib, qemu_mib)
 
 
 if __name__ == "__main__":

@@ -441,20 +441,27 @@ class Vcpu:
     def set_fpu(self, fpu) -> None:
         self._ioctl(lib.KVM_SET_FPU, fpu, "KVM_SET_FPU")
 
+    def _get_state(self, struct: str, request: int, what: str) -> bytes:
+        """A state structure that user space handles as opaque bytes, read with ``request``."""
+        state = ffi.new(f"struct {struct} *")
+        self._ioctl(request, state, what)
+        return bytes(ffi.buffer(state))
+
+    def _set_state(self, struct: str, request: int, what: str, data: bytes) -> None:
+        state = ffi.new(f"struct {struct} *")
+        if len(data) != ffi.sizeof(state[0]):
+            raise ValueError(f"{what} takes {ffi.sizeof(state[0])} bytes (got {len(data)})")
+        ffi.buffer(state)[:] = data
+        self._ioctl(request, state, what)
+
     def get_xsave(self) -> bytes:
         """``KVM_GET_XSAVE``: the first 4 KiB of the guest's XSAVE area in the standard
         (non-compacted) layout (SDM vol. 1 13.4): legacy region, header, then the components."""
-        area = ffi.new("struct kvm_xsave *")
-        self._ioctl(lib.KVM_GET_XSAVE, area, "KVM_GET_XSAVE")
-        return bytes(ffi.buffer(area))
+        return self._get_state("kvm_xsave", lib.KVM_GET_XSAVE, "KVM_GET_XSAVE")
 
     def set_xsave(self, area: bytes) -> None:
         """``KVM_SET_XSAVE`` with an area as :meth:`get_xsave` returns it."""
-        buffer = ffi.new("struct kvm_xsave *")
-        if len(area) != ffi.sizeof(buffer[0]):
-            raise ValueError(f"an XSAVE area must be {ffi.sizeof(buffer[0])} bytes")
-        ffi.buffer(buffer)[:] = area
-        self._ioctl(lib.KVM_SET_XSAVE, buffer, "KVM_SET_XSAVE")
+        self._set_state("kvm_xsave", lib.KVM_SET_XSAVE, "KVM_SET_XSAVE", area)
 
     def get_xcrs(self) -> dict[int, int]:
         """``KVM_GET_XCRS``: the extended control registers (XCR0 = index 0) by index."""
@@ -495,16 +502,10 @@ class Vcpu:
         self._ioctl(lib.KVM_SET_CPUID2, table, "KVM_SET_CPUID2")
 
     def get_lapic(self) -> bytes:
-        state = ffi.new("struct kvm_lapic_state *")
-        self._ioctl(lib.KVM_GET_LAPIC, state, "KVM_GET_LAPIC")
-        return bytes(ffi.buffer(state))
+        return self._get_state("kvm_lapic_state", lib.KVM_GET_LAPIC, "KVM_GET_LAPIC")
 
     def set_lapic(self, registers: bytes) -> None:
-        state = ffi.new("struct kvm_lapic_state *")
-        if len(registers) != ffi.sizeof(state[0]):
-            raise ValueError(f"LAPIC state must be {ffi.sizeof(state[0])} bytes")
-        ffi.buffer(state)[:] = registers
-        self._ioctl(lib.KVM_SET_LAPIC, state, "KVM_SET_LAPIC")
+        self._set_state("kvm_lapic_state", lib.KVM_SET_LAPIC, "KVM_SET_LAPIC", registers)
 
     def get_mp_state(self) -> int:
         """``KVM_GET_MP_STATE``: KVM_MP_STATE_RUNNABLE, _HALTED (after HLT, with the in-kernel
