@@ -7,7 +7,8 @@ same registers (:class:`LegacyWindow`). The vCPU starts in KVM's power-on state,
 architectural reset state (Intel SDM Vol. 3A §9.1.1), so no entry state is set.
 
 fw_cfg tells the firmware what QEMU would (QEMU ``hw/i386/fw_cfg.c``, SeaBIOS
-``src/fw/paravirt.c``): the RAM as ``etc/e820``, the boot disk in ``bootorder``, no boot menu.
+``src/fw/paravirt.c``): the RAM as ``etc/e820``, the boot disk in ``bootorder``, no boot menu,
+and ready SMBIOS tables (:mod:`hvvmm.smbios`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from .layout import E820_RAM, PC, KiB
 from .memory import GuestMemory, GuestMemoryError
 from .memslots import MemslotManager, Window
 from .pci.i440fx import PAM_RAM, PAM_READ_ONLY, PAM_WRITE_ONLY, PamSegment
+from .smbios import SMBIOS_ANCHOR_FILE, SMBIOS_TABLES_FILE, build_smbios
 
 log = logging.getLogger(__name__)
 
@@ -177,8 +179,13 @@ def boot_order(slots: Sequence[int]) -> bytes:
     return "".join(f"/pci@i0cf8/scsi@{slot:x}/disk@0,0\n" for slot in slots).encode()
 
 
-def configure_fw_cfg(fw_cfg: FwCfg, memory_size: int, boot_slots: Sequence[int]) -> None:
+def configure_fw_cfg(fw_cfg: FwCfg, memory_size: int, boot_slots: Sequence[int],
+                     cpu_count: int = 1) -> None:
     fw_cfg.add_file("etc/e820", firmware_e820(memory_size))
+    # Ready SMBIOS tables spare SeaBIOS building them in (slow, on some KVMs emulated) ring 0.
+    smbios = build_smbios(memory_size, cpu_count)
+    fw_cfg.add_file(SMBIOS_ANCHOR_FILE, smbios.entry_point())
+    fw_cfg.add_file(SMBIOS_TABLES_FILE, smbios.table)
     fw_cfg.add_file("bootorder", boot_order(boot_slots))
     fw_cfg.add_file("etc/boot-menu-wait", struct.pack("<H", 0))
     fw_cfg.set_item(FW_CFG_BOOT_MENU, struct.pack("<H", 0))  # SeaBIOS: etc/show-boot-menu
@@ -186,11 +193,11 @@ def configure_fw_cfg(fw_cfg: FwCfg, memory_size: int, boot_slots: Sequence[int])
 
 
 def install(rom: FirmwareRom, memslots: MemslotManager, fw_cfg: FwCfg, pio_bus,
-            memory_size: int, boot_slots: Sequence[int]) -> DebugConsole:
+            memory_size: int, boot_slots: Sequence[int], *, cpu_count: int = 1) -> DebugConsole:
     """Map ``rom`` below 4 GiB, describe the machine to it through fw_cfg, and put its debug
     console on its port; returns that console."""
     memslots.set_windows("firmware", [Window(rom.gpa, rom.size, rom.host_address)])
-    configure_fw_cfg(fw_cfg, memory_size, boot_slots)
+    configure_fw_cfg(fw_cfg, memory_size, boot_slots, cpu_count)
     debugcon = DebugConsole()
     slot = PC.device("debugcon")
     pio_bus.register(slot.port, slot.ports, debugcon, slot.name)

@@ -477,7 +477,8 @@ class Machine:
             self.pci.route_pirqs_as_firmware_would()
             return
         self.debugcon = firmware.install(self.firmware, self.memslots, self.fw_cfg, self.pio_bus,
-                                         config.memory, [d.slot for d in self.disks])
+                                         config.memory, [d.slot for d in self.disks],
+                                         cpu_count=config.smp)
 
     # -- devices and observers for library users ----------------------------------------------
 
