@@ -2,7 +2,6 @@
 by our own parser and independently by dmidecode reading them as a dump file."""
 
 import re
-import shutil
 import struct
 import subprocess
 
@@ -104,25 +103,19 @@ def test_firmware_boots_are_offered_the_tables():
     assert fw_cfg.files[SMBIOS_TABLES_FILE] == tables.table
 
 
-DMIDECODE = shutil.which("dmidecode")
-
-
-def dmidecode(tmp_path, memory: int, cpus: int) -> str:
-    if DMIDECODE is None:
-        pytest.skip("dmidecode (Debian package dmidecode) is not installed: the independent "
-                    "check of the tables cannot run")
+def dmidecode(host_tool, tmp_path, memory: int, cpus: int) -> str:
     dump = tmp_path / "smbios.bin"
     dump.write_bytes(dmidecode_dump(build_smbios(memory, cpus)))
-    result = subprocess.run([DMIDECODE, "--from-dump", str(dump)], capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run([host_tool("dmidecode", "dmidecode"), "--from-dump", str(dump)],
+                            capture_output=True, text=True, timeout=30)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     return result.stdout
 
 
 @pytest.mark.parametrize("memory, cpus", [(128 * MiB, 1), (4 * GiB, 4), (40 * GiB, 255)])
-def test_dmidecode_reads_the_tables_without_complaint(tmp_path, memory, cpus):
-    out = dmidecode(tmp_path, memory, cpus)
+def test_dmidecode_reads_the_tables_without_complaint(host_tool, tmp_path, memory, cpus):
+    out = dmidecode(host_tool, tmp_path, memory, cpus)
     for complaint in ("Invalid", "wrong", "truncated", "<OUT OF SPEC>", "Bad", "bad"):
         assert complaint not in out
     assert "SMBIOS 2.8 present." in out
