@@ -117,3 +117,16 @@ def test_more_disks_than_pci_slots_are_refused_before_anything_starts():
     drives = tuple(DriveSpec(f"d{i}.img") for i in range(MAX_DRIVES + 1))
     with pytest.raises(ConfigError, match="31 disks are too many"):
         MachineConfig(drives=drives).validated()
+
+
+def test_host_memory_limit_is_ram_plus_swap_as_psutil_counts_them():
+    psutil = pytest.importorskip("psutil", reason="psutil gives the reference figures")
+    assert host_memory_limit() == psutil.virtual_memory().total + psutil.swap_memory().total
+
+
+def test_host_memory_limit_reads_kib_and_allows_no_swap_line(tmp_path):
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:        2048 kB\nMemFree:          100 kB\n")
+    assert host_memory_limit(str(meminfo)) == 2048 * 1024
+    meminfo.write_text("MemTotal:        2048 kB\nSwapTotal:       1024 kB\n")
+    assert host_memory_limit(str(meminfo)) == 3072 * 1024
