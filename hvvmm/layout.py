@@ -88,6 +88,7 @@ class PcLayout:
         IsaDevice("i8042-data", 0x60, 1, irq=1),
         IsaDevice("i8042-command", 0x64, 1),
         IsaDevice("post-code", 0x80, 1),
+        IsaDevice("port92", 0x92, 1),
         IsaDevice("acpi-pm", 0x600, 12, irq=9),
         # PCI configuration mechanism #1: 0xCF8 CONFIG_ADDRESS, 0xCFC-0xCFF CONFIG_DATA, and in
         # between, at 0xCF9, the PIIX3's reset control register (hvvmm.devices.reset_control),

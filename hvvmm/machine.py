@@ -36,6 +36,7 @@ from .devices.debug_exit import DebugExit
 from .devices.fw_cfg import FwCfg, FwCfgDma
 from .devices.i8042 import I8042
 from .devices.port80 import PostCodePort
+from .devices.port92 import SystemControlPortA
 from .devices.reset_control import ResetControl
 from .devices.serial import Serial
 from .devices.virtio_blk import attach_drives
@@ -456,6 +457,8 @@ class Machine:
         place("i8042-command", self.i8042.command_port)
         self.post_code = PostCodePort()
         place("post-code", self.post_code)
+        place("port92", SystemControlPortA(
+            lambda: self.request_reset("the guest set the fast-reset bit of port 0x92")))
         self.acpi_pm = AcpiPm(self._on_poweroff, vm.irq_line(PC.device("acpi-pm").irq))
         place("acpi-pm", self.acpi_pm)
         # Decoded inside the PCI configuration ports (see _add_pci_and_firmware).

@@ -14,4 +14,5 @@ wiring.
 - :mod:`.port80`: the POST-code port (0x80).
 - :mod:`.acpi_pm`: the ACPI PM block: PM1a event and control (soft power-off), PM timer (0x600).
 - :mod:`.reset_control`: the reset control register (0xcf9).
+- :mod:`.port92`: System Control Port A (0x92): A20 read-back and fast reset.
 """

@@ -9,6 +9,7 @@ from hvvmm.devices.port80 import POST_CODE_PORT, POST_CODE_PORT_COUNT
 from hvvmm.devices.reset_control import RESET_CONTROL_PORT, RESET_CONTROL_PORT_COUNT
 from hvvmm.devices.serial import COM1_IRQ, SERIAL_COM1_BASE, SERIAL_PORT_COUNT
 from hvvmm.pci.host import CONFIG_ADDRESS_PORT, CONFIG_PORT_COUNT
+from hvvmm.devices.port92 import PORT92
 from hvvmm.layout import E820_ACPI, E820_RAM, E820_RESERVED, GiB, MiB, PC, MemoryMapEntry
 
 
@@ -44,6 +45,7 @@ def test_device_modules_agree_with_the_layout_table():
         "pci-config": (CONFIG_ADDRESS_PORT, CONFIG_PORT_COUNT, None),
         "fw_cfg-dma": (FW_CFG_IO_BASE + 4, FW_CFG_DMA_PORT_COUNT, None),
         "debugcon": (0x402, 1, None),
+        "port92": (PORT92, 1, None),
     }
     assert {d.name: (d.port, d.ports, d.irq) for d in PC.isa_devices} == expected
     assert ACPI_PM_BASE == PC.acpi_pm_base and ACPI_PM1A_CNT_PORT == PC.acpi_pm_base + 4

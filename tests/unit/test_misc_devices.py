@@ -17,6 +17,7 @@ from hvvmm.devices.i8042 import (
     KBD_IRQ,
 )
 from hvvmm.devices.port80 import POST_CODE_PORT, POST_CODE_PORT_COUNT, PostCodePort
+from hvvmm.devices.port92 import PORT92_A20, PORT92_FAST_RESET, SystemControlPortA
 from hvvmm.devices.reset_control import RESET_CONTROL_PORT_COUNT, ResetControl
 
 
@@ -212,13 +213,14 @@ def _devices():
         (PostCodePort(), POST_CODE_PORT_COUNT),
         (AcpiPm(lambda: None), ACPI_PM_BLOCK_LENGTH),
         (ResetControl(lambda: None), RESET_CONTROL_PORT_COUNT),
+        (SystemControlPortA(lambda: None), 1),
         (kbd.data_port, I8042_PORT_COUNT),
         (kbd.command_port, I8042_PORT_COUNT),
     ]
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 5), st.booleans(), st.sampled_from([1, 2, 4]),
+@given(st.lists(st.tuples(st.integers(0, 6), st.booleans(), st.sampled_from([1, 2, 4]),
                           st.integers(0, 3), st.integers(0, 0xFFFFFFFF)), max_size=80))
 def test_random_accesses_never_raise_or_widen(ops) -> None:
     devices = _devices()
@@ -251,3 +253,17 @@ def test_i8042_attached_keyboard_answers_and_never_types() -> None:
     assert answers(0xEE) == [0xEE]                # echo
     assert answers(0xF4) == [0xFA]                # enable scanning: and nothing more comes
     assert answers() == []
+
+
+def test_port92_a20_reads_back_and_fast_reset_fires_on_a_rising_bit_0() -> None:
+    resets = []
+    port = SystemControlPortA(lambda: resets.append(1))
+    assert port.read(0, 1) == PORT92_A20  # A20 on after reset, as QEMU under KVM
+    port.write(0, 1, 0)                    # SeaBIOS may turn A20 off and on: kept
+    assert port.read(0, 1) == 0 and not resets
+    port.write(0, 1, PORT92_A20 | PORT92_FAST_RESET)
+    assert resets == [1] and port.read(0, 1) == PORT92_A20  # the reset bit does not stick
+    port.write(0, 1, PORT92_A20)           # A20 kept, no reset bit: nothing happens
+    assert resets == [1] and port.read(0, 1) == PORT92_A20
+    port.write(0, 2, 0x0101)               # only byte accesses decode
+    assert resets == [1] and port.read(0, 2) == 0xFFFF
