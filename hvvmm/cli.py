@@ -120,6 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "line, repeat for more modules")
     run.add_argument("--append", metavar="STR", default="",
                      help="kernel command line (Multiboot: after the kernel's name)")
+    run.add_argument("--keep-cmdline", dest="emulator_safe_cmdline", action="store_false",
+                     help="give a Linux kernel --append as it is: on a host whose KVM emulates "
+                          "guest ring 0, hvvmm otherwise adds noxsave and clearcpuid= for the "
+                          "instructions KVM's emulator lacks (and says so)")
     run.add_argument("--kernel-decompress", choices=("host", "guest"), default="host",
                      help="where a bzImage's compressed kernel is unpacked: host (default; "
                           "gzip, bzip2, lzma, xz, lz4, zstd) or guest (the kernel's own "
@@ -311,7 +315,8 @@ def cmd_run(args) -> int:
                                kvm_device=kvm_device(),
                                hyperv=args.hyperv, cpu_features=args.cpu_features,
                                on_crash=args.on_crash,
-                               hyperv_testdev=args.hyperv_testdev, acpi=args.acpi).validated()
+                               hyperv_testdev=args.hyperv_testdev, acpi=args.acpi,
+                               emulator_safe_cmdline=args.emulator_safe_cmdline).validated()
     except ConfigError as exc:  # what is known before KVM is asked: checked first
         raise UsageError(f"hvvmm run: {exc}") from None
     if args.crash_report:

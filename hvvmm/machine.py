@@ -40,6 +40,7 @@ from .devices.port92 import SystemControlPortA
 from .devices.reset_control import ResetControl
 from .devices.serial import Serial
 from .devices.virtio_blk import attach_drives
+from .host import host_virtualization
 from .hv.features import HyperVConfigError, parse_hyperv_spec
 from .kvm import Kvm, KvmUnavailableError, PinnedBuffer, Vm, install_kick_handler
 from .kvm import constants as kvmc
@@ -158,6 +159,9 @@ class MachineConfig:
     drives: Sequence = ()
     bios: str | os.PathLike | None = None
     on_reset: str = "exit"           # "restart": a firmware boot restarts in place on a reset
+    # Linux kernels on a host whose KVM emulates guest ring 0: add "noxsave clearcpuid=..." to
+    # the command line (hvvmm.x86.features); False passes --append to the kernel as it is.
+    emulator_safe_cmdline: bool = True
 
     def __post_init__(self):
         if isinstance(self.memory, str):  # "1G", as --memory takes it
@@ -206,6 +210,34 @@ class MachineConfig:
                               "directly")
         check_timeout(self.timeout)
         return self
+
+
+_emulator_cmdline_warned = False
+
+
+def kernel_append(config: MachineConfig, kernel_format: str, supported, *, emulates_ring0: bool,
+                  host_flags=None) -> tuple[str, str]:
+    """``(command line, added)``: the command line the kernel gets, and what hvvmm added to
+    ``config.append``. A Linux kernel on a host whose KVM emulates guest ring 0
+    (``emulates_ring0``) gets the options that keep it off the instructions KVM's emulator
+    lacks, unless ``config.emulator_safe_cmdline`` is off; anything else gets ``append``."""
+    if not config.emulator_safe_cmdline or kernel_format not in boot.LINUX_FORMATS:
+        return config.append, ""
+    from .x86.features import emulator_safe_linux_options
+
+    added = emulator_safe_linux_options(supported, emulates_ring0, host_flags)
+    return boot.linux_command_line(kernel_format, config.append, added), added
+
+
+def warn_kernel_append(added: str) -> None:
+    """Says once per process (a restart boots the same kernel again) what :func:`kernel_append`
+    added: a warning, since it changes what the guest runs."""
+    global _emulator_cmdline_warned
+    if added and not _emulator_cmdline_warned:
+        _emulator_cmdline_warned = True
+        log.warning("KVM on this host emulates guest ring 0 and lacks SIMD and other "
+                    "instructions Linux uses; added to the kernel command line: %s "
+                    "(--keep-cmdline: leave it as given)", added)
 
 
 def memory_layout(size: int) -> list[tuple[int, int]]:
@@ -323,12 +355,16 @@ class Machine:
 
         if firmware_path is None:
             try:
+                append, added = kernel_append(
+                    config, kernel_format, supported,
+                    emulates_ring0=not host_virtualization().can_boot_stock_kernels)
                 self.boot = boot.load(
-                    memory, kernel_image, fmt=kernel_format, name=kernel_name,
-                    append=config.append, modules=modules, memory_map=memory_map(config.memory),
+                    memory, kernel_image, fmt=kernel_format, name=kernel_name, append=append,
+                    modules=modules, memory_map=memory_map(config.memory),
                     rsdp=self.acpi_rsdp, decompress=config.kernel_decompress)
             except boot.KernelImageError as exc:
                 raise ImageError(f"{kernel_name}: {exc}") from None
+            warn_kernel_append(added)  # after the load: bad input stays one line
 
         self.instruction_completer, self._vcpu_completer = instruction_completion(
             kvm, vm, memory, supported, exclusive=lambda: self.exclusive(current_vcpu_index()),

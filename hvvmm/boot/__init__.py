@@ -29,7 +29,8 @@ from .multiboot import MultibootModule
 from .state import BootState, CpuMode, KernelImageError, apply_entry_state
 
 __all__ = ["BootState", "CpuMode", "KernelImageError", "BootModule", "FORMATS", "DECOMPRESS",
-           "detect_format", "read_modules", "load", "apply_entry_state"]
+           "LINUX_FORMATS", "detect_format", "read_modules", "linux_command_line", "load",
+           "apply_entry_state"]
 
 FORMATS = ("bzimage", "multiboot", "pvh", "vmlinux")
 DECOMPRESS = ("host", "guest")
@@ -55,6 +56,17 @@ def detect_format(image: bytes) -> str:
             return "vmlinux"
     raise KernelImageError(f"not a Linux bzImage, an x86-64 ELF kernel or a Multiboot kernel: "
                            f"{no_multiboot}")
+
+
+def linux_command_line(fmt: str, append: str, host_options: str) -> str:
+    """The command line a kernel of format ``fmt`` gets: ``append``, then ``host_options`` (Linux
+    options this host needs, e.g. :func:`hvvmm.x86.features.emulator_safe_linux_options`) for a
+    Linux kernel only: a Multiboot kernel's command line is its own business. Later options win
+    in Linux's parser, so the user's ``append`` comes first and a user can still read what was
+    added in /proc/cmdline."""
+    if fmt not in LINUX_FORMATS or not host_options:
+        return append
+    return f"{append} {host_options}" if append else host_options
 
 
 def read_modules(specs: Sequence[str], fmt: str, ram_size: int | None = None) -> list[BootModule]:

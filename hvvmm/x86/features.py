@@ -53,12 +53,13 @@ EMULATOR_UNSAFE_FEATURES = tuple(LINUX_FEATURE_BITS)
 
 
 def feature_names(entries: Iterable[CpuidEntry]) -> frozenset[str]:
-    """The :data:`hvvmm.cpuid.CPU_FEATURES` names whose bit is set in ``entries``."""
+    """The :data:`hvvmm.cpuid.CPU_FEATURES` names whose bit is set in ``entries``: hvvmm's
+    :class:`CpuidEntry` or what ``Kvm.supported_cpuid()`` returns (registers as attributes)."""
     table = {(entry.function, entry.index): entry for entry in entries}
     present = set()
     for name, feature in CPU_FEATURES.items():
         entry = table.get((feature.leaf, feature.subleaf))
-        if entry is not None and entry.register(feature.register) >> feature.bit & 1:
+        if entry is not None and getattr(entry, feature.register) >> feature.bit & 1:
             present.add(name)
     return frozenset(present)
 

@@ -148,6 +148,29 @@ def test_the_rsdp_address_reaches_the_kernel(kernels, name, decompress, acpi):
         assert f"rsdp={machine.acpi_rsdp or 0:#x}\n" in machine.console_text
 
 
+@pytest.mark.parametrize("keep", [False, True], ids=["emulator-safe", "keep-cmdline"])
+def test_the_kernel_gets_the_emulator_safe_options_where_ring0_is_emulated(kernels, keep):
+    """The command line the kernel reads: --append, then on a host whose KVM emulates guest
+    ring 0 the options hvvmm.x86.features names (nothing on VT-x/AMD-V hosts); with
+    --keep-cmdline (emulator_safe_cmdline=False) --append alone, on every host."""
+    from hvvmm.host import host_virtualization
+    from hvvmm.kvm import Kvm
+    from hvvmm.x86.features import emulator_safe_linux_options
+
+    initrd = kernels["initrd"]
+    append = expectations(initrd.read_bytes(), MEMORY)
+    with Kvm() as kvm:
+        added = emulator_safe_linux_options(
+            kvm.supported_cpuid(), not host_virtualization().can_boot_stock_kernels)
+    expected = append if keep or not added else f"{append} {added}"
+    config = MachineConfig(kernel=kernels["pvh"], initrd=(str(initrd),), memory=MEMORY,
+                           append=append, emulator_safe_cmdline=not keep)
+    with Machine(config) as machine:
+        result = machine.run(timeout=RUN_TIMEOUT)
+        assert_passed(result, machine.console_text)
+        assert f"cmdline: {expected}\n" in machine.console_text, machine.console_text
+
+
 # -- the command lines ---------------------------------------------------------------------------
 
 def test_hvvmm_run_kernel_initrd_append(kernels):

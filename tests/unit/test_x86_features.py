@@ -38,3 +38,14 @@ def test_bit_numbers_are_cpufeatures_h_words():
     assert LINUX_FEATURE_BITS["sse4_2"] == 148 and LINUX_FEATURE_BITS["abm"] == 197
     assert LINUX_FEATURE_BITS["rdseed"] == 306 and LINUX_FEATURE_BITS["invpcid"] == 298
     assert emulator_safe_linux_options([], emulates_ring0=True, host_flags=()) == "noxsave"
+
+
+def test_feature_names_from_kvm_supported_cpuid_entries():
+    # Kvm.supported_cpuid() gives KvmCpuidEntry tuples, without CpuidEntry.register(): this
+    # call raised AttributeError, so hvvmm could not compute the options on a real host.
+    from hvvmm.kvm import KvmCpuidEntry
+
+    entries = [KvmCpuidEntry(1, 0, 0, 0, 0, 1 << 23, 0), KvmCpuidEntry(7, 0, 1, 0, 1 << 20, 0, 0)]
+    assert {"popcnt", "smap"} <= feature_names(entries)
+    assert emulator_safe_linux_options(entries, emulates_ring0=True,
+                                       host_flags=()) == "noxsave clearcpuid=151,308"
