@@ -13,6 +13,7 @@ import math
 import os
 import signal
 import sys
+import threading
 from dataclasses import replace
 from typing import BinaryIO, Sequence
 
@@ -289,6 +290,21 @@ def _check_writable(path: str, what: str) -> None:
         raise UsageError(f"hvvmm run: cannot write {what} {path}: {problem}")
 
 
+class TraceWriter:
+    """Writes each Hyper-V event as one JSON line. Every vCPU thread calls it, and a text file
+    is not safe for concurrent writes (lines came out interleaved and cut mid-character with
+    Linux on two vCPUs), so one lock orders whole lines."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._lock = threading.Lock()
+
+    def __call__(self, event) -> None:
+        line = event.to_json() + "\n"
+        with self._lock:
+            self._stream.write(line)
+
+
 def cmd_run(args) -> int:
     from .kvm import KvmUnavailableError
     from .machine import Machine, MachineConfig
@@ -349,7 +365,7 @@ def cmd_run(args) -> int:
                 if console_out is not None:
                     console_out.on_broken_pipe = lambda: machine.stop(signal.SIGPIPE)
                 if trace is not None and machine.hyperv is not None:
-                    machine.hyperv.add_listener(lambda event: trace.write(event.to_json() + "\n"))
+                    machine.hyperv.add_listener(TraceWriter(trace))
                 if args.crash_report:
                     machine.crash_listeners.append(
                         lambda report: _write_crash_report(args.crash_report, report))
