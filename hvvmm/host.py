@@ -19,7 +19,9 @@ class HostVirtualization:
         """Whether KVM runs guest ring-0 code on VT-x/AMD-V. Emulating KVMs (e.g. the PVM-based
         one of some cloud sandboxes) run it through KVM's instruction emulator instead: stock
         kernels still boot there (hvvmm completes the instructions the emulator lacks,
-        :mod:`hvvmm.x86`), only far more slowly, and guest TLBs do not behave as hardware's."""
+        :mod:`hvvmm.x86`), only far more slowly, and guest TLBs do not behave as hardware's. On
+        the PVM host measured, a guest's first user-mode SYSCALL arrives at LSTAR still in user
+        mode and faults, so Linux reaches /init but cannot run it."""
         return self.hardware is not None and "kvm_pvm" not in self.kvm_modules
 
     # The earlier name (stock kernels do boot on emulating hosts now); kept for callers.
@@ -27,7 +29,8 @@ class HostVirtualization:
 
     def describe(self) -> str:
         emulating = ("KVM is PVM-based and runs guest ring-0 code in its instruction emulator "
-                     "(hvvmm completes what it lacks): stock kernels boot, slowly")
+                     "(hvvmm completes what it lacks): stock kernels boot, slowly; on the PVM host "
+                     "measured, guest user space's first SYSCALL faults")
         if self.hardware:
             kind = {"vmx": "Intel VT-x", "svm": "AMD-V"}[self.hardware]
             if "kvm_pvm" in self.kvm_modules:
