@@ -77,11 +77,11 @@ def _lz4_legacy(payload: bytes, limit: int) -> bytes:
 def _zstd(payload: bytes, limit: int) -> bytes:
     import zstandard
 
-    decompressor = zstandard.ZstdDecompressor().decompressobj()
-    out = decompressor.decompress(payload[:-4])
-    if not decompressor.eof:
-        raise ValueError("the compressed stream ends early (truncated or corrupt)")
-    return out
+    # A reader, because decompressobj().decompress() has no output bound: a small frame could
+    # expand to gigabytes in the host before the size check. A truncated frame reads short,
+    # which the caller's trailer check reports.
+    with zstandard.ZstdDecompressor().stream_reader(payload[:-4]) as reader:
+        return reader.read(limit + 1)
 
 
 def decompress_payload(payload: bytes, limit: int) -> bytes:

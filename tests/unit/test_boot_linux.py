@@ -9,6 +9,7 @@ import gzip
 import lzma
 import os
 import struct
+import tracemalloc
 from types import SimpleNamespace
 
 import lz4.block
@@ -293,6 +294,24 @@ def test_payload_larger_than_ram_is_refused_before_decompressing():
     payload = gzip.compress(bytes(100))[:-4] + (RAM + 1).to_bytes(4, "little")
     with pytest.raises(boot.KernelImageError, match="more than the guest's 64 MiB"):
         decompress_payload(payload, RAM)
+
+
+@pytest.mark.parametrize("name", sorted(COMPRESSORS))
+def test_payload_expanding_past_its_trailer_stops_at_the_trailer(name):
+    """A decompression bomb: a payload whose trailer claims 4 KiB but expands to 32 MiB is refused
+    without the host ever holding much more than the trailer's size of output."""
+    payload = COMPRESSORS[name](bytes(32 * MiB))
+    payload = payload[:-4] + (4096).to_bytes(4, "little")
+    tracemalloc.start()
+    try:
+        with pytest.raises(boot.KernelImageError, match=f"the {name} kernel payload"):
+            decompress_payload(payload, RAM)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # The bound leaves room for an LZ4 legacy block (8 MiB, twice while appended) and the
+    # 8 MiB LZMA dictionary; decompressing the whole bomb would hold 32 MiB.
+    assert peak < 20 * MiB
 
 
 def test_lzo_payload_is_left_to_the_guest():
