@@ -50,7 +50,7 @@ def payload_format(payload: bytes) -> str | None:
 def _stream(decompressor, payload: bytes, limit: int) -> bytes:
     """Run a zlib/bz2/lzma-style decompressor over one stream; the trailer is left unused."""
     out = decompressor.decompress(payload, limit + 1)
-    if not decompressor.eof:
+    if len(out) <= limit and not decompressor.eof:  # longer: the caller reports the size
         raise ValueError("the compressed stream ends early (truncated or corrupt)")
     return out
 
@@ -119,6 +119,10 @@ def decompress_payload(payload: bytes, limit: int) -> bytes:
         # lzma.LZMAError, lz4.block.LZ4BlockError, zstandard.ZstdError, ...): all mean "corrupt"
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise KernelImageError(f"the {name} kernel payload does not decompress: {detail}") from None
+    if len(out) > expected:  # each decoder stops a byte (LZ4: a block) past the limit
+        raise KernelImageError(
+            f"the {name} kernel payload decompresses to more than the {expected} bytes its "
+            f"trailer says")
     if len(out) != expected:
         raise KernelImageError(
             f"the {name} kernel payload decompresses to {len(out)} bytes, but its trailer says "

@@ -304,7 +304,8 @@ def test_payload_expanding_past_its_trailer_stops_at_the_trailer(name):
     payload = payload[:-4] + (4096).to_bytes(4, "little")
     tracemalloc.start()
     try:
-        with pytest.raises(boot.KernelImageError, match=f"the {name} kernel payload"):
+        with pytest.raises(boot.KernelImageError, match=f"the {name} kernel payload "
+                           "decompresses to more than the 4096 bytes its trailer says"):
             decompress_payload(payload, RAM)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
