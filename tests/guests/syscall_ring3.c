@@ -210,6 +210,11 @@ int main(void)
     asm volatile("mov %%rsp, %0" : "=r"(rsp));
     load_gdt_with_user_segments((rsp - 2048) & ~15ul);  /* below our frames, on this CPU's stack */
     map_user_page(user_base);
+    /* Diagnostic: with the handler's page user-accessible too, a SYSCALL that kept CPL 3 runs
+     * the handler in ring 3 (its CS says so) instead of faulting on the fetch. */
+    bool lstar_on_user_page = cmdline_has("lstar_on_user_page");
+    if (lstar_on_user_page)
+        map_user_page((uintptr_t)syscall_entry);
     memcpy((void *)user_base, user_blob_start, blob_size);
 
     wrmsr(MSR_EFER, rdmsr(MSR_EFER) | EFER_SCE);
@@ -224,8 +229,9 @@ int main(void)
            rdmsr(MSR_STAR), rdmsr(MSR_LSTAR), rdmsr(MSR_SYSCALL_MASK));
 
     uint64_t return_rip = user_base + (user_after_first_syscall - user_blob_start);
-    report_info("user code at %#lx (user page), LSTAR handler at %#lx (supervisor page)",
-                user_base, (uint64_t)(uintptr_t)syscall_entry);
+    report_info("user code at %#lx (user page), LSTAR handler at %#lx (%s page)",
+                user_base, (uint64_t)(uintptr_t)syscall_entry,
+                lstar_on_user_page ? "user" : "supervisor");
     excursion_active = true;
     run_user(user_base, user_base + PAGE_2M - 64);
     excursion_active = false;
@@ -237,6 +243,10 @@ int main(void)
                     fault.vector, exception_mnemonic(fault.vector), fault.error_code, fault.cs,
                     fault.rip, fault.rflags, fault.cr2, fault.rcx, fault.r11,
                     (uint64_t)(uintptr_t)syscall_entry, return_rip, syscall_calls);
+    if (first_syscall.calls)
+        report_info("LSTAR handler ran: CS %#lx SS %#lx RCX %#lx R11 %#lx RFLAGS %#lx",
+                    first_syscall.cs, first_syscall.ss, first_syscall.rcx, first_syscall.r11,
+                    first_syscall.rflags);
     report(!fault.taken, "no exception between IRETQ to ring 3 and the second SYSCALL");
     report(first_syscall.calls == 1, "first SYSCALL reached the LSTAR handler");
     report(first_syscall.cs == KERNEL_CS && (first_syscall.cs & 3) == 0,
