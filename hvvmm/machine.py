@@ -731,7 +731,7 @@ class Machine:
             vcpu = self.vcpus[current_vcpu_index() or 0]
             vcpu.run_after_exit(lambda: self._reset_in_place(why))
             return
-        self._finish(MachineResult(ExitKind.RESET, f"reset: {why}"))
+        self._finish(MachineResult(ExitKind.RESET, why))  # the CLI prefixes "reset:"
 
     def _resets_in_place(self) -> bool:
         return self.config.on_reset == "restart" and self.firmware is not None and \

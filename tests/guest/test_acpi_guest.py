@@ -35,6 +35,7 @@ def test_reset_register_ends_the_run_as_a_reset(guest_image):
     assert "acpi: writing 0x6 to port 0xcf9" in console
     assert "still running" not in console and "FAIL" not in console, console
     assert result.kind is ExitKind.RESET and "0xcf9" in result.message, result
+    assert not result.message.startswith("reset"), result  # the CLI says "hvvmm: reset: ..."
 
 
 def test_no_acpi(guest_image):
