@@ -14,10 +14,11 @@ import threading
 import time
 from typing import TYPE_CHECKING, Sequence
 
+from .hv.hypercall import NOT_SIMPLE_CONTROL_BITS, SUCCESS_NOT_WRITTEN, write_success_result
 from .hv.msr import MsrAccessFault
 from .hv.platform import CrashReport, OverlayPage
 from .kvm import KvmError, KvmUnavailableError, Vcpu
-from .kvm.exits import PACKED_WRMSR
+from .kvm.exits import PACKED_HC_LONG, PACKED_HC_SIMPLE, PACKED_WRMSR
 from .kvm.system import GPR_INDEX, GPR_NAMES
 from .kvm import constants as kvmc
 from .logonce import LogOnce
@@ -423,16 +424,30 @@ class HyperV:
         for vcpu_thread in machine.vcpus:
             vcpu_thread.msr_handler = self
             vcpu_thread.vcpu_ports[HYPERCALL_PORT] = self
-            vcpu_thread.set_hypercall_exit(HYPERCALL_PORT, self._hypercall_exit(vcpu_thread))
+            vcpu_thread.set_hypercall_exit(self._hypercall_exit(vcpu_thread))
             vcpu_thread.set_msr_exit(self._msr_exit(vcpu_thread))
+            # The reads its run loop answers itself (the constant MSRs, see _msr_exit).
+            self.partition.add_msr_read_source(vcpu_thread.index,
+                                               vcpu_thread.vcpu.constant_msr_hits)
             if self.use_sync_regs:
                 vcpu_thread.vcpu.enable_sync_regs(SYNC_MASK)
+        # The run loops mark the stub's OUT as a hypercall only while the page is enabled;
+        # otherwise it is an ordinary port access (handle_port checks again).
+        vcpus = [vcpu_thread.vcpu for vcpu_thread in machine.vcpus]
+
+        def arm(active: bool) -> None:
+            for vcpu in vcpus:
+                vcpu.set_hypercall_port(HYPERCALL_PORT if active else None)
+
+        self.partition.watch_hypercall_port(arm)
 
     def add_listener(self, listener) -> None:
         """Call ``listener(event)`` (a :class:`~hvvmm.hv.partition.TraceEvent`) for every
         synthetic MSR access and hypercall, on the vCPU thread."""
         self.listeners.append(listener)
         self.partition.on_event = self._on_event
+        for vcpu_thread in self.machine.vcpus:  # every read must now reach the listener
+            vcpu_thread.vcpu.disable_constant_msrs()
 
     def _on_event(self, event) -> None:
         for listener in self.listeners:
@@ -503,64 +518,100 @@ class HyperV:
 
     def _hypercall_exit(self, vcpu_thread):
         """The function ``vcpu_thread``'s loop calls for a 1-byte OUT to the hypercall port
-        (``PACKED_HYPERCALL``; the argument is AL), prepared once per vCPU. The common call
-        shape goes through :meth:`~hvvmm.hv.partition.Partition.hypercall_simple` (the GPRs read
-        once, the result written back once); everything else as :meth:`handle_port` does it."""
+        while the page is enabled (``PACKED_HYPERCALL``; the argument is the packed exit),
+        prepared once per vCPU. A call the run loop decoded (``PACKED_HC_SIMPLE``: the legal
+        environment and the common shape, its registers read in C) goes through the
+        partition's compact path with the registers of the page; every other call as
+        :meth:`handle_port` does it."""
         partition = self.partition
-        port_active = partition.hypercall_port_active
-        hypercall_simple = partition.hypercall_simple
-        vcpu, index = vcpu_thread.vcpu, vcpu_thread.index
-        pio_write, port = vcpu_thread.pio_bus.write, self.port
-
+        calls = partition.simple_hypercalls(vcpu_thread.index)
+        vcpu = vcpu_thread.vcpu
         direct = SyncRegisters(vcpu)
-        sync_values = vcpu.sync_values_reader()
+        hypercall_args = vcpu.hypercall_args_reader()
+        write_success = vcpu.hypercall_success_writer()
 
-        def on_hypercall(al: int) -> None:
-            if not port_active():
-                pio_write(port, 1, al)  # an ordinary write to an unclaimed port
-                return
+        def on_hypercall(packed: int) -> None:
+            # The port is armed only while the page is enabled (watch_hypercall_port): an exit
+            # that raced with a disable counts as a call made just before it. Trace events
+            # come from the general path alone.
             use_sync = self.use_sync_regs  # read each time: tests switch it off
-            if use_sync:
-                io, g = direct, sync_values()
-                cr0, ss_dpl, long_mode = g[_CR0], g[_SS_DPL], g[_EFER] & EFER_LMA and g[_CS_L]
-            else:
+            if packed & PACKED_HC_SIMPLE and use_sync and partition.on_event is None:
+                call = calls[packed >> 8 & 0x1FFFF]
+                if call is not None:
+                    long_mode = packed & PACKED_HC_LONG != 0
+                    first, second = hypercall_args()
+                    status = call(direct, long_mode, first, second)
+                    if status == SUCCESS_NOT_WRITTEN:
+                        write_success(long_mode)
+                        return
+                    if status is not None:
+                        direct.commit()  # written by the general completion
+                        return
+            elif not use_sync:
+                # Registers through KVM_GET_REGS/SREGS (tests; hosts without KVM_CAP_SYNC_REGS).
                 io = VcpuRegisters(vcpu, False)
-                g, cr0, ss_dpl = io._gprs, io._cr0, io._ss_dpl
-                long_mode = io._efer & EFER_LMA and io._cs_l
-            # Real mode and CPL > 0 are #UD (TLFS "Legal Hypercall Environments"): the general
-            # path. CPL is SS.DPL, as KVM reads it (arch/x86/kvm/vmx/vmx.c vmx_get_cpl).
-            if cr0 & CR0_PE and not ss_dpl:
-                if long_mode:
-                    handled = hypercall_simple(index, io, True, g[_RCX], g[_RDX], g[_R8])
-                else:
-                    handled = hypercall_simple(index, io, False,
-                                               (g[_RDX] & _U32) << 32 | g[_RAX] & _U32,
-                                               (g[_RBX] & _U32) << 32 | g[_RCX] & _U32,
-                                               (g[_RDI] & _U32) << 32 | g[_RSI] & _U32)
-                if handled:
-                    io.commit()
+                if self._simple_without_sync_regs(io, calls):
                     return
-            self._dispatch(vcpu_thread, VcpuRegisters(vcpu, True) if use_sync else io)
+                self._dispatch(vcpu_thread, io)
+                return
+            # Real mode, CPL > 0 (#UD: TLFS "Legal Hypercall Environments"), another call
+            # shape, tracing, or the compact path declined: the general path.
+            self._dispatch(vcpu_thread, VcpuRegisters(vcpu, True))
 
         return on_hypercall
 
+    def _simple_without_sync_regs(self, io: VcpuRegisters, calls) -> bool:
+        """The compact path over registers read by ioctl: the decoding the run loop does in C
+        for the sync-regs area (``hvvmm_pack_hypercall`` in ``hvvmm/kvm/_build.py``)."""
+        g = io._gprs
+        # CPL is SS.DPL, as KVM reads it (arch/x86/kvm/vmx/vmx.c vmx_get_cpl).
+        if not io._cr0 & CR0_PE or io._ss_dpl or self.partition.on_event is not None:
+            return False
+        long_mode = bool(io._efer & EFER_LMA and io._cs_l)
+        if long_mode:
+            control, first, second = g[_RCX], g[_RDX], g[_R8]
+        else:
+            control = (g[_RDX] & _U32) << 32 | g[_RAX] & _U32
+            first = (g[_RBX] & _U32) << 32 | g[_RCX] & _U32
+            second = (g[_RDI] & _U32) << 32 | g[_RSI] & _U32
+        if control & NOT_SIMPLE_CONTROL_BITS:
+            return False
+        call = calls[control]
+        status = None if call is None else call(io, long_mode, first, second)
+        if status is None:
+            return False
+        if status == SUCCESS_NOT_WRITTEN:
+            write_success_result(io, long_mode)
+        io.commit()
+        return True
+
     def _msr_exit(self, vcpu_thread):
         """What :meth:`read_msr`/:meth:`write_msr` answer through the vCPU's ``msr_handler``,
-        as one function per vCPU for its packed MSR exits (``PACKED_MSR``)."""
-        msr_read, msr_write = self.partition.msr_read, self.partition.msr_write
+        as one function per vCPU for its packed MSR exits (``PACKED_MSR``). After the first
+        read of an MSR whose value cannot change (the partition's constant MSRs), the run loop
+        answers it in C, counted there, unless someone watches: a trace listener or an exit
+        observer must see every read."""
+        partition = self.partition
+        msr_read, msr_write = partition.msr_read, partition.msr_write
         vcpu, index = vcpu_thread.vcpu, vcpu_thread.index
         complete_msr, complete_rdmsr, msr_value = (vcpu.complete_msr, vcpu.complete_rdmsr,
                                                    vcpu.msr_value)
+        constants = partition.constant_msr_values(index)
+        observers = vcpu_thread.observers
 
         def on_msr(packed: int) -> None:
+            msr = packed & _U32
             try:
                 if packed & PACKED_WRMSR:
-                    msr_write(index, packed & _U32, msr_value())
+                    msr_write(index, msr, msr_value())
                     complete_msr(True)
-                else:
-                    complete_rdmsr(msr_read(index, packed & _U32))
+                    return
+                complete_rdmsr(msr_read(index, msr))
             except MsrAccessFault:
                 complete_msr(False)  # #GP, as the TLFS says
+                return
+            if msr in constants and partition.on_event is None and not observers:
+                vcpu.set_constant_msr(msr, constants[msr])
 
         return on_msr
 

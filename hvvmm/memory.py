@@ -136,6 +136,14 @@ class GuestMemory:
                 return index, offset
         raise GuestMemoryError(gpa, size)
 
+    def window_at_zero(self) -> tuple[memoryview | None, int]:
+        """The region that starts at GPA 0 as ``(view, size)``, for a hot path that checks
+        ``gpa + length <= size`` itself (gpa >= 0) and falls back to :meth:`view` beyond it;
+        ``(None, 0)`` when no region starts there. The view is released by :meth:`close`."""
+        if self._starts and self._starts[0] == 0:
+            return self._views[0], self._regions[0].size
+        return None, 0
+
     def contains(self, gpa: int, size: int = 1) -> bool:
         """Whether ``[gpa, gpa+size)`` lies wholly inside one RAM region."""
         try:

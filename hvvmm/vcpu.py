@@ -95,7 +95,8 @@ class VcpuThread:
         # lookup per port exit.
         self.vcpu_ports: dict[int, PortHandler] = {}
         self.observers: list[ExitObserver] = []
-        # A 1-byte OUT to the hypercall port, handed AL (set_hypercall_exit); None: no Hyper-V.
+        # A 1-byte OUT to the hypercall port, handed the packed exit (set_hypercall_exit; AL in
+        # bits 7:0); None: no Hyper-V.
         self.hypercall_exit: Callable[[int], None] | None = None
         # Answers a packed MSR exit in place of msr_handler (set_msr_exit); None: msr_handler.
         self.msr_exit: Callable[[int], None] | None = None
@@ -107,12 +108,12 @@ class VcpuThread:
         self.thread: threading.Thread | None = None
         self._started = threading.Event()
 
-    def set_hypercall_exit(self, port: int, handler: Callable[[int], None]) -> None:
-        """Send every 1-byte OUT to ``port`` that the packed path sees to ``handler(al)``
-        before any other port handling (the hypercall page's ``out imm8, al``). Exits seen by
-        observers go through :attr:`vcpu_ports` instead. Call before the thread starts."""
+    def set_hypercall_exit(self, handler: Callable[[int], None]) -> None:
+        """Send every packed exit marked ``PACKED_HYPERCALL`` (a 1-byte OUT to the port armed
+        with ``Vcpu.set_hypercall_port``; AL in bits 7:0) to ``handler(packed)`` before any
+        other port handling (the hypercall page's ``out imm8, al``). Exits seen by observers go
+        through :attr:`vcpu_ports` instead. Call before the thread starts."""
         self.hypercall_exit = handler
-        self.vcpu.set_hypercall_port(port)
 
     def set_msr_exit(self, handler: Callable[[int], None]) -> None:
         """Answer packed MSR exits with ``handler(packed)`` (it completes the access in the
@@ -191,7 +192,7 @@ class VcpuThread:
                 # 1-byte OUT to the hypercall port), one access of 1, 2 or 4 bytes to a bus
                 # port, and MSR exits; no exit object is built.
                 if packed & PACKED_HYPERCALL:
-                    hypercall_exit(packed & 0xFF)
+                    hypercall_exit(packed)
                     continue
                 if packed & PACKED_IO:
                     port = (packed >> 32) & 0xFFFF

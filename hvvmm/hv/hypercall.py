@@ -43,6 +43,7 @@ from __future__ import annotations
 import enum
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Callable, Iterator, Protocol, Union
 
@@ -83,7 +84,7 @@ _XMM_MASK = (1 << 128) - 1
 _NAMED_CODES = frozenset(int(code) for code in HypercallCode)
 # Input-value bits that take a call off HypercallDispatcher.dispatch_simple: variable header size,
 # rep count, rep start and the reserved bits (everything but the code and the fast bit).
-_NOT_SIMPLE = HV_U64_MASK & ~(HV_HYPERCALL_CODE_MASK | HV_HYPERCALL_FAST_BIT)
+NOT_SIMPLE_CONTROL_BITS = HV_U64_MASK & ~(HV_HYPERCALL_CODE_MASK | HV_HYPERCALL_FAST_BIT)
 _new_object = object.__new__  # HypercallRequest.simple: an instance without __init__
 
 # --------------------------------------------------------------------------------------------
@@ -241,6 +242,21 @@ class HypercallResult:
 
 HandlerReturn = Union[HypercallResult, None]
 Handler = Callable[["HypercallRequest"], HandlerReturn]
+# One entry of HypercallDispatcher.simple_calls: (io, long_mode, first, second) -> status.
+PreparedSimpleCall = Callable[["HypercallRegisters", bool, int, int], Union[int, None]]
+# What a SimpleCall returns for a call that succeeded and whose result it left to the caller
+# (statuses are 16 bits: this is none of them).
+SUCCESS_NOT_WRITTEN = 1 << 16
+
+
+def write_success_result(io: "HypercallRegisters", long_mode: bool) -> None:
+    """The result value of a simple call that succeeded: HV_STATUS_SUCCESS, no reps, which is 0
+    in RAX, or in EDX:EAX (TLFS "Hypercall Outputs")."""
+    if long_mode:
+        io.set_gpr("rax", 0)
+    else:
+        io.set_gpr("rdx", 0)
+        io.set_gpr("rax", 0)
 
 
 class HypercallRequest:
@@ -251,6 +267,10 @@ class HypercallRequest:
     ``0 .. rep_count - 1`` are readable with :meth:`rep_input`; this entry should process
     ``rep_start .. rep_end - 1`` (``rep_end`` applies the dispatcher's per-entry rep budget) and
     may stop earlier once :meth:`budget_exhausted` is true. :meth:`rep_inputs` does both.
+
+    A request is valid for the handler call it is handed to: the compact path hands the same
+    object to the next simple call of that code on that VP (no allocation per call), so a
+    handler that needs the input later keeps ``header``, not the request.
     """
 
     __slots__ = ("vp_index", "code", "name", "fast", "long_mode", "header", "variable_header",
@@ -440,6 +460,8 @@ class HypercallTable:
 
     def __init__(self, specs: tuple[HypercallSpec, ...] | list[HypercallSpec] = ()):
         self._specs: dict[int, HypercallSpec] = {}
+        # Emptied whenever a code is registered: what dispatchers prepared from the table.
+        self._derived: list[dict] = []
         for spec in specs:
             self.register(spec)
 
@@ -449,6 +471,8 @@ class HypercallTable:
             raise HypercallTableError(f"hypercall {spec.code:#06x} ({spec.name}) is already "
                                       f"registered as {other.name}")
         self._specs[spec.code] = spec
+        for derived in self._derived:
+            derived.clear()
         return spec
 
     def get(self, code: int) -> HypercallSpec | None:
@@ -572,6 +596,26 @@ class _HandlerBug(Exception):
     """Internal: a handler returned something inconsistent with its spec."""
 
 
+class SimpleCalls(dict):
+    """Input value -> the prepared compact path of one VP (:meth:`HypercallDispatcher.simple_calls`),
+    filled on first use. Only registered codes are kept (bounded by the table, not by what the
+    guest tries); emptied when the table changes."""
+
+    def __init__(self, dispatcher: "HypercallDispatcher", vp_index: int, tally: Counter | None):
+        super().__init__()
+        self._dispatcher = dispatcher
+        self._vp_index = vp_index
+        self._tally = tally
+        dispatcher.table._derived.append(self)
+
+    def __missing__(self, control: int) -> PreparedSimpleCall | None:
+        dispatcher = self._dispatcher
+        call = dispatcher._prepare_simple(control, self._vp_index, self._tally)
+        if control & HV_HYPERCALL_CODE_MASK in dispatcher.table:
+            self[control] = call
+        return call
+
+
 class HypercallDispatcher:
     """Decode, validate and dispatch one hypercall per :meth:`dispatch` call.
 
@@ -599,6 +643,7 @@ class HypercallDispatcher:
         self.time_budget = time_budget
         self._clock = clock
         self._spec_of = table._specs.get
+        self._uncounted: dict[int, SimpleCalls] = {}  # dispatch_simple's, by VP
         # The guest picks the codes: logging once per code must not grow without bound.
         self._log_once = log_once if log_once is not None else LogOnce(log)
 
@@ -647,74 +692,128 @@ class HypercallDispatcher:
         register pair (RDX/R8, or EBX:ECX/EDI:ESI). Everything the handler sees and everything
         written back is what :meth:`dispatch` would do; ``tests/unit/test_hypercall_simple.py``
         checks the two against each other."""
-        if control & _NOT_SIMPLE:
+        if control & NOT_SIMPLE_CONTROL_BITS:
             return None
+        calls = self._uncounted.get(vp_index)
+        if calls is None:
+            calls = self._uncounted[vp_index] = self.simple_calls(vp_index, None)
+        call = calls[control]
+        if call is None:
+            return None
+        status = call(io, long_mode, first, second)
+        if status == SUCCESS_NOT_WRITTEN:
+            write_success_result(io, long_mode)
+            return HvStatus.HV_STATUS_SUCCESS
+        return status
+
+    def simple_calls(self, vp_index: int, tally: Counter | None) -> SimpleCalls:
+        """The compact path of :meth:`dispatch_simple` for VP ``vp_index``, prepared per input
+        value on first use: ``calls[control]`` (a call code and the fast bit, nothing else: the
+        caller checked) is None when such calls never take it, else
+        ``call(io, long_mode, first, second)``, which answers as :meth:`dispatch_simple` does,
+        except that for a call that succeeded without the general completion it writes no
+        result and returns :data:`SUCCESS_NOT_WRITTEN`: the caller writes it
+        (:func:`write_success_result`, or the VMM's own faster way). Each call it answers is
+        counted in ``tally`` (if given) under ``(code, status)``, ``(code, None)`` for a
+        continuation, as :class:`~hvvmm.hv.partition.Partition` counts them.
+
+        The calls are derived from the table (the one source) and dropped when it changes. A
+        call reuses one :class:`HypercallRequest` (no allocation per call: see there)."""
+        return SimpleCalls(self, vp_index, tally)
+
+    def _prepare_simple(self, control: int, vp_index: int,
+                        tally: Counter | None) -> PreparedSimpleCall | None:
+        """One compact path: for ``control`` on VP ``vp_index``, everything it needs bound
+        once."""
         code = control & HV_HYPERCALL_CODE_MASK
         spec = self._spec_of(code)
         if spec is None or spec.simple_entry is None:
             return None
         handler, name, input_size, output_size, fast_ok, available, access_allowed = \
             spec.simple_entry
-        if available is not None and not available():
-            return None
-        if access_allowed is not None and not access_allowed():
+        fast = bool(control & HV_HYPERCALL_FAST_BIT)
+        if fast and not fast_ok:
             return None
         memory = self.memory
-        if control & HV_HYPERCALL_FAST_BIT:
-            if not fast_ok:
+        contains, read, write = memory.contains, memory.read, memory.write
+        # Lists inside the RAM at GPA 0 (every one, on a PC layout) are checked and copied
+        # here; anything else through the bounds-checked GuestMemory calls.
+        low_ram, low_end = memory.window_at_zero()
+        time_budget, clock = self.time_budget, self._clock
+        finish_general = self._finish_simple_general
+        page, align = HV_PAGE_SIZE, HV_HYPERCALL_PARAM_ALIGN
+        request = HypercallRequest.simple(vp_index, code, name, fast, False, b"", None, clock)
+        success = (code, HvStatus.HV_STATUS_SUCCESS)
+
+        def call(io: HypercallRegisters, long_mode: bool, first: int,
+                 second: int) -> int | None:
+            if available is not None and not available():
                 return None
-            fast = True
-            header = ((first & HV_U64_MASK) | (second & HV_U64_MASK) << 64).to_bytes(
-                16, "little")[:input_size] if input_size else b""
-        else:
-            fast = False
-            # TLFS "Alignment Requirements": aligned, inside one page, inside RAM.
-            if input_size and (first % HV_HYPERCALL_PARAM_ALIGN
-                               or first % HV_PAGE_SIZE + input_size > HV_PAGE_SIZE
-                               or not memory.contains(first, input_size)):
+            if access_allowed is not None and not access_allowed():
                 return None
-            if output_size and (second % HV_HYPERCALL_PARAM_ALIGN
-                                or second % HV_PAGE_SIZE + output_size > HV_PAGE_SIZE
-                                or not memory.contains(second, output_size)):
-                return None
-            header = memory.read(first, input_size) if input_size else b""
-        time_budget = self.time_budget
-        request = HypercallRequest.simple(
-            vp_index, code, name, fast, long_mode, header,
-            None if time_budget is None else self._clock() + time_budget, self._clock)
-        try:
-            result = handler(request)
-        except HypercallError as error:
-            result = HypercallResult(status=error.status, output=error.output,
-                                     reps_completed=error.reps_completed)
-        except Exception:  # noqa: BLE001 -- a handler bug must not take the VMM down
-            return self._simple_outcome_status(self._handler_failed(
-                self._simple_outcome(io, vp_index, long_mode, control, first, second, spec)))
-        if result is None:
-            output = b""
-        elif type(result) is HypercallResult and not result.reps_completed:
-            output = result.output
-            if result.status or type(output) is not bytes or len(output) > output_size:
-                # A failure status (or an odd one, or a handler bug): the general completion.
-                return self._finish_simple_general(io, vp_index, long_mode, control, first,
-                                                   second, spec, request, result)
-        else:
-            return self._finish_simple_general(io, vp_index, long_mode, control, first, second,
-                                               spec, request, result)
-        if output_size:  # never on a fast call here (fast_ok: no output)
-            # TLFS: output is valid only on success; padding may be overwritten with zeros.
+            if fast:
+                header = ((first & HV_U64_MASK) | (second & HV_U64_MASK) << 64).to_bytes(
+                    16, "little")[:input_size] if input_size else b""
+            else:
+                # TLFS "Alignment Requirements": aligned, inside one page, inside RAM.
+                if input_size:
+                    if first % align or first % page + input_size > page:
+                        return None
+                    if first + input_size <= low_end:
+                        header = bytes(low_ram[first:first + input_size])
+                    elif contains(first, input_size):
+                        header = read(first, input_size)
+                    else:
+                        return None
+                else:
+                    header = b""
+                if output_size and (second % align or second % page + output_size > page
+                                    or second + output_size > low_end
+                                    and not contains(second, output_size)):
+                    return None
+            request.long_mode = long_mode
+            request.header = header
+            if time_budget is not None:
+                request.deadline = clock() + time_budget
             try:
-                memory.write(second, output.ljust(output_size, b"\0"))
-            except GuestMemoryError:  # RAM went away meanwhile: the general completion says so
-                return self._finish_simple_general(io, vp_index, long_mode, control, first,
-                                                   second, spec, request, result)
-        # compose_result(SUCCESS, 0) is 0: RAX, or EDX:EAX (TLFS "Hypercall Outputs").
-        if long_mode:
-            io.set_gpr("rax", 0)
-        else:
-            io.set_gpr("rdx", 0)
-            io.set_gpr("rax", 0)
-        return 0
+                result = handler(request)
+            except HypercallError as error:
+                result = HypercallResult(status=error.status, output=error.output,
+                                         reps_completed=error.reps_completed)
+            except Exception:  # noqa: BLE001 -- a handler bug must not take the VMM down
+                status = self._simple_outcome_status(self._handler_failed(self._simple_outcome(
+                    io, vp_index, long_mode, control, first, second, spec)))
+                if tally is not None:
+                    tally[(code, None if status < 0 else status)] += 1
+                return status
+            if result is None:
+                output = b""
+            elif type(result) is HypercallResult and not result.reps_completed:
+                output = result.output
+                if result.status or type(output) is not bytes or len(output) > output_size:
+                    # A failure status (or an odd one, or a handler bug): the general completion.
+                    return finish_general(io, vp_index, long_mode, control, first, second, spec,
+                                          request, result, tally)
+            else:
+                return finish_general(io, vp_index, long_mode, control, first, second, spec,
+                                      request, result, tally)
+            if output_size:  # never on a fast call here (fast_ok: no output)
+                # TLFS: output is valid only on success; padding may be overwritten with zeros.
+                if len(output) < output_size:
+                    output = output.ljust(output_size, b"\0")
+                try:
+                    if second + output_size <= low_end:
+                        low_ram[second:second + output_size] = output
+                    else:
+                        write(second, output)
+                except GuestMemoryError:  # RAM went away meanwhile: the general completion
+                    return finish_general(io, vp_index, long_mode, control, first, second, spec,
+                                          request, result, tally)
+            if tally is not None:
+                tally[success] += 1
+            return SUCCESS_NOT_WRITTEN
+
+        return call
 
     def _simple_outcome(self, io: HypercallRegisters, vp_index: int, long_mode: bool,
                         control: int, first: int, second: int,
@@ -739,7 +838,8 @@ class HypercallDispatcher:
 
     def _finish_simple_general(self, io: HypercallRegisters, vp_index: int, long_mode: bool,
                                control: int, first: int, second: int, spec: HypercallSpec,
-                               request: HypercallRequest, result: HandlerReturn) -> int:
+                               request: HypercallRequest, result: HandlerReturn,
+                               tally: Counter | None = None) -> int:
         call = self._simple_outcome(io, vp_index, long_mode, control, first, second, spec)
         try:
             try:
@@ -752,7 +852,10 @@ class HypercallDispatcher:
             log.debug("vp%d %s: %s (%s)", vp_index, hypercall_name(call.code),
                       status_name(reject.status), reject.reason)
             self._complete(call, reject.status, 0, reject.reason)
-        return self._simple_outcome_status(call)
+        status = self._simple_outcome_status(call)
+        if tally is not None:
+            tally[(spec.code, None if status < 0 else status)] += 1
+        return status
 
     # -- decoding -----------------------------------------------------------------------------
 

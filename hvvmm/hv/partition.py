@@ -29,7 +29,8 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from hvvmm.cpuid import CpuidEntry, hyperv_cpuid_leaves
 from hvvmm.enlightenments import REGISTRY, EnlightenmentRegistry
@@ -56,6 +57,10 @@ from hvvmm.hv.hypercall import (
     HypercallRequest,
     HypercallSpec,
     HypercallTable,
+    NOT_SIMPLE_CONTROL_BITS,
+    SimpleCalls,
+    SUCCESS_NOT_WRITTEN,
+    write_success_result,
 )
 from hvvmm.hv.msr import MsrAccessFault, MsrRegistry, MsrScope, SyntheticMsr
 from hvvmm.logonce import LogOnce
@@ -122,6 +127,18 @@ class VpState:
     hypercalls: Counter = field(default_factory=Counter)  # (code, status or None) -> count
     # CONSTANT_MSRS this VP has read once through the registry: index -> value.
     constant_msrs: dict = field(default_factory=dict)
+    # Reads counted elsewhere (a VMM that answers constant MSRs without calling msr_read):
+    # each returns index -> reads so far, added to msr_reads in counters().
+    msr_read_sources: list = field(default_factory=list)
+    # The compact hypercall path of this VP (Partition.simple_hypercalls), made on first use.
+    simple_calls: Any = None
+
+    def all_msr_reads(self) -> Counter:
+        """:attr:`msr_reads` with the reads the :attr:`msr_read_sources` counted."""
+        reads = Counter(self.msr_reads)
+        for source in self.msr_read_sources:
+            reads.update(source())
+        return +reads
 
     def counters(self) -> dict[str, Any]:
         """JSON-ready counters, keyed by names (``HV_X64_MSR_VP_INDEX``,
@@ -132,7 +149,7 @@ class VpState:
             name = "unknown codes" if code == UNKNOWN_HYPERCALL else hypercall_name(code)
             return f"{name}/{outcome}"
         return {
-            "msr_reads": {msr_name(i): n for i, n in sorted(self.msr_reads.items())},
+            "msr_reads": {msr_name(i): n for i, n in sorted(self.all_msr_reads().items())},
             "msr_writes": {msr_name(i): n for i, n in sorted(self.msr_writes.items())},
             "msr_faults": {f"{msr_name(i)}/{op}": n
                            for (i, op), n in sorted(self.msr_faults.items())},
@@ -280,6 +297,16 @@ class Partition:
         Otherwise the OUT is an ordinary write to an unclaimed port."""
         return self._core.page_enabled
 
+    def watch_hypercall_port(self, callback: Callable[[bool], None]) -> None:
+        """Call ``callback(active)`` now and each time :meth:`hypercall_port_active` changes,
+        under the hypercall page's lock, so what the caller records is never older than the
+        page (a VMM arming its fast path for the port). It must be quick and call nothing
+        that blocks or reaches the platform."""
+        slot = self._core.slot
+        with slot.lock:
+            slot.watchers.append(lambda page: callback(page is not None))
+            callback(slot.page is not None)
+
     @property
     def hypercall_page_gpa(self) -> int | None:
         """GPA of the hypercall page while it is enabled (for RIP checks and #UD placement)."""
@@ -358,6 +385,18 @@ class Partition:
             self._emit(vp_index, "msr_write", index, msr_name(index), {"value": f"{value:#x}"},
                        {})
 
+    def constant_msr_values(self, vp_index: int) -> Mapping[int, int]:
+        """The MSRs whose value cannot change while the VM exists (:data:`CONSTANT_MSRS`) that
+        VP ``vp_index`` has read so far, index -> value: a live, read-only view. A VMM may
+        answer later reads of these itself, if it counts them (:meth:`add_msr_read_source`)
+        and no one traces (``on_event``): each read must still be seen."""
+        return MappingProxyType(self._vp(vp_index).constant_msrs)
+
+    def add_msr_read_source(self, vp_index: int, source: Callable[[], Mapping[int, int]]) -> None:
+        """Count the reads ``source()`` reports (index -> reads so far) as reads of VP
+        ``vp_index``: those a VMM answered itself (:meth:`constant_msr_values`)."""
+        self._vp(vp_index).msr_read_sources.append(source)
+
     def hypercall(self, vp_index: int, io: HypercallRegisters) -> HypercallOutcome:
         """Handle the hypercall VP ``vp_index`` is making (its registers behind ``io``).
 
@@ -400,14 +439,34 @@ class Partition:
         the caller must have checked and read). True: the call was answered and counted exactly
         as :meth:`hypercall` would have; False: nothing happened, call :meth:`hypercall`. With
         an ``on_event`` callback it always says False, so trace events come from one place."""
-        if self.on_event is not None:
+        if self.on_event is not None or control & NOT_SIMPLE_CONTROL_BITS:
             return False
-        vp = self._vp(vp_index)  # before the handler runs, as in hypercall
-        status = self.dispatcher.dispatch_simple(io, vp_index, long_mode, control, first, second)
+        call = self.simple_hypercalls(vp_index)[control]
+        if call is None:
+            return False
+        status = call(io, long_mode, first, second)
         if status is None:
             return False
-        vp.hypercalls[(control & HV_HYPERCALL_CODE_MASK, None if status < 0 else status)] += 1
+        if status == SUCCESS_NOT_WRITTEN:
+            write_success_result(io, long_mode)
         return True
+
+    def simple_hypercalls(self, vp_index: int) -> SimpleCalls:
+        """The compact path of VP ``vp_index`` for a VMM's hot path, prepared once per VP:
+        ``calls[control]`` for an input value of a call code and the fast bit only (check
+        :data:`~hvvmm.hv.hypercall.NOT_SIMPLE_CONTROL_BITS` first) is None or
+        ``call(io, long_mode, first, second)``, which returns None (nothing happened: call
+        :meth:`hypercall`), or the status written as the result (-1: continued), or
+        :data:`~hvvmm.hv.hypercall.SUCCESS_NOT_WRITTEN`: the call succeeded and the caller
+        writes the result (:func:`~hvvmm.hv.hypercall.write_success_result`, or faster), so a
+        VMM with the registers at hand writes them once. Calls are counted as :meth:`hypercall`
+        counts them. Use it only while ``on_event`` is None: trace events come from
+        :meth:`hypercall` alone (:meth:`hypercall_simple` checks that for its callers)."""
+        vp = self._vp(vp_index)  # a VMM bug, before any handler runs, as in hypercall
+        calls = vp.simple_calls
+        if calls is None:
+            calls = vp.simple_calls = self.dispatcher.simple_calls(vp_index, vp.hypercalls)
+        return calls
 
     def reset(self) -> None:
         """VM reset: every enlightenment's state back to its reset value (overlays removed,

@@ -212,6 +212,9 @@ class OverlaySlot:
         self.lock = lock if lock is not None else threading.Lock()
         self._page: OverlayPage | None = None
         self._generation = 0
+        # Called with the page (None: removed) under ``lock`` each time the overlay changes, so
+        # what they record can never be older than the page: quick, and never the platform.
+        self.watchers: list[Callable[[OverlayPage | None], None]] = []
 
     @property
     def page(self) -> OverlayPage | None:
@@ -240,6 +243,7 @@ class OverlaySlot:
                 stale, self._page = self._page, page
                 if commit is not None:
                     commit()
+                self._notify()
             else:  # a later change won while we were mapping
                 stale = page
         if stale is not None:
@@ -252,8 +256,14 @@ class OverlaySlot:
             stale, self._page = self._page, None
             if commit is not None:
                 commit()
+            if stale is not None:
+                self._notify()
         if stale is not None:
             self._platform.unmap_overlay(stale)
+
+    def _notify(self) -> None:
+        for watcher in self.watchers:
+            watcher(self._page)
 
 
 def raise_interrupt(platform: "HvPlatform", vp_index: int, vector: int, log_once: "LogOnce",

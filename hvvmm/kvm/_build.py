@@ -217,8 +217,26 @@ int hvvmm_run(int vcpu_fd);
 #define HVVMM_PACKED_MSR ...
 #define HVVMM_PACKED_WRMSR ...
 #define HVVMM_PACKED_HYPERCALL ...
-long long hvvmm_run_packed(int vcpu_fd, struct kvm_run *run, size_t run_size, int hypercall_port);
-long long hvvmm_pack_exit(const struct kvm_run *run, size_t run_size, int hypercall_port);
+#define HVVMM_PACKED_HC_SIMPLE ...
+#define HVVMM_PACKED_HC_LONG ...
+#define HVVMM_CONSTANT_MSR_SLOTS ...
+struct hvvmm_msr_slot { __u32 index; __u32 enabled; __u64 value; __u64 hits; };
+struct hvvmm_vcpu_loop {
+    int fd;
+    int hypercall_port;
+    struct kvm_run *run;
+    size_t run_size;
+    __u32 msr_slots;
+    struct hvvmm_msr_slot msr[...];
+    __u64 hc_input;
+    __u64 hc_output;
+};
+long long hvvmm_run_packed(struct hvvmm_vcpu_loop *loop);
+long long hvvmm_pack_exit(struct hvvmm_vcpu_loop *loop);
+int hvvmm_set_constant_msr(struct hvvmm_vcpu_loop *loop, __u32 index, __u64 value);
+void hvvmm_disable_constant_msrs(struct hvvmm_vcpu_loop *loop);
+__u64 hvvmm_constant_msr_hits(struct hvvmm_vcpu_loop *loop, unsigned slot);
+void hvvmm_hypercall_succeeded(struct kvm_run *run, int long_mode);
 void *hvvmm_map_shared(int fd, size_t size);
 int hvvmm_unmap(void *address, size_t size);
 int hvvmm_install_kick_handler(int signo);
@@ -256,6 +274,28 @@ int hvvmm_run(int vcpu_fd)
     return r < 0 ? -errno : r;
 }
 
+/* The state of one vCPU's packed run loop, owned by Python (ffi.new, one per vCPU) and used by
+ * that vCPU's thread alone, except where a comment says otherwise. */
+#define HVVMM_CONSTANT_MSR_SLOTS 8
+struct hvvmm_msr_slot { uint32_t index; uint32_t enabled; uint64_t value; uint64_t hits; };
+struct hvvmm_vcpu_loop {
+    int fd;
+    int hypercall_port;       /* the hypercall page's `out imm8, al` port; -1: none */
+    struct kvm_run *run;
+    size_t run_size;
+    /* RDMSRs answered here without waking Python: MSRs whose value cannot change while the VM
+     * exists (the VP index, the timer frequencies), each published by Python after its first
+     * read through the general path. Slots are only ever appended (msr_slots grows) by the
+     * vCPU's own thread; another thread may clear `enabled` (a trace listener was added), and
+     * reads `hits` (the reads answered here, which Python adds to its counters). */
+    uint32_t msr_slots;
+    struct hvvmm_msr_slot msr[HVVMM_CONSTANT_MSR_SLOTS];
+    /* The GPA / fast-input registers of the hypercall a HVVMM_PACKED_HC_SIMPLE exit carries:
+     * RDX and R8 in long mode, EBX:ECX and EDI:ESI otherwise (TLFS "Hypercall Inputs"). */
+    uint64_t hc_input;
+    uint64_t hc_output;
+};
+
 /* KVM_RUN (again while an AP leaves wait-for-SIPI: EAGAIN), and the common exit decoded in C so
  * that Python reads one integer instead of the kvm_run page: one port access of 1, 2 or 4 bytes
  * comes back as HVVMM_PACKED_IO | size << 48 | port << 32 | (OUT: HVVMM_PACKED_OUT | the value;
@@ -265,16 +305,48 @@ int hvvmm_run(int vcpu_fd)
  * -errno (hvvmm_pack_exit is the decoding alone, for tests). The data offset is checked against
  * the page, as the Python decoder does: never trust an offset, even the kernel's. x86 hosts:
  * little-endian.
- * A 1-byte OUT to hypercall_port (the hypercall page's `out imm8, al`; -1: none) also carries
- * HVVMM_PACKED_HYPERCALL, so Python goes straight to the hypercall handler. */
+ * A 1-byte OUT to the hypercall port also carries HVVMM_PACKED_HYPERCALL, so Python goes straight
+ * to the hypercall handler; and, when the call is made from the environment the TLFS allows
+ * (protected mode, CPL 0: "Legal Hypercall Environments") with a control value that has nothing
+ * but a call code and the fast bit (no rep count or start, no variable header, no reserved bit),
+ * HVVMM_PACKED_HC_SIMPLE | (long mode: HVVMM_PACKED_HC_LONG) | control << 8 (bits 8-24; AL stays
+ * in bits 0-7), with the GPA/fast-input registers in loop->hc_input/hc_output. That needs the
+ * registers in the page (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS); without them, and for every
+ * other call, Python reads the registers itself. Long mode is EFER.LMA && CS.L, CPL is SS.DPL, as
+ * KVM reads them (arch/x86/kvm/x86.c is_64_bit_hypercall(), vmx.c vmx_get_cpl()). */
 #define HVVMM_PACKED_IO (1ll << 62)
 #define HVVMM_PACKED_OUT (1ll << 61)
 #define HVVMM_PACKED_MSR (1ll << 60)
 #define HVVMM_PACKED_WRMSR (1ll << 59)
 #define HVVMM_PACKED_HYPERCALL (1ll << 58)
+#define HVVMM_PACKED_HC_SIMPLE (1ll << 57)
+#define HVVMM_PACKED_HC_LONG (1ll << 56)
+#define HVVMM_HC_SIMPLE_BITS 17          /* call code (0-15) and fast (16) */
+#define HVVMM_EFER_LMA (1ull << 10)
+#define HVVMM_CR0_PE 1ull
+#define HVVMM_SYNC_BOTH (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS)
 
-long long hvvmm_pack_exit(const struct kvm_run *run, size_t run_size, int hypercall_port)
+static long long hvvmm_pack_hypercall(struct hvvmm_vcpu_loop *loop, const struct kvm_run *run)
 {
+    if ((run->kvm_valid_regs & HVVMM_SYNC_BOTH) != HVVMM_SYNC_BOTH)
+        return 0;
+    const struct kvm_regs *r = &run->s.regs.regs;
+    const struct kvm_sregs *s = &run->s.regs.sregs;
+    if (!(s->cr0 & HVVMM_CR0_PE) || s->ss.dpl != 0)
+        return 0;
+    int long_mode = (s->efer & HVVMM_EFER_LMA) && s->cs.l;
+    uint64_t control = long_mode ? r->rcx : r->rdx << 32 | (uint32_t)r->rax;
+    if (control >> HVVMM_HC_SIMPLE_BITS)
+        return 0;
+    loop->hc_input = long_mode ? r->rdx : r->rbx << 32 | (uint32_t)r->rcx;
+    loop->hc_output = long_mode ? r->r8 : r->rdi << 32 | (uint32_t)r->rsi;
+    return HVVMM_PACKED_HC_SIMPLE | (long_mode ? HVVMM_PACKED_HC_LONG : 0)
+           | (long long)control << 8;
+}
+
+long long hvvmm_pack_exit(struct hvvmm_vcpu_loop *loop)
+{
+    const struct kvm_run *run = loop->run;
     if (run->exit_reason == KVM_EXIT_X86_RDMSR)
         return HVVMM_PACKED_MSR | run->msr.index;
     if (run->exit_reason == KVM_EXIT_X86_WRMSR)
@@ -283,28 +355,97 @@ long long hvvmm_pack_exit(const struct kvm_run *run, size_t run_size, int hyperc
         return 0;
     unsigned size = run->io.size;
     unsigned long long offset = run->io.data_offset;
-    if ((size != 1 && size != 2 && size != 4) || offset > run_size - size)
+    if ((size != 1 && size != 2 && size != 4) || offset > loop->run_size - size)
         return 0;
     long long packed = HVVMM_PACKED_IO | (long long)size << 48 | (long long)run->io.port << 32;
     if (run->io.direction == KVM_EXIT_IO_OUT) {
         uint32_t value = 0;
         memcpy(&value, (const char *)run + offset, size);
-        if (size == 1 && run->io.port == hypercall_port)
-            packed |= HVVMM_PACKED_HYPERCALL;
+        if (size == 1 && run->io.port == loop->hypercall_port)
+            packed |= HVVMM_PACKED_HYPERCALL | hvvmm_pack_hypercall(loop, run);
         return packed | HVVMM_PACKED_OUT | value;
     }
     return packed | offset;
 }
 
-long long hvvmm_run_packed(int vcpu_fd, struct kvm_run *run, size_t run_size, int hypercall_port)
+/* Answer an RDMSR exit from the constant slots; 0 when the MSR has none. */
+static int hvvmm_answer_constant_msr(struct hvvmm_vcpu_loop *loop)
 {
-    int r;
-    do
-        r = ioctl(vcpu_fd, KVM_RUN, 0);
-    while (r < 0 && errno == EAGAIN);
-    if (r < 0)
-        return -errno;
-    return hvvmm_pack_exit(run, run_size, hypercall_port);
+    struct kvm_run *run = loop->run;
+    uint32_t index = run->msr.index, n = loop->msr_slots;
+    for (uint32_t i = 0; i < n; i++) {
+        struct hvvmm_msr_slot *slot = &loop->msr[i];
+        if (slot->index == index && __atomic_load_n(&slot->enabled, __ATOMIC_RELAXED)) {
+            run->msr.error = 0;
+            run->msr.data = slot->value;
+            __atomic_store_n(&slot->hits, slot->hits + 1, __ATOMIC_RELAXED);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+long long hvvmm_run_packed(struct hvvmm_vcpu_loop *loop)
+{
+    for (;;) {
+        int r;
+        do
+            r = ioctl(loop->fd, KVM_RUN, 0);
+        while (r < 0 && errno == EAGAIN);
+        if (r < 0)
+            return -errno;
+        /* A stop or a kick still ends the loop: it sets immediate_exit and interrupts KVM_RUN,
+         * so the next KVM_RUN returns EINTR at once. */
+        if (loop->run->exit_reason == KVM_EXIT_X86_RDMSR && loop->msr_slots
+            && hvvmm_answer_constant_msr(loop))
+            continue;
+        return hvvmm_pack_exit(loop);
+    }
+}
+
+/* Answer the constant MSR `index` with `value` in the loop from now on (vCPU thread only).
+ * 0, or -ENOSPC when every slot is taken (the MSR then keeps going through Python). */
+int hvvmm_set_constant_msr(struct hvvmm_vcpu_loop *loop, uint32_t index, uint64_t value)
+{
+    uint32_t n = loop->msr_slots;
+    for (uint32_t i = 0; i < n; i++) {
+        if (loop->msr[i].index == index) {
+            loop->msr[i].value = value;
+            __atomic_store_n(&loop->msr[i].enabled, 1, __ATOMIC_RELEASE);
+            return 0;
+        }
+    }
+    if (n == HVVMM_CONSTANT_MSR_SLOTS)
+        return -ENOSPC;
+    loop->msr[n] = (struct hvvmm_msr_slot){ .index = index, .enabled = 1, .value = value };
+    __atomic_store_n(&loop->msr_slots, n + 1, __ATOMIC_RELEASE);
+    return 0;
+}
+
+/* Every constant MSR goes through Python again (any thread; a read the vCPU is answering at
+ * this very moment may still be answered here). Hits are kept. */
+void hvvmm_disable_constant_msrs(struct hvvmm_vcpu_loop *loop)
+{
+    uint32_t n = __atomic_load_n(&loop->msr_slots, __ATOMIC_ACQUIRE);
+    for (uint32_t i = 0; i < n; i++)
+        __atomic_store_n(&loop->msr[i].enabled, 0, __ATOMIC_RELEASE);
+}
+
+/* The reads of slot `slot` answered here so far (any thread). */
+uint64_t hvvmm_constant_msr_hits(struct hvvmm_vcpu_loop *loop, unsigned slot)
+{
+    return slot < HVVMM_CONSTANT_MSR_SLOTS ? __atomic_load_n(&loop->msr[slot].hits,
+                                                             __ATOMIC_RELAXED) : 0;
+}
+
+/* The result of a successful simple hypercall, HV_STATUS_SUCCESS with no reps: RAX = 0 in long
+ * mode, EDX:EAX = 0 otherwise (TLFS "Hypercall Outputs"), loaded by KVM at the next entry. */
+void hvvmm_hypercall_succeeded(struct kvm_run *run, int long_mode)
+{
+    run->s.regs.regs.rax = 0;
+    if (!long_mode)
+        run->s.regs.regs.rdx = 0;
+    run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
 }
 
 /* A locked OR on one byte of memory the guest shares (SynIC event flags), so a guest clearing

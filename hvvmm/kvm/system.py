@@ -288,6 +288,10 @@ _U64 = struct.Struct("<Q")
 # kvm_run.msr.error (u8) and .data (u64), answered by struct rather than cffi proxies.
 _MSR_ERROR_OFFSET = ffi.offsetof("struct kvm_run", "msr", "error")
 _MSR_DATA_OFFSET = ffi.offsetof("struct kvm_run", "msr", "data")
+_U64_PAIR = struct.Struct("<QQ")
+_HC_INPUT_OFFSET = ffi.offsetof("struct hvvmm_vcpu_loop", "hc_input")
+if ffi.offsetof("struct hvvmm_vcpu_loop", "hc_output") != _HC_INPUT_OFFSET + 8:
+    raise ImportError("struct hvvmm_vcpu_loop does not have the layout hvvmm reads")
 
 
 class Vcpu:
@@ -310,7 +314,15 @@ class Vcpu:
         self._run_page = run_page
         self.run_struct = ffi.cast("struct kvm_run *", run_page)
         self._run_view = memoryview(ffi.buffer(run_page, self._run_size))
-        self._hypercall_port = -1
+        self._init_loop()
+
+    def _init_loop(self) -> None:
+        """The state of the packed run loop (``struct hvvmm_vcpu_loop`` in ``_build.py``)."""
+        self._loop = loop = ffi.new("struct hvvmm_vcpu_loop *")
+        loop.fd, loop.run, loop.run_size, loop.hypercall_port = (
+            getattr(self, "fd", -1), self.run_struct, self._run_size, -1)
+        self._loop_view = memoryview(ffi.buffer(loop))
+        self._constant_msr_slots: dict[int, int] = {}  # MSR index -> slot
 
     # -- running ------------------------------------------------------------------------------
 
@@ -329,17 +341,49 @@ class Vcpu:
 
     def packed_runner(self) -> Callable[[], int]:
         """One ``KVM_RUN`` for the vCPU loop's fast path (GIL released), as a C-level callable
-        with its arguments bound (the loop calls it once per exit; take it after
-        :meth:`set_hypercall_port`). A single port access of 1, 2 or 4 bytes and an MSR exit
-        come back as one int (layout: ``hvvmm_run_packed`` in ``_build.py``; no exit object is
-        built); any other exit as 0, to be read with :meth:`last_exit`; a failed ``KVM_RUN`` as
-        ``-errno`` (:meth:`last_exit` turns it into the exit or the error :meth:`run` gives)."""
-        return functools.partial(lib.hvvmm_run_packed, self.fd, self.run_struct, self._run_size,
-                                 self._hypercall_port)
+        with its argument bound (the loop calls it once per exit). A single port access of 1, 2
+        or 4 bytes and an MSR exit come back as one int (layout: ``hvvmm_run_packed`` in
+        ``_build.py``; no exit object is built); any other exit as 0, to be read with
+        :meth:`last_exit`; a failed ``KVM_RUN`` as ``-errno`` (:meth:`last_exit` turns it into
+        the exit or the error :meth:`run` gives). Reads of the MSRs given to
+        :meth:`set_constant_msr` are answered inside the call and never come back."""
+        return functools.partial(lib.hvvmm_run_packed, self._loop)
 
     def set_hypercall_port(self, port: int | None) -> None:
-        """Mark a 1-byte OUT to ``port`` in packed exits (``PACKED_HYPERCALL``); None: none."""
-        self._hypercall_port = -1 if port is None else port
+        """Mark a 1-byte OUT to ``port`` in packed exits (``PACKED_HYPERCALL``, and the decoded
+        call with ``PACKED_HC_SIMPLE``); None: none."""
+        self._loop.hypercall_port = -1 if port is None else port
+
+    def hypercall_args_reader(self) -> Callable[[], tuple[int, int]]:
+        """The GPA / fast-input register pair of the call a ``PACKED_HC_SIMPLE`` exit carries
+        (input, output), as a C-level callable."""
+        return functools.partial(_U64_PAIR.unpack_from, self._loop_view, _HC_INPUT_OFFSET)
+
+    def hypercall_success_writer(self) -> Callable[[int], None]:
+        """``write(long_mode)``: the result of a successful simple call (RAX, or EDX:EAX, = 0)
+        into the sync-regs area, marked for KVM to load at the next entry."""
+        return functools.partial(lib.hvvmm_hypercall_succeeded, self.run_struct)
+
+    # -- constant MSRs answered by the packed loop --------------------------------------------
+
+    def set_constant_msr(self, index: int, value: int) -> bool:
+        """From now on the packed loop answers RDMSR ``index`` with ``value`` itself, counting
+        each read (:meth:`constant_msr_hits`). Call on the vCPU's own thread. False when every
+        slot is taken (the reads keep coming back)."""
+        if lib.hvvmm_set_constant_msr(self._loop, index, value & 0xFFFF_FFFF_FFFF_FFFF):
+            return False
+        self._constant_msr_slots.setdefault(index, len(self._constant_msr_slots))
+        return True
+
+    def disable_constant_msrs(self) -> None:
+        """Every MSR read comes back to Python again (any thread; a read being answered at this
+        moment may still be answered in the loop)."""
+        lib.hvvmm_disable_constant_msrs(self._loop)
+
+    def constant_msr_hits(self) -> dict[int, int]:
+        """MSR index -> reads the packed loop answered itself so far (any thread)."""
+        return {index: lib.hvvmm_constant_msr_hits(self._loop, slot)
+                for index, slot in list(self._constant_msr_slots.items())}
 
     def last_exit(self, packed: int) -> VcpuExit:
         """The exit :meth:`run` would have returned for the ``KVM_RUN`` that gave ``packed``."""

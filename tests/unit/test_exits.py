@@ -5,7 +5,7 @@ import pytest
 from hvvmm.kvm import (FailEntryExit, HltExit, InternalErrorExit, IoExit, MmioExit, MsrExit,
                        ShutdownExit, SystemEventExit, UnknownExit, decode_exit)
 from hvvmm.kvm import constants as c
-from hvvmm.kvm._kvm import ffi
+from hvvmm.kvm._kvm import ffi, lib
 
 PAGE_BYTES = 3 * 4096
 
@@ -180,10 +180,16 @@ def test_packed_in_completion_writes_the_answer_at_the_offset(run_page):
 
 # -- the C decoding of the packed path (hvvmm_pack_exit, which hvvmm_run_packed returns) --------
 
-def _pack(run, port=-1):
+def _loop(run, port=-1):
+    loop = ffi.new("struct hvvmm_vcpu_loop *")
+    loop.fd, loop.run, loop.run_size, loop.hypercall_port = -1, run, PAGE_BYTES, port
+    return loop
+
+
+def _pack(run, port=-1, loop=None):
     from hvvmm.kvm._kvm import lib
 
-    return lib.hvvmm_pack_exit(run, PAGE_BYTES, port)
+    return lib.hvvmm_pack_exit(loop if loop is not None else _loop(run, port))
 
 
 def _io(run, view, direction, size, port, count=1, offset=4096, data=b""):
@@ -236,3 +242,86 @@ def test_packed_exit_leaves_every_other_exit_to_the_decoder(run_page, reason):
     _io(run, view, c.KVM_EXIT_IO_OUT, 1, 0x79, data=b"\x01")  # stale I/O fields in the union
     run.exit_reason = getattr(c, reason)
     assert _pack(run, 0x79) == 0
+
+
+# -- the hypercall decoded in C (hvvmm_pack_hypercall) -------------------------------------------
+
+def _hypercall_page(run, view, *, long_mode, compat=False, control, first, second,
+                    cpl=0, protected=True, synced=True):
+    """The stub's `out 0x79, al` exit with the caller's registers in the sync-regs area; the
+    32-bit registers carry junk in their upper halves, which the convention ignores."""
+    _io(run, view, c.KVM_EXIT_IO_OUT, 1, 0x79, data=b"\xAB")
+    sync = ffi.cast("struct kvm_sync_regs *", ffi.cast("char *", run) + lib.HVVMM_SYNC_REGS_OFFSET)
+    regs, sregs = sync.regs, sync.sregs
+    junk = 0xDEAD_BEEF << 32
+    if long_mode:
+        regs.rcx, regs.rdx, regs.r8 = control, first, second
+        regs.rax = regs.rbx = regs.rsi = regs.rdi = junk
+    else:
+        regs.rdx, regs.rax = junk | control >> 32, junk | control & 0xFFFF_FFFF
+        regs.rbx, regs.rcx = junk | first >> 32, junk | first & 0xFFFF_FFFF
+        regs.rdi, regs.rsi = junk | second >> 32, junk | second & 0xFFFF_FFFF
+        regs.r8 = junk
+    sregs.cr0 = 0x8000_0011 if protected else 0x10
+    sregs.efer = 0x500 if long_mode or compat else 0
+    sregs.cs.l = 1 if long_mode else 0
+    sregs.ss.dpl = cpl
+    run.kvm_valid_regs = (c.KVM_SYNC_X86_REGS | c.KVM_SYNC_X86_SREGS) if synced else 0
+
+
+@pytest.mark.parametrize("long_mode, compat", [(True, False), (False, False), (False, True)],
+                         ids=["64-bit", "32-bit", "compatibility-mode"])
+@pytest.mark.parametrize("control", [0x8001, 0x1_0008, 0x0, 0x1_FFFF])
+def test_packed_hypercall_carries_the_decoded_simple_call(run_page, long_mode, compat, control):
+    from hvvmm.kvm.exits import PACKED_HC_LONG, PACKED_HC_SIMPLE, PACKED_HYPERCALL
+
+    run, view, _ = run_page
+    first, second = 0x1234_5678_9ABC_DEF0, 0x0FED_CBA9_8765_4321
+    _hypercall_page(run, view, long_mode=long_mode, compat=compat, control=control,
+                    first=first, second=second)
+    loop = _loop(run, 0x79)
+    packed = _pack(run, loop=loop)
+    assert packed & PACKED_HYPERCALL and packed & PACKED_HC_SIMPLE
+    assert bool(packed & PACKED_HC_LONG) is long_mode
+    assert packed >> 8 & 0x1FFFF == control and packed & 0xFF == 0xAB
+    assert (loop.hc_input, loop.hc_output) == (first, second)
+
+
+@pytest.mark.parametrize("how", ["cpl3", "cpl1", "real-mode", "rep-count", "variable-header",
+                                 "reserved", "no-sync-regs", "other-port"])
+@pytest.mark.parametrize("long_mode", [True, False], ids=["64-bit", "32-bit"])
+def test_packed_hypercall_leaves_every_other_call_to_python(run_page, how, long_mode):
+    """Outside the legal environment (#UD) and for any other call shape the registers are not
+    decoded: Python reads them and answers through the general path."""
+    from hvvmm.kvm.exits import PACKED_HC_SIMPLE, PACKED_HYPERCALL
+
+    run, view, _ = run_page
+    control = {"rep-count": 0x8001 | 1 << 32, "variable-header": 0x8001 | 1 << 17,
+               "reserved": 0x8001 | 1 << 31}.get(how, 0x8001)
+    _hypercall_page(run, view, long_mode=long_mode, control=control, first=0x10, second=0x20,
+                    cpl={"cpl3": 3, "cpl1": 1}.get(how, 0), protected=how != "real-mode",
+                    synced=how != "no-sync-regs")
+    loop = _loop(run, 0x80 if how == "other-port" else 0x79)
+    loop.hc_input = loop.hc_output = 0x5555
+    packed = _pack(run, loop=loop)
+    assert not packed & PACKED_HC_SIMPLE
+    assert bool(packed & PACKED_HYPERCALL) is (how != "other-port")
+    assert (loop.hc_input, loop.hc_output) == (0x5555, 0x5555)
+
+
+def test_constant_msr_slots_are_kept_disabled_and_counted():
+    """The C side of the constant-MSR answers (the answering itself needs KVM_RUN: see
+    tests/guest/test_constant_msrs.py): slots are appended, updated in place, disabled, and
+    refuse a ninth MSR."""
+    loop = _loop(ffi.NULL)
+    assert lib.hvvmm_set_constant_msr(loop, 0x4000_0002, 3) == 0
+    assert lib.hvvmm_set_constant_msr(loop, 0x4000_0002, 4) == 0  # same slot
+    assert loop.msr_slots == 1 and loop.msr[0].value == 4 and loop.msr[0].enabled
+    for index in range(1, lib.HVVMM_CONSTANT_MSR_SLOTS):
+        assert lib.hvvmm_set_constant_msr(loop, 0x4000_0100 + index, index) == 0
+    assert lib.hvvmm_set_constant_msr(loop, 0x4000_0200, 1) < 0  # every slot taken
+    loop.msr[0].hits = 7
+    lib.hvvmm_disable_constant_msrs(loop)
+    assert not any(loop.msr[i].enabled for i in range(loop.msr_slots))
+    assert lib.hvvmm_constant_msr_hits(loop, 0) == 7  # kept
+    assert lib.hvvmm_constant_msr_hits(loop, 99) == 0  # no such slot

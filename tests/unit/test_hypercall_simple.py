@@ -364,8 +364,15 @@ class PageVcpu:
         vcpu._run_size = 3 * 4096
         vcpu.run_struct = ffi.cast("struct kvm_run *", storage)
         vcpu._run_view = memoryview(ffi.buffer(storage))
-        vcpu._hypercall_port = -1
+        vcpu._init_loop()
         vcpu.index = call["vp"]
+        # The exit: the stub's `out 0x79, al` (AL = 0x5A), as KVM leaves it in the page.
+        run = vcpu.run_struct
+        run.exit_reason, run.io.direction, run.io.size, run.io.port, run.io.count = (
+            lib.KVM_EXIT_IO, lib.KVM_EXIT_IO_OUT, 1, 0x79, 1)
+        run.io.data_offset = 4096
+        vcpu._run_view[4096] = 0x5A
+        run.kvm_valid_regs = lib.KVM_SYNC_X86_REGS | lib.KVM_SYNC_X86_SREGS
         sync = ffi.cast("struct kvm_sync_regs *", storage + lib.HVVMM_SYNC_REGS_OFFSET)
         regs = FakeRegisters(long_mode=call["long_mode"])  # the values Side.registers loads
         for i, name in enumerate(regs.gprs):
@@ -445,7 +452,12 @@ def test_the_vcpu_exit_matches_the_general_path(sequence):
             hyperv, pio, written = _hyperv_over(side)
             thread = SimpleNamespace(vcpu=vcpu, index=call["vp"], pio_bus=pio)
             if compact:
-                hyperv._hypercall_exit(thread)(0x79)
+                # As the run loop does it: the exit packed (and the call decoded) in C, then
+                # the closure with the packed value.
+                from hvvmm.kvm._kvm import lib
+
+                vcpu.set_hypercall_port(0x79)
+                hyperv._hypercall_exit(thread)(lib.hvvmm_pack_exit(vcpu._loop))
             else:
                 hyperv._dispatch(thread, VcpuRegisters(vcpu, True))
             results.append((_page_state(side, vcpu), written))
