@@ -10,6 +10,7 @@ per address, because the guest decides how often it happens.
 from __future__ import annotations
 
 import bisect
+import functools
 import logging
 import threading
 from dataclasses import dataclass
@@ -64,6 +65,7 @@ class Bus:
         # first use; a guest hits few distinct addresses, so most accesses cost one dict lookup.
         self._table: tuple[list[int], list[BusRange], dict[int, BusRange | None]] = ([], [], {})
         self._lock = threading.Lock()  # serializes writers only
+        self._route_caches: list[dict] = []  # route_cache(): emptied by every change
 
     def register(self, base: int, length: int, device: BusDevice, name: str | None = None) -> None:
         """Give ``device`` the addresses ``[base, base+length)``; overlaps are refused."""
@@ -88,6 +90,32 @@ class Bus:
 
     def _publish(self, ranges: list[BusRange]) -> None:
         self._table = ([r.base for r in ranges], ranges, {})
+        for cache in self._route_caches:
+            cache.clear()
+
+    # -- routes: a run loop's shortcut past find() for the accesses it sees often -------------
+
+    def route_cache(self) -> dict:
+        """An empty dict for :meth:`cache_route`, emptied whenever a device is added or
+        removed. One per thread that fills it."""
+        cache: dict = {}
+        self._route_caches.append(cache)
+        return cache
+
+    def cache_route(self, cache: dict, key, address: int, size: int, write: bool) -> None:
+        """Put the device access ``[address, address+size)`` in ``cache`` under ``key``:
+        ``route(value)`` for a write, ``route()`` for a read, the device's own method with its
+        offset bound (no bus frames). Nothing for an address no device holds (the bus logs
+        those); at most 4096 routes (the guest picks the addresses)."""
+        table = self._table
+        entry = self.find(address, size)
+        if entry is None or len(cache) >= 4096:
+            return
+        device = entry.device
+        cache[key] = functools.partial(device.write if write else device.read,
+                                       address - entry.base, size)
+        if self._table is not table:  # a device changed meanwhile: it may have been cleared
+            cache.pop(key, None)
 
     @property
     def ranges(self) -> tuple[BusRange, ...]:

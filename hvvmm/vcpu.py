@@ -91,8 +91,8 @@ class VcpuThread:
         self.pio_bus = pio_bus
         self.mmio_bus = mmio_bus
         self.msr_handler: MsrHandler | None = None
-        # Ports handled with the vCPU at hand, checked before the PIO bus. Kept tiny: one dict
-        # lookup per port exit.
+        # Ports handled with the vCPU at hand, checked before the PIO bus (set before the
+        # thread starts: the loop remembers which ports go to the bus).
         self.vcpu_ports: dict[int, PortHandler] = {}
         self.observers: list[ExitObserver] = []
         # A 1-byte OUT to the hypercall port, handed the packed exit (set_hypercall_exit; AL in
@@ -185,12 +185,22 @@ class VcpuThread:
         pio = self.pio_bus
         pio_read, pio_write = pio.read, pio.write
         hypercall_exit, packed_msr = self.hypercall_exit, self.msr_exit or self._packed_msr
+        # Bus port accesses seen before, by their packed form above bit 32 (port, size,
+        # direction): the device's own read/write with its offset bound (Bus.cache_route).
+        routes = pio.route_cache()
         while True:
             packed = run_packed()
             if packed > 0 and not observers:
                 # The hot exits, decoded in C into one int (Vcpu.packed_runner): a hypercall (a
                 # 1-byte OUT to the hypercall port), one access of 1, 2 or 4 bytes to a bus
                 # port, and MSR exits; no exit object is built.
+                route = routes.get(packed >> 32)
+                if route is not None:
+                    if packed & PACKED_OUT:
+                        route(packed & 0xFFFF_FFFF)
+                    else:
+                        complete_in(packed & 0xFFFF_FFFF, packed >> 48 & 0xFF, route())
+                    continue
                 if packed & PACKED_HYPERCALL:
                     hypercall_exit(packed)
                     continue
@@ -202,6 +212,7 @@ class VcpuThread:
                             pio_write(port, size, packed & 0xFFFF_FFFF)
                         else:
                             complete_in(packed & 0xFFFF_FFFF, size, pio_read(port, size))
+                        pio.cache_route(routes, packed >> 32, port, size, packed & PACKED_OUT)
                         continue
                 elif packed & PACKED_MSR:
                     packed_msr(packed)
