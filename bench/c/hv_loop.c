@@ -9,7 +9,7 @@
  *  - WRMSR GUEST_OS_ID / HYPERCALL: stored; enabling the page (GUEST_OS_ID != 0) copies the stub
  *    page (endbr64; out 0x56, al; ret; int3...) into RAM at the GPA (hvvmm maps a read-only
  *    overlay instead; that happens once, outside the timed loop).
- *  - RDMSR VP_INDEX: answers 0.
+ *  - RDMSR VP_INDEX: answers 0; GUEST_OS_ID: the value written.
  *  - OUT 0x56 (1 byte, one item, page enabled): a hypercall. Registers from run->s.regs, long
  *    mode (EFER.LMA && CS.L), CR0.PE and CPL (SS.DPL) checks, control from EDX:EAX (RCX in long
  *    mode), code lookup, reserved/rep/varhead/fast checks, GPAs from EBX:ECX / EDI:ESI, output list
@@ -19,7 +19,8 @@
  * Timed from the first to the second OUT to the marker port, as on the Python side; prints
  * nanoseconds per loop iteration (COUNT iterations).
  *
- * usage: hv_loop CODE_FILE LOAD_ADDRESS ENTRY hypercall|msr COUNT */
+ * usage: hv_loop CODE_FILE LOAD_ADDRESS ENTRY hypercall|msr|msr-generic COUNT
+ * (msr counts the reads of VP_INDEX, msr-generic those of GUEST_OS_ID) */
 #include <errno.h>
 
 #include "kvm_bench.h"
@@ -152,11 +153,12 @@ static void hypercall(struct kvm_run *run)
 int main(int argc, char **argv)
 {
     if (argc != 6) {
-        fprintf(stderr, "usage: %s CODE LOAD ENTRY hypercall|msr COUNT\n", argv[0]);
+        fprintf(stderr, "usage: %s CODE LOAD ENTRY hypercall|msr|msr-generic COUNT\n", argv[0]);
         return 2;
     }
     uint64_t load = strtoull(argv[2], 0, 0), entry = strtoull(argv[3], 0, 0);
-    int msr_mode = !strcmp(argv[4], "msr");
+    int msr_mode = !strcmp(argv[4], "msr") || !strcmp(argv[4], "msr-generic");
+    uint32_t counted_msr = strcmp(argv[4], "msr") ? HV_X64_MSR_GUEST_OS_ID : HV_X64_MSR_VP_INDEX;
     if (!msr_mode && strcmp(argv[4], "hypercall")) { fprintf(stderr, "bad mode\n"); return 2; }
     long count = atol(argv[5]);
 
@@ -213,7 +215,7 @@ int main(int argc, char **argv)
             wrmsr(run);
             break;
         case KVM_EXIT_X86_RDMSR:
-            if (run->msr.index == HV_X64_MSR_VP_INDEX) msr_reads++;
+            if (run->msr.index == counted_msr) msr_reads++;
             rdmsr(run);
             break;
         default:
