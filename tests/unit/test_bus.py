@@ -140,3 +140,32 @@ def test_lookups_stay_consistent_while_devices_come_and_go():
         stop.set()
         thread.join()
     assert errors == []
+
+
+def test_cached_routes_reach_the_device_with_its_offset_and_go_when_devices_change():
+    bus = pio_bus()
+    reg = Register()
+    bus.register(0x3F8, 8, reg, "uart")
+    routes = bus.route_cache()
+    bus.cache_route(routes, "out", 0x3FA, 1, write=True)
+    bus.cache_route(routes, "in", 0x3FA, 1, write=False)
+    bus.cache_route(routes, "nobody", 0x80, 1, write=True)  # unclaimed: the bus logs those
+    bus.cache_route(routes, "straddles", 0x3FF, 2, write=True)  # not wholly inside the device
+    assert set(routes) == {"out", "in"}
+    routes["out"](0x41)
+    assert reg.accesses[-1] == ("w", 2, 1, 0x41)
+    assert routes["in"]() == bus.read(0x3FA, 1)
+    bus.register(0x60, 1, Register(), "kbd")  # any change empties every cache
+    assert routes == {}
+    bus.cache_route(routes, "out", 0x3FA, 1, write=True)
+    bus.unregister(0x3F8)
+    assert routes == {}
+
+
+def test_the_route_cache_is_bounded():
+    bus = pio_bus()
+    bus.register(0, 0x10000, Register(), "everything")
+    routes = bus.route_cache()
+    for port in range(5000):
+        bus.cache_route(routes, port, port, 1, write=True)
+    assert len(routes) == 4096
