@@ -18,7 +18,8 @@ from .hv.hypercall import NOT_SIMPLE_CONTROL_BITS, SUCCESS_NOT_WRITTEN, write_su
 from .hv.msr import MsrAccessFault
 from .hv.platform import CrashReport, OverlayPage
 from .kvm import KvmError, KvmUnavailableError, Vcpu
-from .kvm.exits import PACKED_HC_LONG, PACKED_HC_SIMPLE, PACKED_WRMSR
+from .kvm.exits import (HC_SUCCESS_32, HC_SUCCESS_64, PACKED_HC_LONG, PACKED_HC_SIMPLE,
+                         PACKED_WRMSR)
 from .kvm.system import GPR_INDEX, GPR_NAMES
 from .kvm import constants as kvmc
 from .logonce import LogOnce
@@ -529,6 +530,7 @@ class HyperV:
         direct = SyncRegisters(vcpu)
         hypercall_args = vcpu.hypercall_args_reader()
         write_success = vcpu.hypercall_success_writer()
+        success_32, success_64 = HC_SUCCESS_32, HC_SUCCESS_64
 
         def on_hypercall(packed: int) -> None:
             # The port is armed only while the page is enabled (watch_hypercall_port): an exit
@@ -542,7 +544,7 @@ class HyperV:
                     first, second = hypercall_args()
                     status = call(direct, long_mode, first, second)
                     if status == SUCCESS_NOT_WRITTEN:
-                        write_success(long_mode)
+                        write_success(success_64 if long_mode else success_32)
                         return
                     if status is not None:
                         direct.commit()  # written by the general completion
@@ -594,7 +596,7 @@ class HyperV:
         partition = self.partition
         msr_read, msr_write = partition.msr_read, partition.msr_write
         vcpu, index = vcpu_thread.vcpu, vcpu_thread.index
-        complete_msr, complete_rdmsr, msr_value = (vcpu.complete_msr, vcpu.complete_rdmsr,
+        complete_msr, complete_rdmsr, msr_value = (vcpu.complete_msr, vcpu.rdmsr_answerer(),
                                                    vcpu.msr_value)
         constants = partition.constant_msr_values(index)
         observers = vcpu_thread.observers

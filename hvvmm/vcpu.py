@@ -194,15 +194,15 @@ class VcpuThread:
                 # The hot exits, decoded in C into one int (Vcpu.packed_runner): a hypercall (a
                 # 1-byte OUT to the hypercall port), one access of 1, 2 or 4 bytes to a bus
                 # port, and MSR exits; no exit object is built.
+                if packed & PACKED_HYPERCALL:
+                    hypercall_exit(packed)
+                    continue
                 route = routes.get(packed >> 32)
                 if route is not None:
                     if packed & PACKED_OUT:
                         route(packed & 0xFFFF_FFFF)
                     else:
                         complete_in(packed & 0xFFFF_FFFF, packed >> 48 & 0xFF, route())
-                    continue
-                if packed & PACKED_HYPERCALL:
-                    hypercall_exit(packed)
                     continue
                 if packed & PACKED_IO:
                     port = (packed >> 32) & 0xFFFF

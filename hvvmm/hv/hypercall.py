@@ -606,14 +606,38 @@ class SimpleCalls(dict):
         self._dispatcher = dispatcher
         self._vp_index = vp_index
         self._tally = tally
+        # Successes are counted in one-int cells, not in ``tally`` (a Counter with tuple keys
+        # costs several times more per call): (counter key, cell) of each prepared call.
+        self._successes: list[tuple[tuple[int, int], list[int]]] = []
         dispatcher.table._derived.append(self)
 
     def __missing__(self, control: int) -> PreparedSimpleCall | None:
         dispatcher = self._dispatcher
-        call = dispatcher._prepare_simple(control, self._vp_index, self._tally)
+        call = dispatcher._prepare_simple(control, self._vp_index, self._tally, self)
         if control & HV_HYPERCALL_CODE_MASK in dispatcher.table:
             self[control] = call
         return call
+
+    def success_cell(self, key: tuple[int, int]) -> list[int]:
+        """A new cell counting the successes ``tally`` would count under ``key``."""
+        cell = [0]
+        if self._tally is not None:
+            self._successes.append((key, cell))
+        return cell
+
+    def pending_counts(self) -> Counter:
+        """The successes counted in cells, by ``tally`` key: add them to ``tally``."""
+        counts: Counter = Counter()
+        for key, cell in self._successes:
+            counts[key] += cell[0]
+        return +counts
+
+    def clear(self) -> None:
+        """Drop every prepared call (the table changed); their counts go into ``tally``."""
+        if self._tally is not None:
+            self._tally.update(self.pending_counts())
+        self._successes = []
+        super().clear()
 
 
 class HypercallDispatcher:
@@ -714,15 +738,17 @@ class HypercallDispatcher:
         except that for a call that succeeded without the general completion it writes no
         result and returns :data:`SUCCESS_NOT_WRITTEN`: the caller writes it
         (:func:`write_success_result`, or the VMM's own faster way). Each call it answers is
-        counted in ``tally`` (if given) under ``(code, status)``, ``(code, None)`` for a
-        continuation, as :class:`~hvvmm.hv.partition.Partition` counts them.
+        counted for ``tally`` (if given) under ``(code, status)``, ``(code, None)`` for a
+        continuation, as :class:`~hvvmm.hv.partition.Partition` counts them: failures in
+        ``tally`` itself, successes in :meth:`SimpleCalls.pending_counts` until the table
+        changes.
 
         The calls are derived from the table (the one source) and dropped when it changes. A
         call reuses one :class:`HypercallRequest` (no allocation per call: see there)."""
         return SimpleCalls(self, vp_index, tally)
 
-    def _prepare_simple(self, control: int, vp_index: int,
-                        tally: Counter | None) -> PreparedSimpleCall | None:
+    def _prepare_simple(self, control: int, vp_index: int, tally: Counter | None,
+                        calls: SimpleCalls) -> PreparedSimpleCall | None:
         """One compact path: for ``control`` on VP ``vp_index``, everything it needs bound
         once."""
         code = control & HV_HYPERCALL_CODE_MASK
@@ -743,7 +769,7 @@ class HypercallDispatcher:
         finish_general = self._finish_simple_general
         page, align = HV_PAGE_SIZE, HV_HYPERCALL_PARAM_ALIGN
         request = HypercallRequest.simple(vp_index, code, name, fast, False, b"", None, clock)
-        success = (code, HvStatus.HV_STATUS_SUCCESS)
+        successes = calls.success_cell((code, HvStatus.HV_STATUS_SUCCESS))
 
         def call(io: HypercallRegisters, long_mode: bool, first: int,
                  second: int) -> int | None:
@@ -809,8 +835,7 @@ class HypercallDispatcher:
                 except GuestMemoryError:  # RAM went away meanwhile: the general completion
                     return finish_general(io, vp_index, long_mode, control, first, second, spec,
                                           request, result, tally)
-            if tally is not None:
-                tally[success] += 1
+            successes[0] += 1
             return SUCCESS_NOT_WRITTEN
 
         return call

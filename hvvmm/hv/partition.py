@@ -124,7 +124,8 @@ class VpState:
     msr_reads: Counter = field(default_factory=Counter)  # index -> count
     msr_writes: Counter = field(default_factory=Counter)  # index -> count
     msr_faults: Counter = field(default_factory=Counter)  # (index, "read"|"write") -> count
-    hypercalls: Counter = field(default_factory=Counter)  # (code, status or None) -> count
+    # (code, status or None) -> count; the compact path's successes are in all_hypercalls().
+    hypercalls: Counter = field(default_factory=Counter)
     # CONSTANT_MSRS this VP has read once through the registry: index -> value.
     constant_msrs: dict = field(default_factory=dict)
     # Reads counted elsewhere (a VMM that answers constant MSRs without calling msr_read):
@@ -132,6 +133,12 @@ class VpState:
     msr_read_sources: list = field(default_factory=list)
     # The compact hypercall path of this VP (Partition.simple_hypercalls), made on first use.
     simple_calls: Any = None
+
+    def all_hypercalls(self) -> Counter:
+        """:attr:`hypercalls` with the successes the compact path counts on its own."""
+        if self.simple_calls is None:
+            return Counter(self.hypercalls)
+        return self.hypercalls + self.simple_calls.pending_counts()
 
     def all_msr_reads(self) -> Counter:
         """:attr:`msr_reads` with the reads the :attr:`msr_read_sources` counted."""
@@ -154,7 +161,7 @@ class VpState:
             "msr_faults": {f"{msr_name(i)}/{op}": n
                            for (i, op), n in sorted(self.msr_faults.items())},
             "hypercalls": {hypercall_key(k): n for k, n in sorted(
-                self.hypercalls.items(), key=lambda item: (item[0][0], item[0][1] or -1))},
+                self.all_hypercalls().items(), key=lambda item: (item[0][0], item[0][1] or -1))},
         }
 
 
@@ -189,6 +196,7 @@ class Partition:
         self.lock = threading.Lock()  # simple values only; see the class docstring
         self.log_once = LogOnce(log)
         self.msrs = MsrRegistry()
+        self._msr_lookup = self.msrs.lookup
         self.hypercalls = HypercallTable()
         self.dispatcher = HypercallDispatcher(self.hypercalls, platform.memory,
                                               log_once=self.log_once)
@@ -346,11 +354,17 @@ class Partition:
     def msr_read(self, vp_index: int, index: int) -> int:
         """RDMSR ``index`` on VP ``vp_index``. Returns the value or raises
         :class:`~hvvmm.hv.msr.MsrAccessFault` (inject #GP)."""
-        vp = self._vp(vp_index)
+        vp = self.vps.get(vp_index) or self._vp(vp_index)  # the hot path: no frame
         value = vp.constant_msrs.get(index)
         if value is None:
             try:
-                value = self.msrs.read(vp_index, index)
+                msr = self._msr_lookup(index)
+                if msr is None:  # MsrRegistry.read, inline: one frame less per read
+                    raise MsrAccessFault(index, write=False,
+                                         reason="not available (not advertised)")
+                value = msr.read(vp_index)
+                if not isinstance(value, int) or not 0 <= value <= HV_U64_MASK:
+                    raise TypeError(f"{msr.name} read handler returned {value!r}, not a u64")
             except MsrAccessFault as fault:
                 self._msr_fault(vp, fault)
                 raise
@@ -358,7 +372,7 @@ class Partition:
                 fault = self._handler_failed(vp_index, index, False, None, error)
                 self._msr_fault(vp, fault)
                 raise fault from error
-            if index in CONSTANT_MSRS and self.msrs.get(index).read_only:
+            if index in CONSTANT_MSRS and msr.read_only:
                 vp.constant_msrs[index] = value
         vp.msr_reads[index] += 1
         if self.on_event is not None:

@@ -230,13 +230,16 @@ struct hvvmm_vcpu_loop {
     struct hvvmm_msr_slot msr[...];
     __u64 hc_input;
     __u64 hc_output;
+    __u8 hc_success;
 };
 long long hvvmm_run_packed(struct hvvmm_vcpu_loop *loop);
 long long hvvmm_pack_exit(struct hvvmm_vcpu_loop *loop);
 int hvvmm_set_constant_msr(struct hvvmm_vcpu_loop *loop, __u32 index, __u64 value);
 void hvvmm_disable_constant_msrs(struct hvvmm_vcpu_loop *loop);
 __u64 hvvmm_constant_msr_hits(struct hvvmm_vcpu_loop *loop, unsigned slot);
-void hvvmm_hypercall_succeeded(struct kvm_run *run, int long_mode);
+void hvvmm_apply_hypercall_success(struct hvvmm_vcpu_loop *loop);
+#define HVVMM_HC_SUCCESS_32 ...
+#define HVVMM_HC_SUCCESS_64 ...
 void *hvvmm_map_shared(int fd, size_t size);
 int hvvmm_unmap(void *address, size_t size);
 int hvvmm_install_kick_handler(int signo);
@@ -294,6 +297,10 @@ struct hvvmm_vcpu_loop {
      * RDX and R8 in long mode, EBX:ECX and EDI:ESI otherwise (TLFS "Hypercall Inputs"). */
     uint64_t hc_input;
     uint64_t hc_output;
+    /* Set by Python when that call succeeded (HVVMM_HC_SUCCESS_32/64): the next run of the
+     * loop writes the result before KVM_RUN (hvvmm_apply_hypercall_success). One byte stored
+     * from Python costs less than a call that writes the registers. */
+    uint8_t hc_success;
 };
 
 /* KVM_RUN (again while an AP leaves wait-for-SIPI: EAGAIN), and the common exit decoded in C so
@@ -325,6 +332,8 @@ struct hvvmm_vcpu_loop {
 #define HVVMM_EFER_LMA (1ull << 10)
 #define HVVMM_CR0_PE 1ull
 #define HVVMM_SYNC_BOTH (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS)
+
+void hvvmm_apply_hypercall_success(struct hvvmm_vcpu_loop *loop);
 
 static long long hvvmm_pack_hypercall(struct hvvmm_vcpu_loop *loop, const struct kvm_run *run)
 {
@@ -387,6 +396,8 @@ static int hvvmm_answer_constant_msr(struct hvvmm_vcpu_loop *loop)
 
 long long hvvmm_run_packed(struct hvvmm_vcpu_loop *loop)
 {
+    if (loop->hc_success)
+        hvvmm_apply_hypercall_success(loop);
     for (;;) {
         int r;
         do
@@ -439,13 +450,19 @@ uint64_t hvvmm_constant_msr_hits(struct hvvmm_vcpu_loop *loop, unsigned slot)
 }
 
 /* The result of a successful simple hypercall, HV_STATUS_SUCCESS with no reps: RAX = 0 in long
- * mode, EDX:EAX = 0 otherwise (TLFS "Hypercall Outputs"), loaded by KVM at the next entry. */
-void hvvmm_hypercall_succeeded(struct kvm_run *run, int long_mode)
+ * mode, EDX:EAX = 0 otherwise (TLFS "Hypercall Outputs"), into the sync-regs area for KVM to
+ * load at the next entry. */
+#define HVVMM_HC_SUCCESS_32 1
+#define HVVMM_HC_SUCCESS_64 2
+
+void hvvmm_apply_hypercall_success(struct hvvmm_vcpu_loop *loop)
 {
+    struct kvm_run *run = loop->run;
     run->s.regs.regs.rax = 0;
-    if (!long_mode)
+    if (loop->hc_success == HVVMM_HC_SUCCESS_32)
         run->s.regs.regs.rdx = 0;
     run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
+    loop->hc_success = 0;
 }
 
 /* A locked OR on one byte of memory the guest shares (SynIC event flags), so a guest clearing

@@ -272,4 +272,6 @@ PACKED_HYPERCALL = lib.HVVMM_PACKED_HYPERCALL  # with PACKED_IO | PACKED_OUT; AL
 # control in bits 24:8; its register pair via Vcpu.hypercall_args_reader.
 PACKED_HC_SIMPLE = lib.HVVMM_PACKED_HC_SIMPLE
 PACKED_HC_LONG = lib.HVVMM_PACKED_HC_LONG  # with PACKED_HC_SIMPLE: a 64-bit call
+# Vcpu.hypercall_success_writer's argument: the result of a 32-bit or a 64-bit call.
+HC_SUCCESS_32, HC_SUCCESS_64 = lib.HVVMM_HC_SUCCESS_32, lib.HVVMM_HC_SUCCESS_64
 

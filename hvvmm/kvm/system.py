@@ -289,7 +289,10 @@ _U64 = struct.Struct("<Q")
 _MSR_ERROR_OFFSET = ffi.offsetof("struct kvm_run", "msr", "error")
 _MSR_DATA_OFFSET = ffi.offsetof("struct kvm_run", "msr", "data")
 _U64_PAIR = struct.Struct("<QQ")
+# kvm_run.msr.error, then .data: one store answers an RDMSR (rdmsr_answerer).
+_MSR_ANSWER = struct.Struct(f"<B{_MSR_DATA_OFFSET - _MSR_ERROR_OFFSET - 1}xQ")
 _HC_INPUT_OFFSET = ffi.offsetof("struct hvvmm_vcpu_loop", "hc_input")
+_HC_SUCCESS_OFFSET = ffi.offsetof("struct hvvmm_vcpu_loop", "hc_success")
 if ffi.offsetof("struct hvvmm_vcpu_loop", "hc_output") != _HC_INPUT_OFFSET + 8:
     raise ImportError("struct hvvmm_vcpu_loop does not have the layout hvvmm reads")
 
@@ -328,6 +331,8 @@ class Vcpu:
 
     def run(self) -> VcpuExit:
         """One ``KVM_RUN`` (the GIL is released while it runs); returns the decoded exit."""
+        if self._loop.hc_success:
+            lib.hvvmm_apply_hypercall_success(self._loop)
         result = lib.hvvmm_run(self.fd)
         while result == -errno.EAGAIN:
             # An AP leaving wait-for-SIPI (INIT/SIPI processed in the kernel): just run again.
@@ -360,9 +365,11 @@ class Vcpu:
         return functools.partial(_U64_PAIR.unpack_from, self._loop_view, _HC_INPUT_OFFSET)
 
     def hypercall_success_writer(self) -> Callable[[int], None]:
-        """``write(long_mode)``: the result of a successful simple call (RAX, or EDX:EAX, = 0)
-        into the sync-regs area, marked for KVM to load at the next entry."""
-        return functools.partial(lib.hvvmm_hypercall_succeeded, self.run_struct)
+        """``write(lib.HVVMM_HC_SUCCESS_64)`` (or ``_32``): the result of a successful simple
+        call (RAX, or EDX:EAX, = 0), written into the sync-regs area before the next
+        ``KVM_RUN`` (of :meth:`packed_runner` or :meth:`run`) and loaded by KVM there; a
+        C-level callable that stores one byte."""
+        return functools.partial(self._loop_view.__setitem__, _HC_SUCCESS_OFFSET)
 
     # -- constant MSRs answered by the packed loop --------------------------------------------
 
@@ -403,6 +410,11 @@ class Vcpu:
         view = self._run_view
         view[_MSR_ERROR_OFFSET] = 0
         _U64.pack_into(view, _MSR_DATA_OFFSET, value & 0xFFFF_FFFF_FFFF_FFFF)
+
+    def rdmsr_answerer(self) -> Callable[[int], None]:
+        """:meth:`complete_rdmsr` for a u64 ``value`` as a C-level callable (no Python frame),
+        for the run loop's MSR exit."""
+        return functools.partial(_MSR_ANSWER.pack_into, self._run_view, _MSR_ERROR_OFFSET, 0)
 
     def complete_msr(self, ok: bool) -> None:
         """Finish a packed MSR exit's access (``ok``) or refuse it (KVM injects #GP)."""

@@ -458,6 +458,8 @@ def test_the_vcpu_exit_matches_the_general_path(sequence):
 
                 vcpu.set_hypercall_port(0x79)
                 hyperv._hypercall_exit(thread)(lib.hvvmm_pack_exit(vcpu._loop))
+                if vcpu._loop.hc_success:  # what the next KVM_RUN of the loop does first
+                    lib.hvvmm_apply_hypercall_success(vcpu._loop)
             else:
                 hyperv._dispatch(thread, VcpuRegisters(vcpu, True))
             results.append((_page_state(side, vcpu), written))
