@@ -626,18 +626,13 @@ class SimpleCalls(dict):
         return cell
 
     def pending_counts(self) -> Counter:
-        """The successes counted in cells, by ``tally`` key: add them to ``tally``."""
+        """The successes counted in cells, by ``tally`` key: add them to ``tally``. The cells
+        of calls dropped by a table change stay here (one per code and change), so a call
+        in flight during the change is never lost."""
         counts: Counter = Counter()
-        for key, cell in self._successes:
+        for key, cell in list(self._successes):
             counts[key] += cell[0]
         return +counts
-
-    def clear(self) -> None:
-        """Drop every prepared call (the table changed); their counts go into ``tally``."""
-        if self._tally is not None:
-            self._tally.update(self.pending_counts())
-        self._successes = []
-        super().clear()
 
 
 class HypercallDispatcher:
@@ -740,8 +735,7 @@ class HypercallDispatcher:
         (:func:`write_success_result`, or the VMM's own faster way). Each call it answers is
         counted for ``tally`` (if given) under ``(code, status)``, ``(code, None)`` for a
         continuation, as :class:`~hvvmm.hv.partition.Partition` counts them: failures in
-        ``tally`` itself, successes in :meth:`SimpleCalls.pending_counts` until the table
-        changes.
+        ``tally`` itself, successes in :meth:`SimpleCalls.pending_counts`.
 
         The calls are derived from the table (the one source) and dropped when it changes. A
         call reuses one :class:`HypercallRequest` (no allocation per call: see there)."""

@@ -477,3 +477,30 @@ def test_a_vp_index_out_of_range_is_refused_before_the_handler_on_both_paths():
     with pytest.raises(ValueError, match="VP index 5"):
         partition.hypercall(5, regs)
     assert side.recorder.seen == [] and regs.gpr_writes == []
+
+
+def test_compact_path_counts_survive_a_table_change_and_the_calls_are_prepared_again():
+    """Successes are counted in the compact path's own cells: a change of the table (a code
+    registered later) drops the prepared calls but not their counts."""
+    side = Side(traced=False)
+    partition = side.partition
+    query = int(HypercallCode.HvExtCallQueryCapabilities)
+
+    def call():
+        regs = FakeRegisters(long_mode=True)
+        assert partition.hypercall_simple(0, regs, True, query, 0, 0x3000)
+
+    call()
+    call()
+    prepared = partition.simple_hypercalls(0)
+    first = prepared[query]
+    counters = partition.counters()["vp0"]["hypercalls"]
+    assert counters["HvExtCallQueryCapabilities/HV_STATUS_SUCCESS"] == 2
+    partition.add_test_hypercall(HypercallSpec(code=0x7F7F, name="Late", handler=lambda r: None))
+    assert query not in prepared  # dropped with the change
+    counters = partition.counters()["vp0"]["hypercalls"]
+    assert counters["HvExtCallQueryCapabilities/HV_STATUS_SUCCESS"] == 2  # not lost
+    call()
+    assert prepared[query] is not first  # prepared again, from the table as it is now
+    counters = partition.counters()["vp0"]["hypercalls"]
+    assert counters["HvExtCallQueryCapabilities/HV_STATUS_SUCCESS"] == 3
