@@ -48,8 +48,6 @@ _N_GPRS = len(GPR_NAMES)
 _RAX, _RBX, _RCX, _RDX, _RSI, _RDI, _R8 = (GPR_INDEX[name] for name in
                                           ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "r8"))
 _U32 = 0xFFFF_FFFF
-# Vcpu.sync_values(): the GPRs, then these sregs fields.
-_CS_BASE, _CS_L, _SS_DPL, _CR0, _EFER = range(_N_GPRS, _N_GPRS + 5)
 
 
 class VcpuRegisters:

@@ -37,7 +37,6 @@ from hvvmm.enlightenments import REGISTRY, EnlightenmentRegistry
 from hvvmm.enlightenments.core import HYPERCALL_PORT, CoreState, hypercall_page_bytes
 from hvvmm.hv.features import HyperVConfig
 from hvvmm.hv.hvdef import (
-    HV_HYPERCALL_CODE_MASK,
     HV_U64_MASK,
     HV_X64_MSR_APIC_FREQUENCY,
     HV_X64_MSR_TSC_FREQUENCY,

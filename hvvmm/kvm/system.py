@@ -440,10 +440,6 @@ class Vcpu:
         KVM_SYNC_X86_SREGS enabled)."""
         return _SYNC_ALL.unpack_from(self._run_view, _SYNC_GPRS_OFFSET)
 
-    def sync_values_reader(self) -> Callable[[], tuple[int, ...]]:
-        """:meth:`sync_values` as a C-level callable (no Python frame), for the hypercall exit."""
-        return functools.partial(_SYNC_ALL.unpack_from, self._run_view, _SYNC_GPRS_OFFSET)
-
     def sync_gpr(self, index: int) -> int:
         """GPR ``index`` (``GPR_NAMES`` order) in the sync-regs area, as it is now."""
         return _U64.unpack_from(self._run_view, _SYNC_GPRS_OFFSET + 8 * index)[0]
