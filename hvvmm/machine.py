@@ -42,7 +42,7 @@ from .devices.serial import Serial
 from .devices.virtio_blk import attach_drives
 from .host import host_virtualization
 from .hv.features import HyperVConfigError, parse_hyperv_spec
-from .kvm import Kvm, KvmUnavailableError, PinnedBuffer, Vm, install_kick_handler
+from .kvm import Kvm, KvmUnavailableError, PinnedBuffer, PythonGate, Vm, install_kick_handler
 from .kvm import constants as kvmc
 from .layout import PC, KiB, MemoryMapEntry, MiB
 from .memory import GuestMemory
@@ -424,6 +424,12 @@ class Machine:
                 raise ConfigError(str(exc)) from None
             vcpu.set_cpuid(table)
             self.vcpus[-1].complete_instruction = self._vcpu_completer
+        if 1 < config.smp <= len(os.sched_getaffinity(0)):
+            # Each vCPU thread can have a host CPU: one back from KVM_RUN spins briefly rather
+            # than sleep on the GIL another one holds (hvvmm.kvm.PythonGate).
+            gate = PythonGate()
+            for vcpu_thread in self.vcpus:
+                vcpu_thread.vcpu.join_python_gate(gate)
         if self.boot is not None:  # firmware starts at the reset vector: KVM's initial state
             boot.apply_entry_state(self.vcpus[0].vcpu, self.boot)
         else:

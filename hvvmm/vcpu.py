@@ -167,6 +167,8 @@ class VcpuThread:
                       f"{rip:#x}" if rip is not None else "?", exc_info=True)
             self.machine.request_stop(StopRequest(
                 "error", f"vCPU {self.index}: {type(exc).__name__}: {exc}", self.index, rip))
+        finally:
+            self.vcpu.leave_python_gate()
 
     def _safe_rip(self) -> int | None:
         try:
@@ -238,6 +240,7 @@ class VcpuThread:
             elif kind is InterruptedExit:
                 if machine.stopping:
                     return
+                vcpu.leave_python_gate()  # parking may block: nobody should wait for it
                 machine.park_if_requested(self.index)
                 work = self._work
                 while work:

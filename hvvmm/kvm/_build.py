@@ -231,13 +231,17 @@ struct hvvmm_vcpu_loop {
     __u64 hc_input;
     __u64 hc_output;
     __u8 hc_success;
+    struct hvvmm_python_gate *gate;
+    __u8 in_python;
 };
+struct hvvmm_python_gate { __u32 in_python; __u32 spin_ns; ...; };
 long long hvvmm_run_packed(struct hvvmm_vcpu_loop *loop);
 long long hvvmm_pack_exit(struct hvvmm_vcpu_loop *loop);
 int hvvmm_set_constant_msr(struct hvvmm_vcpu_loop *loop, __u32 index, __u64 value);
 void hvvmm_disable_constant_msrs(struct hvvmm_vcpu_loop *loop);
 __u64 hvvmm_constant_msr_hits(struct hvvmm_vcpu_loop *loop, unsigned slot);
 void hvvmm_apply_hypercall_success(struct hvvmm_vcpu_loop *loop);
+void hvvmm_python_gate_leave(struct hvvmm_vcpu_loop *loop);
 #define HVVMM_HC_SUCCESS_32 ...
 #define HVVMM_HC_SUCCESS_64 ...
 void *hvvmm_map_shared(int fd, size_t size);
@@ -254,6 +258,7 @@ SOURCE = r"""
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <linux/kvm.h>
 
 static const size_t HVVMM_SYNC_REGS_OFFSET = offsetof(struct kvm_run, s.regs);
@@ -301,7 +306,59 @@ struct hvvmm_vcpu_loop {
      * loop writes the result before KVM_RUN (hvvmm_apply_hypercall_success). One byte stored
      * from Python costs less than a call that writes the registers. */
     uint8_t hc_success;
+    /* Shared by the vCPUs of one machine (NULL: none): see hvvmm_wait_for_python_gate. */
+    struct hvvmm_python_gate *gate;
+    uint8_t in_python;        /* this vCPU's thread counts in gate->in_python */
 };
+
+/* How many vCPU threads of a machine are running Python (between two hvvmm_run_packed calls:
+ * handling an exit, with the GIL or about to take it). A thread whose KVM_RUN returns while
+ * another one runs Python would block on the GIL and sleep in the kernel, and being woken
+ * again costs far more than the few microseconds the other one holds it for (measured:
+ * 30% of two busy vCPU threads' time blocked). So it spins here, without the GIL, until no
+ * other vCPU thread runs Python or spin_ns passes, and only then lets cffi take the GIL: an
+ * adaptive spin before blocking, as pthread's adaptive mutexes do. Only for machines whose
+ * vCPU threads each have a host CPU (hvvmm.vcpu), else a spinning thread takes CPU time from
+ * the one it waits for. */
+struct hvvmm_python_gate { uint32_t in_python; uint32_t spin_ns; };
+
+static uint64_t hvvmm_now_ns(void)
+{
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
+}
+
+static void hvvmm_leave_python(struct hvvmm_vcpu_loop *loop)
+{
+    if (loop->in_python) {
+        __atomic_fetch_sub(&loop->gate->in_python, 1, __ATOMIC_RELEASE);
+        loop->in_python = 0;
+    }
+}
+
+/* The thread will run Python without the loop for a while (parked, stopping): stop counting. */
+void hvvmm_python_gate_leave(struct hvvmm_vcpu_loop *loop)
+{
+    if (loop->gate)
+        hvvmm_leave_python(loop);
+}
+
+static void hvvmm_wait_for_python_gate(struct hvvmm_vcpu_loop *loop)
+{
+    struct hvvmm_python_gate *gate = loop->gate;
+    if (__atomic_load_n(&gate->in_python, __ATOMIC_ACQUIRE)) {
+        uint64_t deadline = hvvmm_now_ns() + gate->spin_ns;
+        unsigned spins = 0;
+        while (__atomic_load_n(&gate->in_python, __ATOMIC_ACQUIRE)) {
+            __builtin_ia32_pause();
+            if (++spins % 64 == 0 && hvvmm_now_ns() > deadline)
+                break;
+        }
+    }
+    __atomic_fetch_add(&gate->in_python, 1, __ATOMIC_ACQUIRE);
+    loop->in_python = 1;
+}
 
 /* KVM_RUN (again while an AP leaves wait-for-SIPI: EAGAIN), and the common exit decoded in C so
  * that Python reads one integer instead of the kvm_run page: one port access of 1, 2 or 4 bytes
@@ -398,20 +455,29 @@ long long hvvmm_run_packed(struct hvvmm_vcpu_loop *loop)
 {
     if (loop->hc_success)
         hvvmm_apply_hypercall_success(loop);
+    if (loop->gate)
+        hvvmm_leave_python(loop);
+    long long packed;
     for (;;) {
         int r;
         do
             r = ioctl(loop->fd, KVM_RUN, 0);
         while (r < 0 && errno == EAGAIN);
-        if (r < 0)
-            return -errno;
+        if (r < 0) {
+            packed = -errno;
+            break;
+        }
         /* A stop or a kick still ends the loop: it sets immediate_exit and interrupts KVM_RUN,
          * so the next KVM_RUN returns EINTR at once. */
         if (loop->run->exit_reason == KVM_EXIT_X86_RDMSR && loop->msr_slots
             && hvvmm_answer_constant_msr(loop))
             continue;
-        return hvvmm_pack_exit(loop);
+        packed = hvvmm_pack_exit(loop);
+        break;
     }
+    if (loop->gate)
+        hvvmm_wait_for_python_gate(loop);
+    return packed;
 }
 
 /* Answer the constant MSR `index` with `value` in the loop from now on (vCPU thread only).

@@ -297,6 +297,21 @@ if ffi.offsetof("struct hvvmm_vcpu_loop", "hc_output") != _HC_INPUT_OFFSET + 8:
     raise ImportError("struct hvvmm_vcpu_loop does not have the layout hvvmm reads")
 
 
+class PythonGate:
+    """What the vCPUs of one machine share so that a thread back from ``KVM_RUN`` spins, without
+    the GIL, while another one runs Python, rather than sleep on the GIL (:meth:`Vcpu.join_python_gate`);
+    ``spin_ns`` bounds each wait."""
+
+    def __init__(self, spin_ns: int = 20_000):
+        self.struct = ffi.new("struct hvvmm_python_gate *")
+        self.struct.spin_ns = spin_ns
+
+    @property
+    def running_python(self) -> int:
+        """vCPU threads counted as running Python now."""
+        return self.struct.in_python
+
+
 class Vcpu:
     """A vCPU file descriptor and its shared ``kvm_run`` page."""
 
@@ -326,6 +341,7 @@ class Vcpu:
             getattr(self, "fd", -1), self.run_struct, self._run_size, -1)
         self._loop_view = memoryview(ffi.buffer(loop))
         self._constant_msr_slots: dict[int, int] = {}  # MSR index -> slot
+        self.python_gate: PythonGate | None = None  # join_python_gate
 
     # -- running ------------------------------------------------------------------------------
 
@@ -370,6 +386,18 @@ class Vcpu:
         ``KVM_RUN`` (of :meth:`packed_runner` or :meth:`run`) and loaded by KVM there; a
         C-level callable that stores one byte."""
         return functools.partial(self._loop_view.__setitem__, _HC_SUCCESS_OFFSET)
+
+    def join_python_gate(self, gate: "PythonGate") -> None:
+        """Spin briefly, without the GIL, while another vCPU of ``gate`` runs Python, before
+        taking the GIL after an exit (``struct hvvmm_python_gate`` in ``_build.py`` says why).
+        Call before the vCPU runs."""
+        self._loop.gate = gate.struct
+        self.python_gate = gate  # keeps the shared struct alive
+
+    def leave_python_gate(self) -> None:
+        """This vCPU's thread stops counting as running Python until its next exit (call it
+        before it blocks or ends)."""
+        lib.hvvmm_python_gate_leave(self._loop)
 
     # -- constant MSRs answered by the packed loop --------------------------------------------
 

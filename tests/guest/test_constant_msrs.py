@@ -74,3 +74,27 @@ def test_a_listener_added_while_running_sees_every_later_read(guest_image):
         reads = counters[f"vp{vp}"]["msr_reads"]
         assert reads["HV_X64_MSR_VP_INDEX"] == READS
         assert reads["HV_X64_MSR_TSC_FREQUENCY"] == READS + 1
+
+
+def test_the_vcpus_of_a_machine_share_a_python_gate_and_leave_it_when_they_end(guest_image):
+    """With a host CPU for each vCPU thread, a thread back from KVM_RUN spins while another
+    one runs Python (hvvmm.kvm.PythonGate); when the run ends no thread counts as running
+    Python any more, so nothing would wait for it."""
+    import os
+
+    smp = 2
+    if len(os.sched_getaffinity(0)) < smp:
+        pytest.skip(f"the gate is for machines whose {smp} vCPU threads each have a host CPU; "
+                    f"this process may use {len(os.sched_getaffinity(0))}")
+    with Machine(MachineConfig(kernel=guest_image("hv_constant_msrs"), smp=smp)) as machine:
+        gates = {id(vcpu.vcpu.python_gate) for vcpu in machine.vcpus}
+        gate = machine.vcpus[0].vcpu.python_gate
+        result = machine.run(timeout=RUN_TIMEOUT)
+    assert_guest_passed(result, machine.console_text)
+    assert gate is not None and len(gates) == 1
+    assert gate.running_python == 0
+
+
+def test_a_single_vcpu_has_no_python_gate(guest_image):
+    with Machine(MachineConfig(kernel=guest_image("hello"))) as machine:
+        assert machine.vcpus[0].vcpu.python_gate is None
