@@ -180,7 +180,7 @@ class VcpuThread:
 
     def run_loop(self) -> None:
         vcpu = self.vcpu
-        run_packed, last_exit, complete_in = vcpu.packed_runner(), vcpu.last_exit, vcpu.complete_in
+        last_exit, complete_in = vcpu.last_exit, vcpu.complete_in
         machine = self.machine
         observers = self.observers
         vcpu_ports = self.vcpu_ports
@@ -190,6 +190,10 @@ class VcpuThread:
         # Bus port accesses seen before, by their packed form above bit 32 (port, size,
         # direction): the device's own read/write with its offset bound (Bus.cache_route).
         routes = pio.route_cache()
+        # Without observers, C hands hypercall, MSR and routed port exits to their handlers
+        # itself (Vcpu.exit_runner) and returns only with the rest; observers see every exit.
+        run_packed = vcpu.packed_runner() if observers else \
+            vcpu.exit_runner(routes, hypercall_exit, packed_msr)
         while True:
             packed = run_packed()
             if packed > 0 and not observers:

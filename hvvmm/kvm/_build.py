@@ -242,6 +242,7 @@ void hvvmm_disable_constant_msrs(struct hvvmm_vcpu_loop *loop);
 __u64 hvvmm_constant_msr_hits(struct hvvmm_vcpu_loop *loop, unsigned slot);
 void hvvmm_apply_hypercall_success(struct hvvmm_vcpu_loop *loop);
 void hvvmm_python_gate_leave(struct hvvmm_vcpu_loop *loop);
+int hvvmm_install_run_exits(void);
 #define HVVMM_HC_SUCCESS_32 ...
 #define HVVMM_HC_SUCCESS_64 ...
 void *hvvmm_map_shared(int fd, size_t size);
@@ -529,6 +530,115 @@ void hvvmm_apply_hypercall_success(struct hvvmm_vcpu_loop *loop)
         run->s.regs.regs.rdx = 0;
     run->kvm_dirty_regs |= KVM_SYNC_X86_REGS;
     loop->hc_success = 0;
+}
+
+/* run_exits(loop_address, routes, hypercall_exit, msr_exit): hvvmm_run_packed again and again,
+ * handing each exit Python has a handler for to that handler straight from here, without
+ * returning to the Python loop: a 1-byte OUT to the armed hypercall port to
+ * hypercall_exit(packed), an MSR exit to msr_exit(packed), a port access whose packed form
+ * above bit 32 is a key of the dict `routes` to routes[key](value) (OUT) or routes[key]()
+ * (IN, the answer stored in the page as Vcpu.complete_in does it). Returns the packed value of
+ * the first exit it has no handler for (0: decode it from the page, < 0: -errno); an exception
+ * a handler raises comes out of run_exits. hypercall_exit and msr_exit may be None.
+ * A Python function written in C (the stable ABI) rather than a cffi call: one exit costs the
+ * Python loop a call and its branches, which on this path is most of the Python work. */
+static PyObject *hvvmm_py_run_exits(PyObject *self, PyObject *args)
+{
+    PyObject *address, *routes, *hypercall_exit, *msr_exit;
+    (void)self;
+    if (!PyArg_UnpackTuple(args, "run_exits", 4, 4, &address, &routes, &hypercall_exit,
+                           &msr_exit))
+        return NULL;
+    struct hvvmm_vcpu_loop *loop = PyLong_AsVoidPtr(address);
+    if (loop == NULL || !PyDict_Check(routes)) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "run_exits: a loop address and a dict of routes");
+        return NULL;
+    }
+    for (;;) {
+        long long packed;
+        PyThreadState *state = PyEval_SaveThread();
+        packed = hvvmm_run_packed(loop);
+        PyEval_RestoreThread(state);
+        if (packed <= 0)
+            return PyLong_FromLongLong(packed);
+        PyObject *handler = NULL, *result;
+        if (packed & HVVMM_PACKED_HYPERCALL) {
+            handler = hypercall_exit;
+        } else if (packed & HVVMM_PACKED_MSR) {
+            handler = msr_exit;
+        } else if (packed & HVVMM_PACKED_IO) {
+            PyObject *key = PyLong_FromLongLong(packed >> 32);
+            if (key == NULL)
+                return NULL;
+            PyObject *route = PyDict_GetItemWithError(routes, key);  /* borrowed */
+            Py_DECREF(key);
+            if (route == NULL) {
+                if (PyErr_Occurred())
+                    return NULL;
+                return PyLong_FromLongLong(packed);  /* the Python loop finds the device */
+            }
+            Py_INCREF(route);  /* the dict may change while it runs */
+            if (packed & HVVMM_PACKED_OUT) {
+                PyObject *value = PyLong_FromUnsignedLong((unsigned long)(packed & 0xffffffffu));
+                result = value ? PyObject_CallFunctionObjArgs(route, value, NULL) : NULL;
+                Py_XDECREF(value);
+                Py_DECREF(route);
+                if (result == NULL)
+                    return NULL;
+                Py_DECREF(result);
+                continue;
+            }
+            result = PyObject_CallFunctionObjArgs(route, NULL);
+            Py_DECREF(route);
+            if (result == NULL)
+                return NULL;
+            unsigned size = (unsigned)(packed >> 48) & 0xff;
+            unsigned long long offset = (unsigned long long)packed & 0xffffffffu;
+            unsigned long long value = PyLong_AsUnsignedLongLong(result);
+            Py_DECREF(result);
+            if (value == (unsigned long long)-1 && PyErr_Occurred())
+                return NULL;
+            if (size < 8 && value >> (8 * size)) {  /* as int.to_bytes(size) refuses it */
+                PyErr_Format(PyExc_OverflowError, "port read of %u bytes answered %llu", size,
+                             value);
+                return NULL;
+            }
+            memcpy((char *)loop->run + offset, &value, size);  /* offset: checked in pack */
+            continue;
+        }
+        if (handler == NULL || handler == Py_None)
+            return PyLong_FromLongLong(packed);
+        PyObject *argument = PyLong_FromLongLong(packed);
+        result = argument ? PyObject_CallFunctionObjArgs(handler, argument, NULL) : NULL;
+        Py_XDECREF(argument);
+        if (result == NULL)
+            return NULL;
+        Py_DECREF(result);
+    }
+}
+
+static PyMethodDef hvvmm_run_exits_def = {
+    "run_exits", hvvmm_py_run_exits, METH_VARARGS,
+    "run_exits(loop_address, routes, hypercall_exit, msr_exit): see hvvmm/kvm/_build.py"};
+
+/* Puts run_exits on this module (hvvmm.kvm._kvm). Called through cffi, so without the GIL. */
+int hvvmm_install_run_exits(void)
+{
+    PyGILState_STATE gil = PyGILState_Ensure();
+    int r = -1;
+    PyObject *module = PyImport_AddModule("hvvmm.kvm._kvm");  /* borrowed */
+    if (module != NULL) {
+        PyObject *function = PyCFunction_NewEx(&hvvmm_run_exits_def, NULL, NULL);
+        if (function != NULL) {
+            r = PyObject_SetAttrString(module, "run_exits", function);
+            Py_DECREF(function);
+        }
+    }
+    if (r < 0)
+        PyErr_Clear();
+    PyGILState_Release(gil);
+    return r;
 }
 
 /* A locked OR on one byte of memory the guest shares (SynIC event flags), so a guest clearing

@@ -289,6 +289,9 @@ _U64 = struct.Struct("<Q")
 _MSR_ERROR_OFFSET = ffi.offsetof("struct kvm_run", "msr", "error")
 _MSR_DATA_OFFSET = ffi.offsetof("struct kvm_run", "msr", "data")
 _U64_PAIR = struct.Struct("<QQ")
+if lib.hvvmm_install_run_exits() < 0:
+    raise ImportError("hvvmm.kvm._kvm: run_exits could not be installed")
+from ._kvm import run_exits as _run_exits  # noqa: E402 -- put there by the call above
 # kvm_run.msr.error, then .data: one store answers an RDMSR (rdmsr_answerer).
 _MSR_ANSWER = struct.Struct(f"<B{_MSR_DATA_OFFSET - _MSR_ERROR_OFFSET - 1}xQ")
 _HC_INPUT_OFFSET = ffi.offsetof("struct hvvmm_vcpu_loop", "hc_input")
@@ -369,6 +372,16 @@ class Vcpu:
         the exit or the error :meth:`run` gives). Reads of the MSRs given to
         :meth:`set_constant_msr` are answered inside the call and never come back."""
         return functools.partial(lib.hvvmm_run_packed, self._loop)
+
+    def exit_runner(self, routes: dict, hypercall_exit: Callable[[int], None] | None,
+                    msr_exit: Callable[[int], None] | None) -> Callable[[], int]:
+        """:meth:`packed_runner` that also hands the exits Python has a handler for to that
+        handler itself, in C, and comes back only with the others (``run_exits`` in
+        ``_build.py``): a hypercall exit to ``hypercall_exit(packed)``, an MSR exit to
+        ``msr_exit(packed)``, a port access whose packed form above bit 32 is in ``routes`` to
+        that route (``Bus.cache_route``). A handler's exception comes out of the call."""
+        return functools.partial(_run_exits, int(ffi.cast("uintptr_t", self._loop)), routes,
+                                 hypercall_exit, msr_exit)
 
     def set_hypercall_port(self, port: int | None) -> None:
         """Mark a 1-byte OUT to ``port`` in packed exits (``PACKED_HYPERCALL``, and the decoded
