@@ -527,36 +527,37 @@ class HyperV:
         vcpu = vcpu_thread.vcpu
         direct = SyncRegisters(vcpu)
         hypercall_args = vcpu.hypercall_args_reader()
-        write_success = vcpu.hypercall_success_writer()
         success_32, success_64 = HC_SUCCESS_32, HC_SUCCESS_64
 
-        def on_hypercall(packed: int) -> None:
+        def on_hypercall(packed: int, first: int | None = None,
+                         second: int | None = None) -> int | None:
             # The port is armed only while the page is enabled (watch_hypercall_port): an exit
             # that raced with a disable counts as a call made just before it. Trace events
-            # come from the general path alone.
+            # come from the general path alone. The run loop hands a decoded call's register
+            # pair over, and writes the result when the answer is HC_SUCCESS_32/64.
             use_sync = self.use_sync_regs  # read each time: tests switch it off
             if packed & PACKED_HC_SIMPLE and use_sync and partition.on_event is None:
                 call = calls[packed >> 8 & 0x1FFFF]
                 if call is not None:
                     long_mode = packed & PACKED_HC_LONG != 0
-                    first, second = hypercall_args()
+                    if first is None:
+                        first, second = hypercall_args()
                     status = call(direct, long_mode, first, second)
                     if status == SUCCESS_NOT_WRITTEN:
-                        write_success(success_64 if long_mode else success_32)
-                        return
+                        return success_64 if long_mode else success_32
                     if status is not None:
                         direct.commit()  # written by the general completion
-                        return
+                        return None
             elif not use_sync:
                 # Registers through KVM_GET_REGS/SREGS (tests; hosts without KVM_CAP_SYNC_REGS).
                 io = VcpuRegisters(vcpu, False)
-                if self._simple_without_sync_regs(io, calls):
-                    return
-                self._dispatch(vcpu_thread, io)
-                return
+                if not self._simple_without_sync_regs(io, calls):
+                    self._dispatch(vcpu_thread, io)
+                return None
             # Real mode, CPL > 0 (#UD: TLFS "Legal Hypercall Environments"), another call
             # shape, tracing, or the compact path declined: the general path.
             self._dispatch(vcpu_thread, VcpuRegisters(vcpu, True))
+            return None
 
         return on_hypercall
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from .bus import Bus
-from .kvm.exits import PACKED_HYPERCALL, PACKED_IO, PACKED_MSR, PACKED_OUT, PACKED_WRMSR
+from .kvm.exits import PACKED_IO, PACKED_OUT, PACKED_WRMSR
 from .kvm import (KICK_SIGNAL, FailEntryExit, HltExit, InternalErrorExit, InterruptedExit, IoExit,
                   MmioExit, MsrExit, ShutdownExit, SystemEventExit, UnknownExit, Vcpu, VcpuExit,
                   constants)
@@ -197,19 +197,9 @@ class VcpuThread:
         while True:
             packed = run_packed()
             if packed > 0 and not observers:
-                # The hot exits, decoded in C into one int (Vcpu.packed_runner): a hypercall (a
-                # 1-byte OUT to the hypercall port), one access of 1, 2 or 4 bytes to a bus
-                # port, and MSR exits; no exit object is built.
-                if packed & PACKED_HYPERCALL:
-                    hypercall_exit(packed)
-                    continue
-                route = routes.get(packed >> 32)
-                if route is not None:
-                    if packed & PACKED_OUT:
-                        route(packed & 0xFFFF_FFFF)
-                    else:
-                        complete_in(packed & 0xFFFF_FFFF, packed >> 48 & 0xFF, route())
-                    continue
+                # A port access of 1, 2 or 4 bytes that C found no route for, decoded into one
+                # int (Vcpu.exit_runner; hypercall and MSR exits never come back here). No
+                # exit object is built.
                 if packed & PACKED_IO:
                     port = (packed >> 32) & 0xFFFF
                     if port not in vcpu_ports:
@@ -220,9 +210,6 @@ class VcpuThread:
                             complete_in(packed & 0xFFFF_FFFF, size, pio_read(port, size))
                         pio.cache_route(routes, packed >> 32, port, size, packed & PACKED_OUT)
                         continue
-                elif packed & PACKED_MSR:
-                    packed_msr(packed)
-                    continue
             exit = last_exit(packed)
             if observers:
                 for observer in observers:

@@ -303,9 +303,9 @@ struct hvvmm_vcpu_loop {
      * RDX and R8 in long mode, EBX:ECX and EDI:ESI otherwise (TLFS "Hypercall Inputs"). */
     uint64_t hc_input;
     uint64_t hc_output;
-    /* Set by Python when that call succeeded (HVVMM_HC_SUCCESS_32/64): the next run of the
-     * loop writes the result before KVM_RUN (hvvmm_apply_hypercall_success). One byte stored
-     * from Python costs less than a call that writes the registers. */
+    /* HVVMM_HC_SUCCESS_32/64 when that call succeeded (the hypercall exit's answer to
+     * run_exits): the next run of the loop writes the result before KVM_RUN
+     * (hvvmm_apply_hypercall_success). */
     uint8_t hc_success;
     /* Shared by the vCPUs of one machine (NULL: none): see hvvmm_wait_for_python_gate. */
     struct hvvmm_python_gate *gate;
@@ -535,7 +535,9 @@ void hvvmm_apply_hypercall_success(struct hvvmm_vcpu_loop *loop)
 /* run_exits(loop_address, routes, hypercall_exit, msr_exit): hvvmm_run_packed again and again,
  * handing each exit Python has a handler for to that handler straight from here, without
  * returning to the Python loop: a 1-byte OUT to the armed hypercall port to
- * hypercall_exit(packed), an MSR exit to msr_exit(packed), a port access whose packed form
+ * hypercall_exit(packed) (a decoded call: hypercall_exit(packed, first, second), the register
+ * pair, and an answer of HVVMM_HC_SUCCESS_32/64 writes the success result before the next
+ * entry), an MSR exit to msr_exit(packed), a port access whose packed form
  * above bit 32 is a key of the dict `routes` to routes[key](value) (OUT) or routes[key]()
  * (IN, the answer stored in the page as Vcpu.complete_in does it). Returns the packed value of
  * the first exit it has no handler for (0: decode it from the page, < 0: -errno); an exception
@@ -564,7 +566,32 @@ static PyObject *hvvmm_py_run_exits(PyObject *self, PyObject *args)
             return PyLong_FromLongLong(packed);
         PyObject *handler = NULL, *result;
         if (packed & HVVMM_PACKED_HYPERCALL) {
-            handler = hypercall_exit;
+            if (hypercall_exit == Py_None)
+                return PyLong_FromLongLong(packed);
+            /* A decoded call comes with its register pair; the handler's answer HVVMM_HC_SUCCESS_*
+             * has the result written before the next entry (hvvmm_apply_hypercall_success). */
+            PyObject *argument = PyLong_FromLongLong(packed), *first = NULL, *second = NULL;
+            if (argument && packed & HVVMM_PACKED_HC_SIMPLE) {
+                first = PyLong_FromUnsignedLongLong(loop->hc_input);
+                second = PyLong_FromUnsignedLongLong(loop->hc_output);
+            }
+            if (!argument || (packed & HVVMM_PACKED_HC_SIMPLE && (!first || !second)))
+                result = NULL;
+            else
+                result = PyObject_CallFunctionObjArgs(hypercall_exit, argument, first, second,
+                                                      NULL);
+            Py_XDECREF(argument);
+            Py_XDECREF(first);
+            Py_XDECREF(second);
+            if (result == NULL)
+                return NULL;
+            if (PyLong_Check(result)) {
+                long success = PyLong_AsLong(result);
+                if (success == HVVMM_HC_SUCCESS_32 || success == HVVMM_HC_SUCCESS_64)
+                    loop->hc_success = (uint8_t)success;
+            }
+            Py_DECREF(result);
+            continue;
         } else if (packed & HVVMM_PACKED_MSR) {
             handler = msr_exit;
         } else if (packed & HVVMM_PACKED_IO) {

@@ -272,6 +272,7 @@ PACKED_HYPERCALL = lib.HVVMM_PACKED_HYPERCALL  # with PACKED_IO | PACKED_OUT; AL
 # control in bits 24:8; its register pair via Vcpu.hypercall_args_reader.
 PACKED_HC_SIMPLE = lib.HVVMM_PACKED_HC_SIMPLE
 PACKED_HC_LONG = lib.HVVMM_PACKED_HC_LONG  # with PACKED_HC_SIMPLE: a 64-bit call
-# Vcpu.hypercall_success_writer's argument: the result of a 32-bit or a 64-bit call.
+# What the hypercall exit answers (Vcpu.exit_runner) to have the success result of a 32-bit or
+# a 64-bit call written before the next entry.
 HC_SUCCESS_32, HC_SUCCESS_64 = lib.HVVMM_HC_SUCCESS_32, lib.HVVMM_HC_SUCCESS_64
 

@@ -295,7 +295,6 @@ from ._kvm import run_exits as _run_exits  # noqa: E402 -- put there by the call
 # kvm_run.msr.error, then .data: one store answers an RDMSR (rdmsr_answerer).
 _MSR_ANSWER = struct.Struct(f"<B{_MSR_DATA_OFFSET - _MSR_ERROR_OFFSET - 1}xQ")
 _HC_INPUT_OFFSET = ffi.offsetof("struct hvvmm_vcpu_loop", "hc_input")
-_HC_SUCCESS_OFFSET = ffi.offsetof("struct hvvmm_vcpu_loop", "hc_success")
 if ffi.offsetof("struct hvvmm_vcpu_loop", "hc_output") != _HC_INPUT_OFFSET + 8:
     raise ImportError("struct hvvmm_vcpu_loop does not have the layout hvvmm reads")
 
@@ -392,13 +391,6 @@ class Vcpu:
         """The GPA / fast-input register pair of the call a ``PACKED_HC_SIMPLE`` exit carries
         (input, output), as a C-level callable."""
         return functools.partial(_U64_PAIR.unpack_from, self._loop_view, _HC_INPUT_OFFSET)
-
-    def hypercall_success_writer(self) -> Callable[[int], None]:
-        """``write(lib.HVVMM_HC_SUCCESS_64)`` (or ``_32``): the result of a successful simple
-        call (RAX, or EDX:EAX, = 0), written into the sync-regs area before the next
-        ``KVM_RUN`` (of :meth:`packed_runner` or :meth:`run`) and loaded by KVM there; a
-        C-level callable that stores one byte."""
-        return functools.partial(self._loop_view.__setitem__, _HC_SUCCESS_OFFSET)
 
     def join_python_gate(self, gate: "PythonGate") -> None:
         """Spin briefly, without the GIL, while another vCPU of ``gate`` runs Python, before

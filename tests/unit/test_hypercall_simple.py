@@ -457,9 +457,14 @@ def test_the_vcpu_exit_matches_the_general_path(sequence):
                 from hvvmm.kvm._kvm import lib
 
                 vcpu.set_hypercall_port(0x79)
-                hyperv._hypercall_exit(thread)(lib.hvvmm_pack_exit(vcpu._loop))
-                if vcpu._loop.hc_success:  # what the next KVM_RUN of the loop does first
-                    lib.hvvmm_apply_hypercall_success(vcpu._loop)
+                packed = lib.hvvmm_pack_exit(vcpu._loop)
+                loop = vcpu._loop
+                pair = (loop.hc_input, loop.hc_output) if packed & lib.HVVMM_PACKED_HC_SIMPLE \
+                    else ()
+                answer = hyperv._hypercall_exit(thread)(packed, *pair)
+                if answer:  # what run_exits and then the next KVM_RUN do with it
+                    loop.hc_success = answer
+                    lib.hvvmm_apply_hypercall_success(loop)
             else:
                 hyperv._dispatch(thread, VcpuRegisters(vcpu, True))
             results.append((_page_state(side, vcpu), written))
