@@ -595,24 +595,26 @@ class HyperV:
         partition = self.partition
         msr_read, msr_write = partition.msr_read, partition.msr_write
         vcpu, index = vcpu_thread.vcpu, vcpu_thread.index
-        complete_msr, complete_rdmsr, msr_value = (vcpu.complete_msr, vcpu.rdmsr_answerer(),
-                                                   vcpu.msr_value)
+        complete_msr, msr_value = vcpu.complete_msr, vcpu.msr_value
         constants = partition.constant_msr_values(index)
         observers = vcpu_thread.observers
 
-        def on_msr(packed: int) -> None:
+        def on_msr(packed: int) -> int | None:
+            # An RDMSR is answered with its value, which the run loop stores
+            # (Vcpu.exit_runner); everything else completes the access here.
             msr = packed & _U32
             try:
                 if packed & PACKED_WRMSR:
                     msr_write(index, msr, msr_value())
                     complete_msr(True)
-                    return
-                complete_rdmsr(msr_read(index, msr))
+                    return None
+                value = msr_read(index, msr)
             except MsrAccessFault:
                 complete_msr(False)  # #GP, as the TLFS says
-                return
+                return None
             if msr in constants and partition.on_event is None and not observers:
                 vcpu.set_constant_msr(msr, constants[msr])
+            return value
 
         return on_msr
 

@@ -99,7 +99,7 @@ class VcpuThread:
         # bits 7:0); None: no Hyper-V.
         self.hypercall_exit: Callable[[int], None] | None = None
         # Answers a packed MSR exit in place of msr_handler (set_msr_exit); None: msr_handler.
-        self.msr_exit: Callable[[int], None] | None = None
+        self.msr_exit: Callable[[int], int | None] | None = None
         # Completes instructions KVM's emulator cannot run (hvvmm.x86.kvm_adapter); returns None
         # when the vCPU may go on, else the line that ends the run. Set by the machine.
         self.complete_instruction: Callable[["VcpuThread", InternalErrorExit], str | None] | \
@@ -115,10 +115,11 @@ class VcpuThread:
         through :attr:`vcpu_ports` instead. Call before the thread starts."""
         self.hypercall_exit = handler
 
-    def set_msr_exit(self, handler: Callable[[int], None]) -> None:
-        """Answer packed MSR exits with ``handler(packed)`` (it completes the access in the
-        kvm_run page) rather than through :attr:`msr_handler`, which still answers the exits
-        observers see. Call before the thread starts."""
+    def set_msr_exit(self, handler: Callable[[int], int | None]) -> None:
+        """Answer packed MSR exits with ``handler(packed)`` rather than through
+        :attr:`msr_handler`, which still answers the exits observers see: it completes the
+        access in the kvm_run page, or answers an RDMSR with the value (an int) for the run
+        loop to store. Call before the thread starts."""
         self.msr_exit = handler
 
     # -- thread management --------------------------------------------------------------------

@@ -537,7 +537,8 @@ void hvvmm_apply_hypercall_success(struct hvvmm_vcpu_loop *loop)
  * returning to the Python loop: a 1-byte OUT to the armed hypercall port to
  * hypercall_exit(packed) (a decoded call: hypercall_exit(packed, first, second), the register
  * pair, and an answer of HVVMM_HC_SUCCESS_32/64 writes the success result before the next
- * entry), an MSR exit to msr_exit(packed), a port access whose packed form
+ * entry), an MSR exit to msr_exit(packed) (an RDMSR's handler may answer with the value), a
+ * port access whose packed form
  * above bit 32 is a key of the dict `routes` to routes[key](value) (OUT) or routes[key]()
  * (IN, the answer stored in the page as Vcpu.complete_in does it). Returns the packed value of
  * the first exit it has no handler for (0: decode it from the page, < 0: -errno); an exception
@@ -593,7 +594,26 @@ static PyObject *hvvmm_py_run_exits(PyObject *self, PyObject *args)
             Py_DECREF(result);
             continue;
         } else if (packed & HVVMM_PACKED_MSR) {
-            handler = msr_exit;
+            if (msr_exit == Py_None)
+                return PyLong_FromLongLong(packed);
+            /* An RDMSR handler may answer with the value (an int) rather than complete the
+             * access itself: it is stored here, as Vcpu.complete_rdmsr would. */
+            PyObject *argument = PyLong_FromLongLong(packed);
+            result = argument ? PyObject_CallFunctionObjArgs(msr_exit, argument, NULL) : NULL;
+            Py_XDECREF(argument);
+            if (result == NULL)
+                return NULL;
+            if (!(packed & HVVMM_PACKED_WRMSR) && PyLong_Check(result)) {
+                unsigned long long value = PyLong_AsUnsignedLongLong(result);
+                if (value == (unsigned long long)-1 && PyErr_Occurred()) {
+                    Py_DECREF(result);
+                    return NULL;
+                }
+                loop->run->msr.error = 0;
+                loop->run->msr.data = value;
+            }
+            Py_DECREF(result);
+            continue;
         } else if (packed & HVVMM_PACKED_IO) {
             PyObject *key = PyLong_FromLongLong(packed >> 32);
             if (key == NULL)

@@ -292,8 +292,6 @@ _U64_PAIR = struct.Struct("<QQ")
 if lib.hvvmm_install_run_exits() < 0:
     raise ImportError("hvvmm.kvm._kvm: run_exits could not be installed")
 from ._kvm import run_exits as _run_exits  # noqa: E402 -- put there by the call above
-# kvm_run.msr.error, then .data: one store answers an RDMSR (rdmsr_answerer).
-_MSR_ANSWER = struct.Struct(f"<B{_MSR_DATA_OFFSET - _MSR_ERROR_OFFSET - 1}xQ")
 _HC_INPUT_OFFSET = ffi.offsetof("struct hvvmm_vcpu_loop", "hc_input")
 if ffi.offsetof("struct hvvmm_vcpu_loop", "hc_output") != _HC_INPUT_OFFSET + 8:
     raise ImportError("struct hvvmm_vcpu_loop does not have the layout hvvmm reads")
@@ -443,11 +441,6 @@ class Vcpu:
         view = self._run_view
         view[_MSR_ERROR_OFFSET] = 0
         _U64.pack_into(view, _MSR_DATA_OFFSET, value & 0xFFFF_FFFF_FFFF_FFFF)
-
-    def rdmsr_answerer(self) -> Callable[[int], None]:
-        """:meth:`complete_rdmsr` for a u64 ``value`` as a C-level callable (no Python frame),
-        for the run loop's MSR exit."""
-        return functools.partial(_MSR_ANSWER.pack_into, self._run_view, _MSR_ERROR_OFFSET, 0)
 
     def complete_msr(self, ok: bool) -> None:
         """Finish a packed MSR exit's access (``ok``) or refuse it (KVM injects #GP)."""
