@@ -2,7 +2,9 @@
 
 The loop is deliberately short (Firecracker's ``run_emulation`` shape): port I/O and MMIO go to the
 buses, MSR exits to the synthetic-MSR handler, and every exit that ends the VM (triple fault, KVM
-errors, exits we do not handle) becomes a :class:`StopRequest` for the machine. ``KVM_RUN`` releases
+errors, exits we do not handle) becomes a :class:`StopRequest` for the machine. The hot exits
+(hypercalls, MSRs, port accesses seen before) are handed to the same handlers from C
+(``Vcpu.exit_runner``), which comes back to this loop only for the rest. ``KVM_RUN`` releases
 the GIL, so vCPUs run in parallel; a stop sets ``immediate_exit`` and sends the kick signal, which
 makes ``KVM_RUN`` return EINTR.
 """
