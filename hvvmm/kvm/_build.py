@@ -545,6 +545,41 @@ void hvvmm_apply_hypercall_success(struct hvvmm_vcpu_loop *loop)
  * a handler raises comes out of run_exits. hypercall_exit and msr_exit may be None.
  * A Python function written in C (the stable ABI) rather than a cffi call: one exit costs the
  * Python loop a call and its branches, which on this path is most of the Python work. */
+/* handler(packed) or, given the register pair, handler(packed, first, second): the result (a
+ * new reference), or NULL with the exception set. */
+static PyObject *hvvmm_call_exit_handler(PyObject *handler, long long packed, int with_pair,
+                                         uint64_t first, uint64_t second)
+{
+    PyObject *arguments[3] = { PyLong_FromLongLong(packed), NULL, NULL }, *result = NULL;
+    if (with_pair) {
+        arguments[1] = PyLong_FromUnsignedLongLong(first);
+        arguments[2] = PyLong_FromUnsignedLongLong(second);
+    }
+    if (arguments[0] && (!with_pair || (arguments[1] && arguments[2])))
+        result = PyObject_CallFunctionObjArgs(handler, arguments[0], arguments[1], arguments[2],
+                                              NULL);
+    for (int i = 0; i < 3; i++)
+        Py_XDECREF(arguments[i]);
+    return result;
+}
+
+/* A port read's answer from a route, stored where Vcpu.complete_in would; 0, or -1 with the
+ * exception set (a value the access cannot hold is refused as int.to_bytes refuses it). */
+static int hvvmm_store_port_read(struct hvvmm_vcpu_loop *loop, long long packed, PyObject *result)
+{
+    unsigned size = (unsigned)(packed >> 48) & 0xff;
+    unsigned long long offset = (unsigned long long)packed & 0xffffffffu;
+    unsigned long long value = PyLong_AsUnsignedLongLong(result);
+    if (value == (unsigned long long)-1 && PyErr_Occurred())
+        return -1;
+    if (size < 8 && value >> (8 * size)) {
+        PyErr_Format(PyExc_OverflowError, "port read of %u bytes answered %llu", size, value);
+        return -1;
+    }
+    memcpy((char *)loop->run + offset, &value, size);  /* offset: checked in hvvmm_pack_exit */
+    return 0;
+}
+
 static PyObject *hvvmm_py_run_exits(PyObject *self, PyObject *args)
 {
     PyObject *address, *routes, *hypercall_exit, *msr_exit;
@@ -559,31 +594,20 @@ static PyObject *hvvmm_py_run_exits(PyObject *self, PyObject *args)
         return NULL;
     }
     for (;;) {
-        long long packed;
         PyThreadState *state = PyEval_SaveThread();
-        packed = hvvmm_run_packed(loop);
+        long long packed = hvvmm_run_packed(loop);
         PyEval_RestoreThread(state);
+        PyObject *result;
         if (packed <= 0)
             return PyLong_FromLongLong(packed);
-        PyObject *handler = NULL, *result;
         if (packed & HVVMM_PACKED_HYPERCALL) {
             if (hypercall_exit == Py_None)
                 return PyLong_FromLongLong(packed);
-            /* A decoded call comes with its register pair; the handler's answer HVVMM_HC_SUCCESS_*
-             * has the result written before the next entry (hvvmm_apply_hypercall_success). */
-            PyObject *argument = PyLong_FromLongLong(packed), *first = NULL, *second = NULL;
-            if (argument && packed & HVVMM_PACKED_HC_SIMPLE) {
-                first = PyLong_FromUnsignedLongLong(loop->hc_input);
-                second = PyLong_FromUnsignedLongLong(loop->hc_output);
-            }
-            if (!argument || (packed & HVVMM_PACKED_HC_SIMPLE && (!first || !second)))
-                result = NULL;
-            else
-                result = PyObject_CallFunctionObjArgs(hypercall_exit, argument, first, second,
-                                                      NULL);
-            Py_XDECREF(argument);
-            Py_XDECREF(first);
-            Py_XDECREF(second);
+            /* A decoded call comes with its register pair; the handler's answer
+             * HVVMM_HC_SUCCESS_32/64 has the result written before the next entry. */
+            result = hvvmm_call_exit_handler(hypercall_exit, packed,
+                                             (packed & HVVMM_PACKED_HC_SIMPLE) != 0,
+                                             loop->hc_input, loop->hc_output);
             if (result == NULL)
                 return NULL;
             if (PyLong_Check(result)) {
@@ -591,16 +615,12 @@ static PyObject *hvvmm_py_run_exits(PyObject *self, PyObject *args)
                 if (success == HVVMM_HC_SUCCESS_32 || success == HVVMM_HC_SUCCESS_64)
                     loop->hc_success = (uint8_t)success;
             }
-            Py_DECREF(result);
-            continue;
         } else if (packed & HVVMM_PACKED_MSR) {
             if (msr_exit == Py_None)
                 return PyLong_FromLongLong(packed);
             /* An RDMSR handler may answer with the value (an int) rather than complete the
              * access itself: it is stored here, as Vcpu.complete_rdmsr would. */
-            PyObject *argument = PyLong_FromLongLong(packed);
-            result = argument ? PyObject_CallFunctionObjArgs(msr_exit, argument, NULL) : NULL;
-            Py_XDECREF(argument);
+            result = hvvmm_call_exit_handler(msr_exit, packed, 0, 0, 0);
             if (result == NULL)
                 return NULL;
             if (!(packed & HVVMM_PACKED_WRMSR) && PyLong_Check(result)) {
@@ -612,55 +632,28 @@ static PyObject *hvvmm_py_run_exits(PyObject *self, PyObject *args)
                 loop->run->msr.error = 0;
                 loop->run->msr.data = value;
             }
-            Py_DECREF(result);
-            continue;
-        } else if (packed & HVVMM_PACKED_IO) {
+        } else {  /* HVVMM_PACKED_IO */
             PyObject *key = PyLong_FromLongLong(packed >> 32);
             if (key == NULL)
                 return NULL;
             PyObject *route = PyDict_GetItemWithError(routes, key);  /* borrowed */
             Py_DECREF(key);
-            if (route == NULL) {
-                if (PyErr_Occurred())
-                    return NULL;
-                return PyLong_FromLongLong(packed);  /* the Python loop finds the device */
-            }
+            if (route == NULL)  /* the Python loop finds the device (or the error) */
+                return PyErr_Occurred() ? NULL : PyLong_FromLongLong(packed);
             Py_INCREF(route);  /* the dict may change while it runs */
             if (packed & HVVMM_PACKED_OUT) {
                 PyObject *value = PyLong_FromUnsignedLong((unsigned long)(packed & 0xffffffffu));
                 result = value ? PyObject_CallFunctionObjArgs(route, value, NULL) : NULL;
                 Py_XDECREF(value);
-                Py_DECREF(route);
-                if (result == NULL)
-                    return NULL;
-                Py_DECREF(result);
-                continue;
+            } else {
+                result = PyObject_CallFunctionObjArgs(route, NULL);
+                if (result != NULL && hvvmm_store_port_read(loop, packed, result) < 0)
+                    Py_CLEAR(result);
             }
-            result = PyObject_CallFunctionObjArgs(route, NULL);
             Py_DECREF(route);
             if (result == NULL)
                 return NULL;
-            unsigned size = (unsigned)(packed >> 48) & 0xff;
-            unsigned long long offset = (unsigned long long)packed & 0xffffffffu;
-            unsigned long long value = PyLong_AsUnsignedLongLong(result);
-            Py_DECREF(result);
-            if (value == (unsigned long long)-1 && PyErr_Occurred())
-                return NULL;
-            if (size < 8 && value >> (8 * size)) {  /* as int.to_bytes(size) refuses it */
-                PyErr_Format(PyExc_OverflowError, "port read of %u bytes answered %llu", size,
-                             value);
-                return NULL;
-            }
-            memcpy((char *)loop->run + offset, &value, size);  /* offset: checked in pack */
-            continue;
         }
-        if (handler == NULL || handler == Py_None)
-            return PyLong_FromLongLong(packed);
-        PyObject *argument = PyLong_FromLongLong(packed);
-        result = argument ? PyObject_CallFunctionObjArgs(handler, argument, NULL) : NULL;
-        Py_XDECREF(argument);
-        if (result == NULL)
-            return NULL;
         Py_DECREF(result);
     }
 }
