@@ -105,15 +105,20 @@ class Bus:
     def cache_route(self, cache: dict, key, address: int, size: int, write: bool) -> None:
         """Put the device access ``[address, address+size)`` in ``cache`` under ``key``:
         ``route(value)`` for a write, ``route()`` for a read, the device's own method with its
-        offset bound (no bus frames). Nothing for an address no device holds (the bus logs
-        those); at most 4096 routes (the guest picks the addresses)."""
+        offset bound (no bus frames). An access no device holds gets None: its caller answers
+        it as :meth:`read`/:meth:`write` do (all ones, or nothing) without calling Python
+        (call this after :meth:`read`/:meth:`write` have logged it: they log an address once).
+        At most 4096 routes (the guest picks the addresses)."""
+        if len(cache) >= 4096:
+            return
         table = self._table
         entry = self.find(address, size)
-        if entry is None or len(cache) >= 4096:
-            return
-        device = entry.device
-        cache[key] = functools.partial(device.write if write else device.read,
-                                       address - entry.base, size)
+        if entry is None:
+            cache[key] = None
+        else:
+            device = entry.device
+            cache[key] = functools.partial(device.write if write else device.read,
+                                           address - entry.base, size)
         if self._table is not table:  # a device changed meanwhile: it may have been cleared
             cache.pop(key, None)
 

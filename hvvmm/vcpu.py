@@ -191,7 +191,8 @@ class VcpuThread:
         pio_read, pio_write = pio.read, pio.write
         hypercall_exit, packed_msr = self.hypercall_exit, self.msr_exit or self._packed_msr
         # Bus port accesses seen before, by their packed form above bit 32 (port, size,
-        # direction): the device's own read/write with its offset bound (Bus.cache_route).
+        # direction): the device's own read/write with its offset bound, or None for a port no
+        # device holds (Bus.cache_route).
         routes = pio.route_cache()
         # Without observers, C hands hypercall, MSR and routed port exits to their handlers
         # itself (Vcpu.exit_runner) and returns only with the rest; observers see every exit.

@@ -534,7 +534,8 @@ void hvvmm_apply_hypercall_success(struct hvvmm_vcpu_loop *loop)
 
 /* run_exits(loop_address, routes, hypercall_exit, msr_exit): hvvmm_run_packed again and again,
  * handing each exit Python has a handler for to that handler straight from here, without
- * returning to the Python loop: a 1-byte OUT to the armed hypercall port to
+ * returning to the Python loop (a route of None: a port no device holds, answered here as the
+ * bus answers it): a 1-byte OUT to the armed hypercall port to
  * hypercall_exit(packed) (a decoded call: hypercall_exit(packed, first, second), the register
  * pair, and an answer of HVVMM_HC_SUCCESS_32/64 writes the success result before the next
  * entry), an MSR exit to msr_exit(packed) (an RDMSR's handler may answer with the value), a
@@ -640,6 +641,12 @@ static PyObject *hvvmm_py_run_exits(PyObject *self, PyObject *args)
             Py_DECREF(key);
             if (route == NULL)  /* the Python loop finds the device (or the error) */
                 return PyErr_Occurred() ? NULL : PyLong_FromLongLong(packed);
+            if (route == Py_None) {  /* no device: reads are all ones, writes go nowhere */
+                if (!(packed & HVVMM_PACKED_OUT))
+                    memset((char *)loop->run + ((unsigned long long)packed & 0xffffffffu), 0xff,
+                           (unsigned)(packed >> 48) & 0xff);
+                continue;
+            }
             Py_INCREF(route);  /* the dict may change while it runs */
             if (packed & HVVMM_PACKED_OUT) {
                 PyObject *value = PyLong_FromUnsignedLong((unsigned long)(packed & 0xffffffffu));

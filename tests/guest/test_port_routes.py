@@ -84,3 +84,26 @@ def test_what_a_routed_device_raises_ends_the_run_with_an_error(guest_image, how
     expected = ("RuntimeError: device broke on the 11th write" if how == "write-raises"
                 else "OverflowError")
     assert expected in result.message, result.message
+
+
+def test_a_port_no_device_holds_reads_all_ones_and_is_logged_once(guest_image, caplog):
+    """After the first access (which the bus logs), the run loop answers a port nobody holds
+    itself, as the bus does: reads all ones, writes dropped."""
+    import logging
+
+    total = Port()
+    with caplog.at_level(logging.INFO, logger="hvvmm.bus"):
+        with Machine(MachineConfig(kernel=guest_image("port_loop"))) as machine:
+            machine.add_pio_device(0x5E4, 4, total, "total")
+            bus, through_bus = machine.pio_bus, []
+            bus_read, bus_write = bus.read, bus.write
+            bus.read = lambda port, size: through_bus.append(port) or bus_read(port, size)
+            bus.write = lambda port, size, value: (through_bus.append(port),
+                                                   bus_write(port, size, value))
+            result = machine.run(timeout=RUN_TIMEOUT)
+    assert_guest_passed(result, machine.console_text)
+    assert total.writes == [(0, 4, 100 * 0xFF)]
+    assert through_bus.count(0x5E0) == 2  # the first write and the first read; then C
+    unhandled = [r.getMessage() for r in caplog.records if "unhandled" in r.getMessage()
+                 and "0x5e0" in r.getMessage()]
+    assert len(unhandled) == 2, unhandled  # one write, one read
