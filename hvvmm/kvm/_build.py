@@ -319,8 +319,8 @@ struct hvvmm_vcpu_loop {
  * 30% of two busy vCPU threads' time blocked). So it spins here, without the GIL, until no
  * other vCPU thread runs Python or spin_ns passes, and only then lets cffi take the GIL: an
  * adaptive spin before blocking, as pthread's adaptive mutexes do. Only for machines whose
- * vCPU threads each have a host CPU (hvvmm.vcpu), else a spinning thread takes CPU time from
- * the one it waits for. */
+ * vCPU threads each have a host CPU (Machine._create_vcpus), else a spinning thread takes CPU
+ * time from the one it waits for. */
 struct hvvmm_python_gate { uint32_t in_python; uint32_t spin_ns; };
 
 static uint64_t hvvmm_now_ns(void)
@@ -378,7 +378,7 @@ static void hvvmm_wait_for_python_gate(struct hvvmm_vcpu_loop *loop)
  * in bits 0-7), with the GPA/fast-input registers in loop->hc_input/hc_output. That needs the
  * registers in the page (KVM_SYNC_X86_REGS | KVM_SYNC_X86_SREGS); without them, and for every
  * other call, Python reads the registers itself. Long mode is EFER.LMA && CS.L, CPL is SS.DPL, as
- * KVM reads them (arch/x86/kvm/x86.c is_64_bit_hypercall(), vmx.c vmx_get_cpl()). */
+ * KVM reads them (arch/x86/kvm/x86.h is_64_bit_hypercall(), vmx/vmx.c vmx_get_cpl()). */
 #define HVVMM_PACKED_IO (1ll << 62)
 #define HVVMM_PACKED_OUT (1ll << 61)
 #define HVVMM_PACKED_MSR (1ll << 60)
