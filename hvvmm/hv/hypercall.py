@@ -597,8 +597,8 @@ class _HandlerBug(Exception):
 
 
 class SimpleCalls(dict):
-    """Input value -> the prepared compact path of one VP (:meth:`HypercallDispatcher.simple_calls`),
-    filled on first use. Only registered codes are kept (bounded by the table, not by what the
+    """Input value -> the prepared compact path of one VP
+    (:meth:`HypercallDispatcher.simple_calls`), filled on first use. Only registered codes are kept (bounded by the table, not by what the
     guest tries); emptied when the table changes."""
 
     def __init__(self, dispatcher: "HypercallDispatcher", vp_index: int, tally: Counter | None):
@@ -761,7 +761,8 @@ class HypercallDispatcher:
         low_ram, low_end = memory.window_at_zero()
         time_budget, clock = self.time_budget, self._clock
         finish_general = self._finish_simple_general
-        page, align = HV_PAGE_SIZE, HV_HYPERCALL_PARAM_ALIGN
+        # Both powers of two: masks, which the lists' GPAs (u64, never negative) are tested with.
+        page, align_mask, page_mask = HV_PAGE_SIZE, HV_HYPERCALL_PARAM_ALIGN - 1, HV_PAGE_SIZE - 1
         request = HypercallRequest.simple(vp_index, code, name, fast, False, b"", None, clock)
         successes = calls.success_cell((code, HvStatus.HV_STATUS_SUCCESS))
 
@@ -777,7 +778,7 @@ class HypercallDispatcher:
             else:
                 # TLFS "Alignment Requirements": aligned, inside one page, inside RAM.
                 if input_size:
-                    if first % align or first % page + input_size > page:
+                    if first & align_mask or (first & page_mask) + input_size > page:
                         return None
                     if first + input_size <= low_end:
                         header = bytes(low_ram[first:first + input_size])
@@ -787,7 +788,8 @@ class HypercallDispatcher:
                         return None
                 else:
                     header = b""
-                if output_size and (second % align or second % page + output_size > page
+                if output_size and (second & align_mask
+                                    or (second & page_mask) + output_size > page
                                     or second + output_size > low_end
                                     and not contains(second, output_size)):
                     return None

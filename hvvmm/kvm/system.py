@@ -299,8 +299,8 @@ if ffi.offsetof("struct hvvmm_vcpu_loop", "hc_output") != _HC_INPUT_OFFSET + 8:
 
 class PythonGate:
     """What the vCPUs of one machine share so that a thread back from ``KVM_RUN`` spins, without
-    the GIL, while another one runs Python, rather than sleep on the GIL (:meth:`Vcpu.join_python_gate`);
-    ``spin_ns`` bounds each wait."""
+    the GIL, while another one runs Python, rather than sleep on the GIL
+    (:meth:`Vcpu.join_python_gate`); ``spin_ns`` bounds each wait."""
 
     def __init__(self, spin_ns: int = 20_000):
         self.struct = ffi.new("struct hvvmm_python_gate *")
