@@ -526,11 +526,9 @@ class HyperV:
         calls = partition.simple_hypercalls(vcpu_thread.index)
         vcpu = vcpu_thread.vcpu
         direct = SyncRegisters(vcpu)
-        hypercall_args = vcpu.hypercall_args_reader()
         success_32, success_64 = HC_SUCCESS_32, HC_SUCCESS_64
 
-        def on_hypercall(packed: int, first: int | None = None,
-                         second: int | None = None) -> int | None:
+        def on_hypercall(packed: int, first: int, second: int) -> int | None:
             # The port is armed only while the page is enabled (watch_hypercall_port): an exit
             # that raced with a disable counts as a call made just before it. Trace events
             # come from the general path alone. The run loop hands a decoded call's register
@@ -540,8 +538,6 @@ class HyperV:
                 call = calls[packed >> 8 & 0x1FFFF]
                 if call is not None:
                     long_mode = packed & PACKED_HC_LONG != 0
-                    if first is None:
-                        first, second = hypercall_args()
                     status = call(direct, long_mode, first, second)
                     if status == SUCCESS_NOT_WRITTEN:
                         return success_64 if long_mode else success_32

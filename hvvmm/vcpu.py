@@ -97,9 +97,9 @@ class VcpuThread:
         # thread starts: the loop remembers which ports go to the bus).
         self.vcpu_ports: dict[int, PortHandler] = {}
         self.observers: list[ExitObserver] = []
-        # A 1-byte OUT to the hypercall port, handed the packed exit (set_hypercall_exit; AL in
-        # bits 7:0); None: no Hyper-V.
-        self.hypercall_exit: Callable[[int], None] | None = None
+        # A 1-byte OUT to the hypercall port, handed the packed exit and the register pair
+        # (set_hypercall_exit); None: no Hyper-V.
+        self.hypercall_exit: Callable[[int, int, int], int | None] | None = None
         # Answers a packed MSR exit in place of msr_handler (set_msr_exit); None: msr_handler.
         self.msr_exit: Callable[[int], int | None] | None = None
         # Completes instructions KVM's emulator cannot run (hvvmm.x86.kvm_adapter); returns None
@@ -110,10 +110,11 @@ class VcpuThread:
         self.thread: threading.Thread | None = None
         self._started = threading.Event()
 
-    def set_hypercall_exit(self, handler: Callable[[int], None]) -> None:
+    def set_hypercall_exit(self, handler: Callable[[int, int, int], int | None]) -> None:
         """Send every packed exit marked ``PACKED_HYPERCALL`` (a 1-byte OUT to the port armed
-        with ``Vcpu.set_hypercall_port``; AL in bits 7:0) to ``handler(packed)`` before any
-        other port handling (the hypercall page's ``out imm8, al``). Exits seen by observers go
+        with ``Vcpu.set_hypercall_port``; AL in bits 7:0) to ``handler(packed, first, second)``
+        (``Vcpu.exit_runner`` says what the pair and the answer are) before any other port
+        handling (the hypercall page's ``out imm8, al``). Exits seen by observers go
         through :attr:`vcpu_ports` instead. Call before the thread starts."""
         self.hypercall_exit = handler
 

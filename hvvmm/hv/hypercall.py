@@ -85,7 +85,6 @@ _NAMED_CODES = frozenset(int(code) for code in HypercallCode)
 # Input-value bits that take a call off HypercallDispatcher.dispatch_simple: variable header size,
 # rep count, rep start and the reserved bits (everything but the code and the fast bit).
 NOT_SIMPLE_CONTROL_BITS = HV_U64_MASK & ~(HV_HYPERCALL_CODE_MASK | HV_HYPERCALL_FAST_BIT)
-_new_object = object.__new__  # HypercallRequest.simple: an instance without __init__
 
 # --------------------------------------------------------------------------------------------
 # Input value and result value
@@ -298,28 +297,6 @@ class HypercallRequest:
         self.progress = rep_start  # absolute index of the next rep not yet completed
         self._rep_data = rep_data
         self._clock = clock
-
-    @classmethod
-    def simple(cls, vp_index: int, code: int, name: str, fast: bool, long_mode: bool,
-               header: bytes, deadline: float | None,
-               clock: Callable[[], float]) -> "HypercallRequest":
-        """The request of a simple call without a variable header, as ``__init__`` builds it,
-        at a third of the cost of keyword parsing (one per hypercall on the hot path)."""
-        self = _new_object(cls)
-        self.vp_index = vp_index
-        self.code = code
-        self.name = name
-        self.fast = fast
-        self.long_mode = long_mode
-        self.header = header
-        self.variable_header = b""
-        self.rep_count = self.rep_start = self.rep_end = 0
-        self.rep_input_size = self.rep_output_size = 0
-        self.deadline = deadline
-        self.progress = 0
-        self._rep_data = b""
-        self._clock = clock
-        return self
 
     @property
     def input(self) -> bytes:
@@ -763,7 +740,8 @@ class HypercallDispatcher:
         finish_general = self._finish_simple_general
         # Both powers of two: masks, which the lists' GPAs (u64, never negative) are tested with.
         page, align_mask, page_mask = HV_PAGE_SIZE, HV_HYPERCALL_PARAM_ALIGN - 1, HV_PAGE_SIZE - 1
-        request = HypercallRequest.simple(vp_index, code, name, fast, False, b"", None, clock)
+        request = HypercallRequest(vp_index=vp_index, code=code, name=name, fast=fast,
+                                   long_mode=False, header=b"", clock=clock)
         successes = calls.success_cell((code, HvStatus.HV_STATUS_SUCCESS))
 
         def call(io: HypercallRegisters, long_mode: bool, first: int,

@@ -536,9 +536,8 @@ void hvvmm_apply_hypercall_success(struct hvvmm_vcpu_loop *loop)
  * handing each exit Python has a handler for to that handler straight from here, without
  * returning to the Python loop (a route of None: a port no device holds, answered here as the
  * bus answers it): a 1-byte OUT to the armed hypercall port to
- * hypercall_exit(packed) (a decoded call: hypercall_exit(packed, first, second), the register
- * pair, and an answer of HVVMM_HC_SUCCESS_32/64 writes the success result before the next
- * entry), an MSR exit to msr_exit(packed) (an RDMSR's handler may answer with the value), a
+ * hypercall_exit(packed, first, second) (the register pair of a decoded call; an answer of
+ * HVVMM_HC_SUCCESS_32/64 writes the success result before the next entry), an MSR exit to msr_exit(packed) (an RDMSR's handler may answer with the value), a
  * port access whose packed form
  * above bit 32 is a key of the dict `routes` to routes[key](value) (OUT) or routes[key]()
  * (IN, the answer stored in the page as Vcpu.complete_in does it). Returns the packed value of
@@ -546,7 +545,7 @@ void hvvmm_apply_hypercall_success(struct hvvmm_vcpu_loop *loop)
  * a handler raises comes out of run_exits. hypercall_exit and msr_exit may be None.
  * A Python function written in C (the stable ABI) rather than a cffi call: one exit costs the
  * Python loop a call and its branches, which on this path is most of the Python work. */
-/* handler(packed) or, given the register pair, handler(packed, first, second): the result (a
+/* handler(packed), or with the register pair handler(packed, first, second): the result (a
  * new reference), or NULL with the exception set. */
 static PyObject *hvvmm_call_exit_handler(PyObject *handler, long long packed, int with_pair,
                                          uint64_t first, uint64_t second)
@@ -604,11 +603,11 @@ static PyObject *hvvmm_py_run_exits(PyObject *self, PyObject *args)
         if (packed & HVVMM_PACKED_HYPERCALL) {
             if (hypercall_exit == Py_None)
                 return PyLong_FromLongLong(packed);
-            /* A decoded call comes with its register pair; the handler's answer
-             * HVVMM_HC_SUCCESS_32/64 has the result written before the next entry. */
-            result = hvvmm_call_exit_handler(hypercall_exit, packed,
-                                             (packed & HVVMM_PACKED_HC_SIMPLE) != 0,
-                                             loop->hc_input, loop->hc_output);
+            /* With the register pair (the call's when HVVMM_PACKED_HC_SIMPLE is set, else
+             * stale); the answer HVVMM_HC_SUCCESS_32/64 has the result written before the
+             * next entry. */
+            result = hvvmm_call_exit_handler(hypercall_exit, packed, 1, loop->hc_input,
+                                             loop->hc_output);
             if (result == NULL)
                 return NULL;
             if (PyLong_Check(result)) {

@@ -269,7 +269,7 @@ PACKED_MSR = lib.HVVMM_PACKED_MSR
 PACKED_WRMSR = lib.HVVMM_PACKED_WRMSR
 PACKED_HYPERCALL = lib.HVVMM_PACKED_HYPERCALL  # with PACKED_IO | PACKED_OUT; AL in bits 7:0
 # With PACKED_HYPERCALL: a legal-environment call whose control is code | fast bit only, that
-# control in bits 24:8; its register pair via Vcpu.hypercall_args_reader.
+# control in bits 24:8; its register pair is handed over by Vcpu.exit_runner.
 PACKED_HC_SIMPLE = lib.HVVMM_PACKED_HC_SIMPLE
 PACKED_HC_LONG = lib.HVVMM_PACKED_HC_LONG  # with PACKED_HC_SIMPLE: a 64-bit call
 # What the hypercall exit answers (Vcpu.exit_runner) to have the success result of a 32-bit or

@@ -288,13 +288,9 @@ _U64 = struct.Struct("<Q")
 # kvm_run.msr.error (u8) and .data (u64), answered by struct rather than cffi proxies.
 _MSR_ERROR_OFFSET = ffi.offsetof("struct kvm_run", "msr", "error")
 _MSR_DATA_OFFSET = ffi.offsetof("struct kvm_run", "msr", "data")
-_U64_PAIR = struct.Struct("<QQ")
 if lib.hvvmm_install_run_exits() < 0:
     raise ImportError("hvvmm.kvm._kvm: run_exits could not be installed")
 from ._kvm import run_exits as _run_exits  # noqa: E402 -- put there by the call above
-_HC_INPUT_OFFSET = ffi.offsetof("struct hvvmm_vcpu_loop", "hc_input")
-if ffi.offsetof("struct hvvmm_vcpu_loop", "hc_output") != _HC_INPUT_OFFSET + 8:
-    raise ImportError("struct hvvmm_vcpu_loop does not have the layout hvvmm reads")
 
 
 class PythonGate:
@@ -370,11 +366,14 @@ class Vcpu:
         :meth:`set_constant_msr` are answered inside the call and never come back."""
         return functools.partial(lib.hvvmm_run_packed, self._loop)
 
-    def exit_runner(self, routes: dict, hypercall_exit: Callable[[int], None] | None,
-                    msr_exit: Callable[[int], None] | None) -> Callable[[], int]:
+    def exit_runner(self, routes: dict,
+                    hypercall_exit: Callable[[int, int, int], int | None] | None,
+                    msr_exit: Callable[[int], int | None] | None) -> Callable[[], int]:
         """:meth:`packed_runner` that also hands the exits Python has a handler for to that
         handler itself, in C, and comes back only with the others (``run_exits`` in
-        ``_build.py``): a hypercall exit to ``hypercall_exit(packed)``, an MSR exit to
+        ``_build.py``): a hypercall exit to ``hypercall_exit(packed, first, second)`` (the
+        register pair of a ``PACKED_HC_SIMPLE`` call; its answer ``HC_SUCCESS_32/64`` has the
+        success result written), an MSR exit to
         ``msr_exit(packed)``, a port access whose packed form above bit 32 is in ``routes`` to
         that route (``Bus.cache_route``). A handler's exception comes out of the call."""
         return functools.partial(_run_exits, int(ffi.cast("uintptr_t", self._loop)), routes,
@@ -384,11 +383,6 @@ class Vcpu:
         """Mark a 1-byte OUT to ``port`` in packed exits (``PACKED_HYPERCALL``, and the decoded
         call with ``PACKED_HC_SIMPLE``); None: none."""
         self._loop.hypercall_port = -1 if port is None else port
-
-    def hypercall_args_reader(self) -> Callable[[], tuple[int, int]]:
-        """The GPA / fast-input register pair of the call a ``PACKED_HC_SIMPLE`` exit carries
-        (input, output), as a C-level callable."""
-        return functools.partial(_U64_PAIR.unpack_from, self._loop_view, _HC_INPUT_OFFSET)
 
     def join_python_gate(self, gate: "PythonGate") -> None:
         """Spin briefly, without the GIL, while another vCPU of ``gate`` runs Python, before

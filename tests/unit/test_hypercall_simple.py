@@ -459,9 +459,7 @@ def test_the_vcpu_exit_matches_the_general_path(sequence):
                 vcpu.set_hypercall_port(0x79)
                 packed = lib.hvvmm_pack_exit(vcpu._loop)
                 loop = vcpu._loop
-                pair = (loop.hc_input, loop.hc_output) if packed & lib.HVVMM_PACKED_HC_SIMPLE \
-                    else ()
-                answer = hyperv._hypercall_exit(thread)(packed, *pair)
+                answer = hyperv._hypercall_exit(thread)(packed, loop.hc_input, loop.hc_output)
                 if answer:  # what run_exits and then the next KVM_RUN do with it
                     loop.hc_success = answer
                     lib.hvvmm_apply_hypercall_success(loop)
