@@ -243,7 +243,7 @@ HandlerReturn = Union[HypercallResult, None]
 Handler = Callable[["HypercallRequest"], HandlerReturn]
 # One entry of HypercallDispatcher.simple_calls: (io, long_mode, first, second) -> status.
 PreparedSimpleCall = Callable[["HypercallRegisters", bool, int, int], Union[int, None]]
-# What a SimpleCall returns for a call that succeeded and whose result it left to the caller
+# What a PreparedSimpleCall returns for a call that succeeded, its result left to the caller
 # (statuses are 16 bits: this is none of them).
 SUCCESS_NOT_WRITTEN = 1 << 16
 
@@ -575,8 +575,8 @@ class _HandlerBug(Exception):
 
 class SimpleCalls(dict):
     """Input value -> the prepared compact path of one VP
-    (:meth:`HypercallDispatcher.simple_calls`), filled on first use. Only registered codes are kept (bounded by the table, not by what the
-    guest tries); emptied when the table changes."""
+    (:meth:`HypercallDispatcher.simple_calls`), filled on first use. Only registered codes are
+    kept (bounded by the table, not by what the guest tries); emptied when the table changes."""
 
     def __init__(self, dispatcher: "HypercallDispatcher", vp_index: int, tally: Counter | None):
         super().__init__()
@@ -591,7 +591,7 @@ class SimpleCalls(dict):
     def __missing__(self, control: int) -> PreparedSimpleCall | None:
         dispatcher = self._dispatcher
         call = dispatcher._prepare_simple(control, self._vp_index, self._tally, self)
-        if control & HV_HYPERCALL_CODE_MASK in dispatcher.table:
+        if (control & HV_HYPERCALL_CODE_MASK) in dispatcher.table:
             self[control] = call
         return call
 
@@ -781,11 +781,8 @@ class HypercallDispatcher:
                 result = HypercallResult(status=error.status, output=error.output,
                                          reps_completed=error.reps_completed)
             except Exception:  # noqa: BLE001 -- a handler bug must not take the VMM down
-                status = self._simple_outcome_status(self._handler_failed(self._simple_outcome(
-                    io, vp_index, long_mode, control, first, second, spec)))
-                if tally is not None:
-                    tally[(code, None if status < 0 else status)] += 1
-                return status
+                return self._simple_outcome_status(self._handler_failed(self._simple_outcome(
+                    io, vp_index, long_mode, control, first, second, spec)), tally)
             if result is None:
                 output = b""
             elif type(result) is HypercallResult and not result.reps_completed:
@@ -831,9 +828,14 @@ class HypercallDispatcher:
         return call
 
     @staticmethod
-    def _simple_outcome_status(call: HypercallOutcome) -> int:
+    def _simple_outcome_status(call: HypercallOutcome, tally: Counter | None) -> int:
+        """The status a compact call that ended in the general completion returns (-1: it was
+        continued), counted in ``tally`` as Partition counts it."""
         call._io = None
-        return -1 if call.status is None else call.status
+        status = -1 if call.status is None else call.status
+        if tally is not None:
+            tally[(call.code, None if status < 0 else status)] += 1
+        return status
 
     def _finish_simple_general(self, io: HypercallRegisters, vp_index: int, long_mode: bool,
                                control: int, first: int, second: int, spec: HypercallSpec,
@@ -851,10 +853,7 @@ class HypercallDispatcher:
             log.debug("vp%d %s: %s (%s)", vp_index, hypercall_name(call.code),
                       status_name(reject.status), reject.reason)
             self._complete(call, reject.status, 0, reject.reason)
-        status = self._simple_outcome_status(call)
-        if tally is not None:
-            tally[(spec.code, None if status < 0 else status)] += 1
-        return status
+        return self._simple_outcome_status(call, tally)
 
     # -- decoding -----------------------------------------------------------------------------
 
