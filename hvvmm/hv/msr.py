@@ -93,7 +93,6 @@ class MsrRegistry:
 
     def __init__(self) -> None:
         self._msrs: dict[int, SyntheticMsr] = {}
-        self.lookup = self._msrs.get  # get() without a Python frame, for the hot path
 
     def register(self, msr: SyntheticMsr) -> SyntheticMsr:
         other = self._msrs.get(msr.index)

@@ -195,7 +195,6 @@ class Partition:
         self.lock = threading.Lock()  # simple values only; see the class docstring
         self.log_once = LogOnce(log)
         self.msrs = MsrRegistry()
-        self._msr_lookup = self.msrs.lookup
         self.hypercalls = HypercallTable()
         self.dispatcher = HypercallDispatcher(self.hypercalls, platform.memory,
                                               log_once=self.log_once)
@@ -357,13 +356,7 @@ class Partition:
         value = vp.constant_msrs.get(index)
         if value is None:
             try:
-                msr = self._msr_lookup(index)
-                if msr is None:  # MsrRegistry.read, inline: one frame less per read
-                    raise MsrAccessFault(index, write=False,
-                                         reason="not available (not advertised)")
-                value = msr.read(vp_index)
-                if not isinstance(value, int) or not 0 <= value <= HV_U64_MASK:
-                    raise TypeError(f"{msr.name} read handler returned {value!r}, not a u64")
+                value = self.msrs.read(vp_index, index)
             except MsrAccessFault as fault:
                 self._msr_fault(vp, fault)
                 raise
@@ -371,7 +364,7 @@ class Partition:
                 fault = self._handler_failed(vp_index, index, False, None, error)
                 self._msr_fault(vp, fault)
                 raise fault from error
-            if index in CONSTANT_MSRS and msr.read_only:
+            if index in CONSTANT_MSRS and self.msrs.get(index).read_only:
                 vp.constant_msrs[index] = value
         vp.msr_reads[index] += 1
         if self.on_event is not None:
